@@ -1,0 +1,1 @@
+"""HTTP API: routes parse, call one service, map the result."""

@@ -1,0 +1,102 @@
+"""One JSON envelope for every error; never a stack trace to the client."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic.alias_generators import to_camel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from charforge.errors import CharforgeError
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def envelope(
+    status: int, code: str, message: str, *, field: str | None = None, hint: str | None = None,
+    headers: dict[str, str] | None = None, **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, "field": field, "hint": hint}
+    body.update(extra)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def error_response(exc: CharforgeError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.to_envelope(), status_code=exc.status, headers=headers)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Pydantic adds the union member's type name for `str | Model` fields; it means nothing here.
+    parts = [p for p in parts if not p[:1].isupper() and p not in ("str", "int", "float", "bool")]
+    return ".".join(to_camel(p) if not p.isdigit() else p for p in parts) or None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    message = str(error.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if error.get("type") == "missing":
+        return "is required"
+    if error.get("type") == "extra_forbidden":
+        return "is not a known field"
+    if "input" in error and error.get("type") not in ("json_invalid",):
+        shown = repr(error["input"])
+        if len(shown) <= 60:
+            return f"{message[:1].lower()}{message[1:]} (got {shown})"
+    return f"{message[:1].lower()}{message[1:]}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CharforgeError)
+    async def _charforge(_request: Request, exc: CharforgeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = []
+        for error in exc.errors():
+            field = _field_name(tuple(error.get("loc", ())))
+            details.append({"field": field, "message": _describe(error)})
+        first = details[0] if details else {"field": None, "message": "invalid request"}
+        if first["field"]:
+            message = f"Invalid value for '{first['field']}': {first['message']}."
+        else:
+            message = f"Invalid request body: {first['message']}."
+        return envelope(
+            422,
+            "validation_error",
+            message,
+            field=first["field"],
+            hint="Fix the fields listed in details and send the request again.",
+            details=details,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        return envelope(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return envelope(
+            500,
+            "internal_error",
+            "charforge hit an internal error; nothing about it was shown to protect the server.",
+            hint="The server log has the details; please report it.",
+        )

@@ -1,0 +1,51 @@
+"""/api/characters: the caller's roster."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from charforge.api.deps import ContainerDep, CurrentUser
+from charforge.api.schemas import CharacterIn, CharacterOut
+from charforge.services import characters
+
+router = APIRouter(prefix="/api/characters", tags=["characters"])
+
+
+@router.post("", status_code=201, response_model=CharacterOut)
+def create_character(body: CharacterIn, user: CurrentUser, c: ContainerDep, response: Response) -> CharacterOut:
+    with c.db.session() as session:
+        character = characters.create(session, user, body.to_fields(), c.table)
+        out = CharacterOut.of(character)
+    response.headers["Location"] = f"/api/characters/{out.id}"
+    return out
+
+
+@router.get("", response_model=list[CharacterOut])
+def list_characters(user: CurrentUser, c: ContainerDep) -> list[CharacterOut]:
+    with c.db.session() as session:
+        return [CharacterOut.of(ch) for ch in characters.list_for(session, user)]
+
+
+@router.get("/{character_id}", response_model=CharacterOut)
+def get_character(character_id: str, user: CurrentUser, c: ContainerDep) -> CharacterOut:
+    with c.db.session() as session:
+        return CharacterOut.of(characters.get(session, user, character_id))
+
+
+@router.patch("/{character_id}", response_model=CharacterOut)
+def update_character(
+    character_id: str, body: CharacterIn, user: CurrentUser, c: ContainerDep
+) -> CharacterOut:
+    with c.db.session() as session:
+        return CharacterOut.of(
+            characters.update(session, user, character_id, body.to_fields(), c.table)
+        )
+
+
+@router.delete("/{character_id}", status_code=204)
+def delete_character(character_id: str, user: CurrentUser, c: ContainerDep) -> Response:
+    with c.db.session() as session:
+        paths = characters.delete(session, user, character_id)
+    for path in paths:  # rows are gone for good; now the files may go
+        c.store.delete(path)
+    return Response(status_code=204)

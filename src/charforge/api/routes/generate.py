@@ -1,0 +1,71 @@
+"""POST /api/image-generation/generate: the original synchronous endpoint, on top of a Job."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from charforge.api.deps import ContainerDep, CurrentUser
+from charforge.api.errors import error_response
+from charforge.api.schemas import GenerateOut, JobOut, brief, camel_params
+from charforge.container import Container
+from charforge.db import repositories as repo
+from charforge.db.models import User
+from charforge.domain.params import GenerateBody
+from charforge.errors import error_from_code
+from charforge.services import generation
+
+router = APIRouter(tags=["generation"])
+
+
+def _submit(c: Container, user: User, body: GenerateBody) -> str:
+    with c.db.session() as session:
+        job = generation.submit(session, user, body, c.table, c.settings.defaults)
+        return job.id
+    # the with-block has committed: only now may a worker see the job
+
+
+def _outcome(c: Container, user: User, job_id: str) -> JSONResponse:
+    with c.db.session() as session:
+        job = repo.job(session, user.id, job_id)
+        assert job is not None
+        images = list(repo.images_of_job(session, job_id))
+        character = repo.character(session, user.id, job.character_id)
+        if job.state == "succeeded":
+            out = GenerateOut(
+                job_id=job.id,
+                character_id=job.character_id,
+                art_style=job.art_style,
+                model=job.checkpoint,
+                model_hash=character.model_hash if character else None,
+                backend=job.backend,
+                images=[brief(i) for i in images],
+                parameters=camel_params(job.params),
+                simulated=any(i.simulated for i in images),
+            )
+            return JSONResponse(out.model_dump(mode="json", by_alias=True))
+        if job.state == "failed":
+            error = error_from_code(
+                job.error_code or "internal_error",
+                job.error_message or "The job failed.",
+                hint=job.error_hint,
+                field=job.error_field,
+            )
+            error.extra["jobId"] = job.id
+            return error_response(error)
+        pending = JobOut.of(job, images).model_dump(mode="json", by_alias=True)
+    # Still queued or running after the wait: hand back the job to follow.
+    return JSONResponse(pending, status_code=202, headers={"Location": f"/api/jobs/{job_id}"})
+
+
+@router.post(
+    "/api/image-generation/generate",
+    response_model=GenerateOut,
+    responses={202: {"model": JobOut, "description": "Still running after the wait"}},
+)
+async def generate(body: GenerateBody, user: CurrentUser, c: ContainerDep) -> JSONResponse:
+    job_id = await run_in_threadpool(_submit, c, user, body)
+    c.queue.submit(job_id)
+    await c.queue.wait_async(job_id, c.settings.generate_wait)
+    return await run_in_threadpool(_outcome, c, user, job_id)

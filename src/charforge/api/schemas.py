@@ -1,0 +1,238 @@
+"""Wire models in the original system's camelCase."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic.alias_generators import to_camel
+
+from charforge.db.models import Character, Image, Job
+from charforge.services.characters import CharacterFields
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    @field_serializer("*", when_used="json")
+    def _times_in_utc(self, value: Any) -> Any:
+        if isinstance(value, datetime):
+            return value.isoformat(timespec="milliseconds") + "Z"
+        return value
+
+
+class ArtStyleIn(Wire):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    primary_style: str | None = None
+
+
+class ImageGenerationIn(Wire):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    model: str | None = None
+    model_hash: str | None = Field(default=None, max_length=64)
+
+
+class CharacterIn(Wire):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    name: str | None = None
+    description: str | None = None
+    appearance: str | None = None
+    # The original stores {"primaryStyle": ...}; a bare string is accepted too.
+    art_style: ArtStyleIn | str | None = None
+    image_generation: ImageGenerationIn | None = None
+
+    def to_fields(self) -> CharacterFields:
+        style = self.art_style.primary_style if isinstance(self.art_style, ArtStyleIn) else self.art_style
+        gen = self.image_generation
+        clears_hash = gen is not None and "model_hash" in gen.model_fields_set and gen.model_hash is None
+        return CharacterFields(
+            name=self.name,
+            description=self.description,
+            appearance=self.appearance,
+            art_style=style or None,
+            model=(gen.model or None) if gen else None,
+            model_hash=gen.model_hash if gen else None,
+            clear_model_hash=clears_hash,
+        )
+
+
+class ArtStyleOut(Wire):
+    primary_style: str | None
+
+
+class ImageGenerationOut(Wire):
+    model: str | None
+    model_hash: str | None
+
+
+class CharacterOut(Wire):
+    id: str
+    name: str
+    description: str
+    appearance: str
+    art_style: ArtStyleOut | None
+    image_generation: ImageGenerationOut | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, c: Character) -> CharacterOut:
+        return cls(
+            id=c.id,
+            name=c.name,
+            description=c.description,
+            appearance=c.appearance,
+            art_style=ArtStyleOut(primary_style=c.primary_style) if c.primary_style else None,
+            image_generation=(
+                ImageGenerationOut(model=c.model, model_hash=c.model_hash) if c.model else None
+            ),
+            created_at=c.created_at,
+            updated_at=c.updated_at,
+        )
+
+
+def image_url(image_id: str) -> str:
+    return f"/api/images/{image_id}/file"
+
+
+class ImageBrief(Wire):
+    id: str
+    url: str
+    seed: int
+    width: int
+    height: int
+
+
+class ImageOut(ImageBrief):
+    character_id: str
+    job_id: str
+    art_style: str
+    model: str
+    model_hash: str | None
+    backend: str
+    prompt: str
+    negative_prompt: str
+    parameters: dict[str, Any]
+    infotext: str
+    simulated: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, i: Image) -> ImageOut:
+        return cls(
+            id=i.id,
+            url=image_url(i.id),
+            seed=i.seed,
+            width=i.width,
+            height=i.height,
+            character_id=i.character_id,
+            job_id=i.job_id,
+            art_style=i.art_style,
+            model=i.checkpoint,
+            model_hash=i.checkpoint_hash,
+            backend=i.backend,
+            prompt=i.prompt,
+            negative_prompt=i.negative_prompt,
+            parameters=camel_params(i.params),
+            infotext=i.infotext,
+            simulated=i.simulated,
+            created_at=i.created_at,
+        )
+
+
+class ImagePage(Wire):
+    items: list[ImageOut]
+    next_cursor: str | None
+
+
+def camel_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {to_camel(key): value for key, value in params.items()}
+
+
+class JobError(Wire):
+    code: str
+    message: str
+    hint: str | None
+    field: str | None
+
+
+class JobOut(Wire):
+    id: str
+    state: str
+    character_id: str
+    art_style: str
+    model: str
+    backend: str | None
+    attempts: int
+    prompt: str
+    parameters: dict[str, Any]
+    error: JobError | None
+    images: list[ImageBrief]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, j: Job, images: list[Image]) -> JobOut:
+        return cls(
+            id=j.id,
+            state=j.state,
+            character_id=j.character_id,
+            art_style=j.art_style,
+            model=j.checkpoint,
+            backend=j.backend,
+            attempts=j.attempts,
+            prompt=j.user_prompt,
+            parameters=camel_params(j.params),
+            error=(
+                JobError(
+                    code=j.error_code, message=j.error_message or "", hint=j.error_hint, field=j.error_field
+                )
+                if j.error_code
+                else None
+            ),
+            images=[brief(i) for i in images],
+            created_at=j.created_at,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+        )
+
+
+def brief(i: Image) -> ImageBrief:
+    return ImageBrief(id=i.id, url=image_url(i.id), seed=i.seed, width=i.width, height=i.height)
+
+
+class GenerateOut(Wire):
+    job_id: str
+    character_id: str
+    art_style: str
+    model: str
+    model_hash: str | None
+    backend: str | None
+    images: list[ImageBrief]
+    parameters: dict[str, Any]
+    simulated: bool
+
+
+class BackendHealth(Wire):
+    name: str
+    url: str
+    available: bool
+    latency_ms: float | None
+    error: str | None
+    checkpoint_present: bool | None
+
+
+class StyleOut(Wire):
+    style: str
+    label: str
+    emoji: str
+    checkpoint: str
+    backend: str
+    backends: list[BackendHealth]
+    available: bool
+    indicator: str
+    note: str
+    simulated: bool

@@ -1,0 +1,1 @@
+"""Image backends behind one protocol; adapters hold the wire formats."""

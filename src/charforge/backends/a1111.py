@@ -1,0 +1,355 @@
+"""AUTOMATIC1111 / Forge WebUI over its HTTP API (``/sdapi/v1``).
+
+Facts this adapter is built on (DESIGN.md section 5):
+- the checkpoint is chosen per request with ``override_settings.sd_model_checkpoint``, and
+  ``override_settings_restore_afterwards: false`` keeps it loaded for the next request;
+- an unknown checkpoint or sampler is silently replaced by a default, so names are checked
+  against ``/sd-models`` and ``/samplers`` first and the model that ran is checked after;
+- A1111's defaults differ from ours (50 steps, CFG 7), so every parameter is sent;
+- Forge's hires pass raises ``TypeError`` unless ``hr_additional_modules`` is a list;
+- errors arrive as ``{"error", "detail", "body", "errors"}`` (Forge: ``message``);
+- ``/sd-models`` may report no hash until a checkpoint was loaded once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from charforge.backends.base import (
+    BackendRequest,
+    BackendResult,
+    CheckpointInfo,
+    GeneratedImage,
+    ProbeResult,
+)
+from charforge.domain.checkpoints import same_checkpoint, strip_hash
+from charforge.domain.routes import BackendSpec
+from charforge.errors import (
+    BackendAuthFailed,
+    BackendBadResponse,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    CheckpointMissing,
+    InvalidInput,
+)
+
+_NAME_CACHE_SECONDS = 60.0
+
+
+def auth_setting(spec: BackendSpec) -> str:
+    """Where a user sets this backend's credentials."""
+    if spec.source.endswith("_URL"):
+        return spec.source[: -len("_URL")] + "_AUTH"
+    return f"auth of {spec.source}"
+
+
+def error_message(response: httpx.Response) -> str:
+    """The human part of an A1111 (``errors``), Forge (``message``) or FastAPI error body."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip()
+        return text[:300] or f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        for key in ("errors", "message", "detail", "error"):
+            value = body.get(key)
+            if value:
+                return value if isinstance(value, str) else json.dumps(value)[:500]
+    return json.dumps(body)[:300]
+
+
+class A1111Backend:
+    def __init__(self, spec: BackendSpec, *, probe_timeout: float = 3.0) -> None:
+        self.spec = spec
+        self._probe_timeout = probe_timeout
+        self._client = httpx.Client(
+            base_url=spec.url,
+            auth=httpx.BasicAuth(*spec.auth) if spec.auth else None,
+            timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
+            headers={"User-Agent": "charforge"},
+        )
+        self._names: dict[str, tuple[float, list[str] | None]] = {}
+        self._names_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _where(self, style: str | None) -> str:
+        what = f"the {style} style's backend" if style else "backend"
+        return f"{what} '{self.spec.name}' ({self.spec.url})"
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        style: str | None,
+        json_body: Any = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        where = self._where(style)
+        kwargs: dict[str, Any] = {"json": json_body}
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=min(timeout, self.spec.connect_timeout))
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.ConnectTimeout as exc:
+            raise BackendUnavailable(
+                f"Could not connect to {where}: no answer within "
+                f"{self.spec.connect_timeout:g}s.",
+                hint=self._reach_hint(),
+            ) from exc
+        except httpx.TimeoutException as exc:
+            limit = timeout or self.spec.timeout
+            raise BackendTimeout(
+                f"{where[0].upper()}{where[1:]} did not answer {path} within {limit:g}s.",
+                hint=(
+                    f"Check that the WebUI behind {self.spec.source} is not stuck; for slow GPUs "
+                    "raise CHARFORGE_BACKEND_TIMEOUT (or timeout_seconds of the backend)."
+                ),
+            ) from exc
+        except httpx.ConnectError as exc:
+            raise BackendUnavailable(
+                f"Could not connect to {where}: {exc or 'connection refused'}.",
+                hint=self._reach_hint(),
+            ) from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(
+                f"{where[0].upper()}{where[1:]} dropped the connection on {path}: "
+                f"{exc or type(exc).__name__}.",
+                hint=self._reach_hint(),
+            ) from exc
+        self._raise_for_status(response, where, path)
+        return response
+
+    def _reach_hint(self) -> str:
+        return (
+            f"Check that the A1111/Forge WebUI is running with --api and that {self.spec.source} "
+            f"points at it (now {self.spec.url}). `charforge backends check` tests every route."
+        )
+
+    def _raise_for_status(self, response: httpx.Response, where: str, path: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        if status == 401:
+            raise BackendAuthFailed(
+                f"{where[0].upper()}{where[1:]} refused charforge's credentials (HTTP 401).",
+                hint=f"Set {auth_setting(self.spec)} to the user:password given to --api-auth.",
+            )
+        if status == 524:
+            raise BackendTimeout(
+                f"The proxy in front of {where} gave up waiting (HTTP 524, RunPod's proxy "
+                "stops at 100 s); the WebUI may still be working.",
+                hint="Lower steps or size, or reach the pod directly instead of through the proxy.",
+            )
+        if status in (502, 503, 504) and "json" not in response.headers.get("content-type", ""):
+            raise BackendUnavailable(
+                f"The proxy in front of {where} answered HTTP {status}: the WebUI is not "
+                "reachable behind it (still starting, crashed or stopped).",
+                hint=self._reach_hint(),
+            )
+        if status == 404 and path.startswith("/sdapi"):
+            raise BackendRejected(
+                f"{where[0].upper()}{where[1:]} has no API route {path} (HTTP 404).",
+                hint="Start the WebUI with the --api flag.",
+            )
+        raise BackendRejected(
+            f"{where[0].upper()}{where[1:]} failed: {error_message(response)}",
+            hint="This is the WebUI's own error message; its console shows the details.",
+            extra={"backendStatus": status},
+        )
+
+    @staticmethod
+    def _json(response: httpx.Response, what: str) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise BackendBadResponse(
+                f"{what} answered HTTP {response.status_code} with a body that is not JSON.",
+                hint="Something other than the A1111 API may be listening on that URL.",
+            ) from exc
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def list_checkpoints(self, *, style: str | None = None, timeout: float | None = None) -> list[
+        CheckpointInfo
+    ]:
+        response = self._call("GET", "/sdapi/v1/sd-models", style=style, timeout=timeout)
+        items = self._json(response, self._where(style))
+        if not isinstance(items, list):
+            raise BackendBadResponse(f"{self._where(style)} sent a malformed model list.")
+        result = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("title"), str):
+                continue
+            short = item.get("hash") or (item.get("sha256") or "")[:10] or None
+            result.append(CheckpointInfo(strip_hash(item["title"]), item["title"], short))
+        return result
+
+    def find_checkpoint(self, name: str, *, style: str) -> CheckpointInfo:
+        available = self.list_checkpoints(style=style)
+        found = _match(name, available)
+        if found is None:
+            # A file dropped into the models folder shows up only after a refresh.
+            self._call("POST", "/sdapi/v1/refresh-checkpoints", style=style)
+            available = self.list_checkpoints(style=style)
+            found = _match(name, available)
+        if found is None:
+            names = ", ".join(c.name for c in available) or "none"
+            raise CheckpointMissing(
+                f"Checkpoint '{name}' for the {style} style is not on backend "
+                f"'{self.spec.name}' ({self.spec.url}). That backend has: {names}.",
+                hint=(
+                    f"Put {name} into the WebUI's models/Stable-diffusion folder, or point "
+                    f"{self.spec.source} at a backend that has it, or change the route with "
+                    f"[routes.{style}] checkpoint in CHARFORGE_CONFIG."
+                ),
+            )
+        return found
+
+    def _known_names(self, path: str, style: str) -> list[str] | None:
+        """Sampler or scheduler names (cached); None when this WebUI has no such route."""
+        with self._names_lock:
+            cached = self._names.get(path)
+            if cached and time.monotonic() - cached[0] < _NAME_CACHE_SECONDS:
+                return cached[1]
+        try:
+            response = self._call("GET", path, style=style)
+        except BackendRejected as exc:
+            if "404" not in exc.message:
+                raise
+            names = None  # A1111 before 1.9 has no /schedulers
+        else:
+            data = self._json(response, self._where(style))
+            names = []
+            for item in data if isinstance(data, list) else []:
+                if isinstance(item, dict):
+                    names += [str(item.get(key)) for key in ("name", "label") if item.get(key)]
+                    names += [str(alias) for alias in item.get("aliases") or []]
+        with self._names_lock:
+            self._names[path] = (time.monotonic(), names)
+        return names
+
+    def _check_name(self, value: str, path: str, field: str, style: str) -> None:
+        names = self._known_names(path, style)
+        if names is not None and value.lower() not in {n.lower() for n in names}:
+            shown = ", ".join(dict.fromkeys(n for n in names if n))
+            raise InvalidInput(
+                f"{field.capitalize()} '{value}' is not known to backend '{self.spec.name}'; "
+                f"A1111 would silently use another. Known: {shown}.",
+                field=field,
+                hint=f"Pick one of the {field}s listed, or leave {field} out for the default.",
+            )
+
+    # -- generation ------------------------------------------------------------------------
+
+    def payload(self, request: BackendRequest) -> dict[str, Any]:
+        p = request.params
+        return {
+            "prompt": p.prompt,
+            "negative_prompt": p.negative_prompt,
+            "seed": p.seed,
+            "subseed": -1,
+            "sampler_name": p.sampler,
+            "scheduler": p.scheduler,
+            "steps": p.steps,
+            "cfg_scale": p.cfg_scale,
+            "width": p.width,
+            "height": p.height,
+            "batch_size": 1,
+            "n_iter": 1,
+            "enable_hr": p.hires,
+            "hr_scale": p.hires_scale,
+            "hr_upscaler": p.hires_upscaler,
+            "hr_second_pass_steps": 0,
+            "denoising_strength": p.denoising_strength,
+            # Forge's hires pass fails with a TypeError without it; A1111 ignores it.
+            "hr_additional_modules": ["Use same choices"],
+            "override_settings": {"sd_model_checkpoint": request.checkpoint.title},
+            # Keep the model loaded: restoring would reload weights on every request.
+            "override_settings_restore_afterwards": False,
+            "send_images": True,
+            "save_images": False,
+        }
+
+    def generate(self, request: BackendRequest) -> BackendResult:
+        self._check_name(request.params.sampler, "/sdapi/v1/samplers", "sampler", request.style)
+        self._check_name(
+            request.params.scheduler, "/sdapi/v1/schedulers", "scheduler", request.style
+        )
+        where = self._where(request.style)
+        response = self._call(
+            "POST", "/sdapi/v1/txt2img", style=request.style, json_body=self.payload(request)
+        )
+        body = self._json(response, where)
+        return parse_txt2img(body, where)
+
+    def probe(self) -> ProbeResult:
+        started = time.perf_counter()
+        try:
+            checkpoints = self.list_checkpoints(timeout=self._probe_timeout)
+        except Exception as exc:  # any failure means "does not answer properly"
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            return ProbeResult(False, None, message)
+        return ProbeResult(True, (time.perf_counter() - started) * 1000, None, checkpoints)
+
+
+def _match(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:
+    for info in available:
+        if info.name == strip_hash(name) or info.title == name:
+            return info
+    for info in available:
+        if same_checkpoint(info.name, name):
+            return info
+    return None
+
+
+def parse_txt2img(body: Any, where: str) -> BackendResult:
+    """Images, seeds and the model that ran, from A1111's ``{images, parameters, info}``."""
+    if not isinstance(body, dict) or not isinstance(body.get("images"), list):
+        raise BackendBadResponse(f"{where[0].upper()}{where[1:]} sent no image list.")
+    raw_info = body.get("info")
+    try:
+        info = json.loads(raw_info) if isinstance(raw_info, str) else raw_info
+    except ValueError as exc:
+        raise BackendBadResponse(f"{where} sent an unreadable info block.") from exc
+    if not isinstance(info, dict):
+        raise BackendBadResponse(f"{where} sent no info block, so seeds and model are unknown.")
+    first = int(info.get("index_of_first_image") or 0)
+    encoded = body["images"][first:]
+    if not encoded:
+        raise BackendBadResponse(f"{where[0].upper()}{where[1:]} returned no image.")
+    seeds = info.get("all_seeds") or [info.get("seed")]
+    images = []
+    for index, item in enumerate(encoded):
+        if not isinstance(item, str):
+            raise BackendBadResponse(f"{where} sent an image that is not base64 text.")
+        if item.startswith("data:"):
+            item = item.split(",", 1)[1]
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BackendBadResponse(f"{where} sent an image that is not valid base64.") from exc
+        seed = seeds[index] if index < len(seeds) else seeds[-1]
+        if not isinstance(seed, int):
+            raise BackendBadResponse(f"{where} reported no seed for image {index + 1}.")
+        images.append(GeneratedImage(data, seed))
+    reported = info.get("sd_model_name")
+    return BackendResult(
+        images=images,
+        checkpoint=str(reported) if reported else None,
+        checkpoint_hash=info.get("sd_model_hash") or None,
+        info=info,
+    )
+

@@ -1,0 +1,359 @@
+"""The ``charforge`` command line."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from charforge.config import Settings, SettingsError, load_settings
+from charforge.errors import CharforgeError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+users_app = typer.Typer(no_args_is_help=True, help="Manage user accounts.")
+tokens_app = typer.Typer(no_args_is_help=True, help="Manage API tokens.")
+characters_app = typer.Typer(no_args_is_help=True, help="Manage characters.")
+app.add_typer(users_app, name="users")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(characters_app, name="characters")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    if hint:
+        err.print(f"[yellow]hint:[/] {hint}", highlight=False)
+    return typer.Exit(code)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        raise _fail(str(exc), code=2) from exc
+
+
+def _container(settings: Settings, *, start_workers: bool = False) -> Any:
+    from charforge.container import build_container
+    from charforge.db.migrate import upgrade
+
+    try:
+        container = build_container(settings)
+    except ValueError as exc:
+        raise _fail(str(exc), code=2) from exc
+    if start_workers:
+        container.start()
+    else:
+        upgrade(container.db.engine)
+    return container
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    demo: Annotated[
+        bool, typer.Option(help="Start two A1111 simulators on the default routes (no GPU).")
+    ] = False,
+) -> None:
+    """Start the web server and API (upgrades the database first)."""
+    import uvicorn
+
+    from charforge.api.app import create_app
+
+    companions: list[Any] = []
+    overrides: dict[str, Any] = {}
+    if demo:
+        from charforge.demo import start_demo_backends
+
+        backends = start_demo_backends()
+        companions.append(backends)
+        overrides = backends.settings_overrides()
+    settings = _settings(**overrides)
+    container = _container(settings)
+    container.companions.extend(companions)
+    if demo:
+        _demo_account(container)
+        err.print(
+            "[bold black on yellow] DEMO MODE [/] images come from built-in A1111 simulators "
+            f"({settings.runpod_realistic_url}, {settings.runpod_anime_cartoon_fantasy_url}); "
+            "they are labelled placeholders, not real generations."
+        )
+    err.print(f"charforge on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
+    uvicorn.run(create_app(container), host=host, port=port, log_level="info")
+
+
+def _demo_account(container: Any) -> None:
+    """A first run in demo mode gets a 'demo' admin and a token, printed once."""
+    import secrets
+
+    from charforge.db import repositories as repo
+    from charforge.services import users
+
+    with container.db.session() as session:
+        if repo.count_users(session):
+            return
+        password = secrets.token_urlsafe(12)
+        user = users.create_user(session, "demo", password, is_admin=True)
+        _, token = users.create_token(session, user, "demo")
+    err.print(f"Created user [bold]demo[/] (password {password}) with API token:\n{token}")
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database to the current schema."""
+    from charforge.db.migrate import current_revision
+
+    container = _container(_settings())
+    out.print(f"database at revision {current_revision(container.db.engine)}")
+    container.close()
+
+
+@users_app.command("add")
+def users_add(
+    name: str,
+    admin: Annotated[bool, typer.Option("--admin", help="Make the user an administrator.")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Create a user."""
+    from charforge.services import users
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    container = _container(_settings())
+    try:
+        with container.db.session() as session:
+            user = users.create_user(session, name, password, is_admin=admin)
+            role = "admin" if user.is_admin else "user"
+    except CharforgeError as exc:
+        raise _fail(exc.message, exc.hint) from exc
+    finally:
+        container.close()
+    out.print(f"created {role} {name}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List users."""
+    from charforge.db import repositories as repo
+
+    container = _container(_settings())
+    with container.db.session() as session:
+        for user in repo.all_users(session):
+            out.print(f"{user.id}\t{user.name}\t{'admin' if user.is_admin else 'user'}")
+    container.close()
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Argument(help="The user the token acts for.")],
+    label: Annotated[str, typer.Option(help="A label to recognise the token by.")] = "cli",
+) -> None:
+    """Create an API token; the token alone is printed on the last line."""
+    from charforge.services import users
+
+    container = _container(_settings())
+    try:
+        with container.db.session() as session:
+            row, token = users.create_token(session, users.require_user(session, name), label)
+            token_id = row.id
+    except CharforgeError as exc:
+        raise _fail(exc.message, exc.hint) from exc
+    finally:
+        container.close()
+    err.print(f"token {token_id} for {name} (shown once; store it now):")
+    print(token)
+
+
+@tokens_app.command("list")
+def tokens_list(name: str) -> None:
+    """List a user's tokens (never the tokens themselves)."""
+    from charforge.services import users
+
+    container = _container(_settings())
+    try:
+        with container.db.session() as session:
+            for row in users.list_tokens(session, users.require_user(session, name)):
+                state = "revoked" if row.revoked_at else "active"
+                out.print(f"{row.id}\t{row.prefix}…\t{row.name}\t{state}\t{row.created_at:%Y-%m-%d}")
+    except CharforgeError as exc:
+        raise _fail(exc.message, exc.hint) from exc
+    finally:
+        container.close()
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: str, token_id: int) -> None:
+    """Revoke one of a user's tokens by its id."""
+    from charforge.services import users
+
+    container = _container(_settings())
+    try:
+        with container.db.session() as session:
+            users.revoke_token(session, users.require_user(session, name), token_id)
+    except CharforgeError as exc:
+        raise _fail(exc.message, exc.hint) from exc
+    finally:
+        container.close()
+    out.print(f"revoked token {token_id}")
+
+
+@characters_app.command("add")
+def characters_add(
+    name: str,
+    user: Annotated[str, typer.Option(help="Owner of the character.")],
+    style: Annotated[str | None, typer.Option(help="anime, cartoon, fantasy or realistic.")] = None,
+    appearance: Annotated[str, typer.Option(help="Traits that must recur.")] = "",
+    description: Annotated[str, typer.Option()] = "",
+    model: Annotated[str | None, typer.Option(help="Checkpoint; default: the style's.")] = None,
+) -> None:
+    """Create a character; prints its id."""
+    from charforge.services import characters, users
+    from charforge.services.characters import CharacterFields
+
+    container = _container(_settings())
+    try:
+        with container.db.session() as session:
+            owner = users.require_user(session, user)
+            fields = CharacterFields(
+                name=name, description=description, appearance=appearance, art_style=style, model=model
+            )
+            character = characters.create(session, owner, fields, container.table)
+            info = (character.id, character.primary_style, character.model)
+    except CharforgeError as exc:
+        raise _fail(exc.message, exc.hint) from exc
+    finally:
+        container.close()
+    out.print(f"{info[0]}\t{name}\t{info[1] or '-'}\t{info[2] or '-'}")
+
+
+@characters_app.command("list")
+def characters_list(user: Annotated[str, typer.Option(help="Owner of the characters.")]) -> None:
+    """List a user's characters."""
+    from charforge.services import characters, users
+
+    container = _container(_settings())
+    try:
+        with container.db.session() as session:
+            for ch in characters.list_for(session, users.require_user(session, user)):
+                out.print(f"{ch.id}\t{ch.name}\t{ch.primary_style or '-'}\t{ch.model or '-'}")
+    except CharforgeError as exc:
+        raise _fail(exc.message, exc.hint) from exc
+    finally:
+        container.close()
+
+
+@app.command()
+def generate(
+    character: Annotated[str, typer.Option(help="The character's name or id.")],
+    prompt: Annotated[str, typer.Option(help="The scene to show the character in.")],
+    negative: Annotated[str, typer.Option(help="What the image must not show.")] = "",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Copy the PNG here.")] = None,
+    user: Annotated[str | None, typer.Option(help="Owner (needed when several users exist).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed; default random.")] = None,
+) -> None:
+    """Generate one image of a character, on the checkpoint that made it."""
+    from charforge.db import repositories as repo
+    from charforge.domain.params import GenerateBody
+    from charforge.errors import error_from_code
+    from charforge.services import characters, generation, users
+
+    settings = _settings()
+    container = _container(settings, start_workers=True)
+    try:
+        with container.db.session() as session:
+            owner = _owner(session, user)
+            target = characters.find(session, owner, character)
+            body = GenerateBody(
+                prompt=prompt, negative_prompt=negative, character_id=target.id, seed=seed
+            )
+            job = generation.submit(session, owner, body, container.table, settings.defaults)
+            job_id, owner_id = job.id, owner.id
+        container.queue.submit(job_id)
+        container.queue.wait(job_id, settings.generate_wait)
+        with container.db.session() as session:
+            done = repo.job(session, owner_id, job_id)
+            assert done is not None
+            if done.state != "succeeded":
+                error = error_from_code(done.error_code or "internal_error", done.error_message or "job did not finish", hint=done.error_hint)
+                raise _fail(f"job {job_id} {done.state}: {error.message}", error.hint)
+            images = list(repo.images_of_job(session, job_id))
+        for image in images:
+            path = container.store.path(image.file_path)
+            if out_file is not None:
+                out_file.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, out_file)
+                path = out_file
+            out.print(
+                f"{image.art_style} · {image.checkpoint} · {image.backend} · seed {image.seed} · "
+                f"{image.width}x{image.height}" + (" · SIMULATED" if image.simulated else "")
+            )
+            print(path)
+    except CharforgeError as exc:
+        raise _fail(exc.message, exc.hint) from exc
+    except Exception as exc:
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            raise _fail(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        raise
+    finally:
+        container.close()
+
+
+def _owner(session: Any, name: str | None) -> Any:
+    from charforge.db import repositories as repo
+    from charforge.services import users
+
+    if name:
+        return users.require_user(session, name)
+    everyone = list(repo.all_users(session))
+    if len(everyone) == 1:
+        return everyone[0]
+    raise CharforgeError(
+        "Several users exist; say whose character this is.",
+        hint="Add --user NAME.",
+    ) if everyone else CharforgeError(
+        "No user exists yet.", hint="Create one with `charforge users add NAME --password-stdin`."
+    )
+
+
+@app.command("simulate-a1111")
+def simulate_a1111(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    models: Annotated[str, typer.Option(help="Comma-separated checkpoint file names.")] = "diving.safetensors",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    flavor: Annotated[str, typer.Option(help="a1111 or forge.")] = "a1111",
+    api_auth: Annotated[str | None, typer.Option(help="user:password, like --api-auth.")] = None,
+) -> None:
+    """Run an A1111 WebUI stand-in that draws labelled placeholders (no GPU needed)."""
+    from charforge.simulator import SimulatorSettings, run_simulator
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise _fail("--models needs at least one checkpoint file name", code=2)
+    if flavor not in ("a1111", "forge"):
+        raise _fail(f"--flavor must be a1111 or forge, not {flavor!r}", code=2)
+    auth = None
+    if api_auth:
+        user, sep, password = api_auth.partition(":")
+        if not sep:
+            raise _fail("--api-auth must look like user:password", code=2)
+        auth = (user, password)
+    err.print(f"A1111 simulator ({flavor}) with {', '.join(names)} on http://{host}:{port}")
+    run_simulator(SimulatorSettings(models=names, flavor=flavor, api_auth=auth), host, port)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    app()

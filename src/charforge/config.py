@@ -1,0 +1,157 @@
+"""Settings: environment variables, then an optional TOML file named by ``CHARFORGE_CONFIG``.
+
+Environment wins over the file, the file over the defaults. The seed's variables
+``RUNPOD_REALISTIC_URL`` and ``RUNPOD_ANIME_CARTOON_FANTASY_URL`` keep their meaning; a
+comma-separated list in either makes a pool of several backends for that route.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV_VAR = "CHARFORGE_CONFIG"
+
+
+class BackendConfig(BaseModel):
+    """One backend as written in the TOML file under ``[backends.NAME]``."""
+
+    model_config = {"extra": "forbid"}
+
+    kind: Literal["a1111"] = "a1111"
+    url: str
+    # "user:password", as given to A1111's --api-auth. Never echoed back or logged.
+    auth: SecretStr | None = None
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    simulated: bool = False
+
+
+class RouteConfig(BaseModel):
+    """What one art style resolves to, under ``[routes.STYLE]``."""
+
+    model_config = {"extra": "forbid"}
+
+    checkpoint: str | None = None
+    backends: list[str] | None = None
+    label: str | None = None
+    emoji: str | None = None
+
+
+class GenerationDefaults(BaseModel):
+    """The original system's high-quality defaults; ``[defaults]`` in the TOML file."""
+
+    model_config = {"extra": "forbid"}
+
+    width: int = 512
+    height: int = 768
+    steps: int = 25
+    cfg_scale: float = 8.0
+    sampler: str = "DPM++ 2M"
+    scheduler: str = "Karras"
+    hires: bool = True
+    hires_scale: float = 1.5
+    hires_upscaler: str = "Latent"
+    denoising_strength: float = 0.5
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHARFORGE_",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    data_dir: Path = Path("./data")
+    database_url: str | None = None
+
+    runpod_realistic_url: str = Field(
+        default="http://127.0.0.1:7860/",
+        validation_alias=AliasChoices("RUNPOD_REALISTIC_URL", "runpod_realistic_url"),
+    )
+    runpod_anime_cartoon_fantasy_url: str = Field(
+        default="http://127.0.0.1:7861/",
+        validation_alias=AliasChoices(
+            "RUNPOD_ANIME_CARTOON_FANTASY_URL", "runpod_anime_cartoon_fantasy_url"
+        ),
+    )
+    runpod_realistic_auth: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("RUNPOD_REALISTIC_AUTH", "runpod_realistic_auth"),
+    )
+    runpod_anime_cartoon_fantasy_auth: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "RUNPOD_ANIME_CARTOON_FANTASY_AUTH", "runpod_anime_cartoon_fantasy_auth"
+        ),
+    )
+
+    # Finite, configurable timeouts: connecting fails fast, a generation may take minutes.
+    backend_connect_timeout: float = Field(default=5.0, gt=0)
+    backend_timeout: float = Field(default=300.0, gt=0)
+    probe_timeout: float = Field(default=3.0, gt=0)
+    # How long POST /api/image-generation/generate waits before answering 202 with the job.
+    generate_wait: float = Field(default=900.0, gt=0)
+    workers: int = Field(default=2, ge=1, le=64)
+
+    backends: dict[str, BackendConfig] = Field(default_factory=dict)
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+
+    demo: bool = False
+
+    @field_validator("routes")
+    @classmethod
+    def _lower_route_keys(cls, value: dict[str, RouteConfig]) -> dict[str, RouteConfig]:
+        return {key.strip().lower(): route for key, route in value.items()}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV_VAR)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    @property
+    def config_file(self) -> str | None:
+        return os.environ.get(CONFIG_ENV_VAR)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'charforge.db').resolve()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings, turning a bad file or variable into a message a user can act on."""
+    config_file = os.environ.get(CONFIG_ENV_VAR)
+    if config_file and not Path(config_file).is_file():
+        raise SettingsError(
+            f"{CONFIG_ENV_VAR}={config_file} does not name a readable file; "
+            "unset it or point it at your charforge TOML file."
+        )
+    try:
+        return Settings(**overrides)
+    except Exception as exc:  # pydantic ValidationError or a TOML syntax error
+        raise SettingsError(f"Invalid charforge settings: {exc}") from exc
+
+
+class SettingsError(Exception):
+    """Settings cannot be used; the message says which variable or key to fix."""

@@ -1,0 +1,33 @@
+"""Checkpoint names as A1111 writes them: ``anime/diving.safetensors [a1b2c3d4e5]``."""
+
+from __future__ import annotations
+
+import re
+
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
+_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+
+
+def strip_hash(title: str) -> str:
+    """``diving.safetensors [a1b2c3d4e5]`` -> ``diving.safetensors``."""
+    return _HASH_SUFFIX.sub("", title).strip()
+
+
+def model_name(name: str) -> str:
+    """A1111's ``model_name``: path separators become ``_``, the extension goes."""
+    base = strip_hash(name).replace("/", "_").replace("\\", "_")
+    lowered = base.lower()
+    for ext in _EXTENSIONS:
+        if lowered.endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def same_checkpoint(a: str, b: str) -> bool:
+    return model_name(a) == model_name(b)
+
+
+def same_hash(a: str, b: str) -> bool:
+    """A 10-hex short hash matches the sha256 it was cut from."""
+    a, b = a.lower(), b.lower()
+    return a.startswith(b) or b.startswith(a)

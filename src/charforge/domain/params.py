@@ -1,0 +1,106 @@
+"""Generation parameters: the original API's body, its defaults and its limits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from charforge.config import GenerationDefaults
+
+PROMPT_MAX = 2000
+SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 2048, 8
+STEPS_MIN, STEPS_MAX = 1, 150
+CFG_MIN, CFG_MAX = 1.0, 30.0
+SEED_MAX = 2**32 - 1
+
+# Added to the negative prompt unless the request sets nsfw=true ("content rating" in the seed).
+SFW_NEGATIVE = "nsfw, nude, explicit"
+
+
+class GenerateBody(BaseModel):
+    """``POST /api/image-generation/generate`` as the original system sent it (camelCase)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", str_strip_whitespace=True
+    )
+
+    prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
+    negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
+    character_id: str = Field(min_length=1, max_length=64)
+    character_name: str | None = None  # informational, as in the seed; the id decides
+    art_style: str | None = None
+    model: str | None = Field(default=None, max_length=255)
+    width: int | None = Field(default=None, ge=SIZE_MIN, le=SIZE_MAX)
+    height: int | None = Field(default=None, ge=SIZE_MIN, le=SIZE_MAX)
+    steps: int | None = Field(default=None, ge=STEPS_MIN, le=STEPS_MAX)
+    cfg_scale: float | None = Field(default=None, ge=CFG_MIN, le=CFG_MAX)
+    nsfw: bool = False
+    seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
+    sampler: str | None = Field(default=None, max_length=64)
+    scheduler: str | None = Field(default=None, max_length=64)
+    hires: bool | None = None
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % SIZE_STEP:
+            raise ValueError(
+                f"must be a multiple of {SIZE_STEP} between {SIZE_MIN} and {SIZE_MAX} "
+                f"(got {value}; try {round(value / SIZE_STEP) * SIZE_STEP})"
+            )
+        return value
+
+    @field_validator("art_style", "model", "sampler", "scheduler", "character_name")
+    @classmethod
+    def _blank_is_absent(cls, value: str | None) -> str | None:
+        # The seed's page sends `model: null` or "" when the character has none.
+        return value or None
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything a backend needs besides the checkpoint, with defaults applied."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    seed: int  # -1: the backend picks
+    sampler: str
+    scheduler: str
+    hires: bool
+    hires_scale: float
+    hires_upscaler: str
+    denoising_strength: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerationParams:
+        return cls(**data)
+
+
+def apply_defaults(
+    body: GenerateBody, defaults: GenerationDefaults, prompt: str, negative: str
+) -> GenerationParams:
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=body.width or defaults.width,
+        height=body.height or defaults.height,
+        steps=body.steps or defaults.steps,
+        cfg_scale=body.cfg_scale if body.cfg_scale is not None else defaults.cfg_scale,
+        seed=body.seed if body.seed is not None else -1,
+        sampler=body.sampler or defaults.sampler,
+        scheduler=body.scheduler or defaults.scheduler,
+        hires=body.hires if body.hires is not None else defaults.hires,
+        hires_scale=defaults.hires_scale,
+        hires_upscaler=defaults.hires_upscaler,
+        denoising_strength=defaults.denoising_strength,
+    )

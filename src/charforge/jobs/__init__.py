@@ -1,0 +1,1 @@
+"""Jobs: the row is the truth, a queue only wakes a worker."""

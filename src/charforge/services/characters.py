@@ -1,0 +1,146 @@
+"""Characters: create, read, change and delete, always within one owner's roster."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from charforge.db import repositories as repo
+from charforge.db.models import Character, User
+from charforge.domain.routes import RouteTable
+from charforge.errors import InvalidInput, NotFound
+
+NAME_MAX, DESCRIPTION_MAX, APPEARANCE_MAX, MODEL_MAX = 100, 5000, 2000, 255
+
+
+@dataclass
+class CharacterFields:
+    """Already parsed input; ``None`` in an update means "leave as is" unless listed in clear."""
+
+    name: str | None = None
+    description: str | None = None
+    appearance: str | None = None
+    art_style: str | None = None
+    model: str | None = None
+    model_hash: str | None = None
+    clear_model_hash: bool = False
+
+
+def _checked(fields: CharacterFields, table: RouteTable) -> CharacterFields:
+    if fields.name is not None:
+        fields.name = fields.name.strip()
+        if not 1 <= len(fields.name) <= NAME_MAX:
+            raise InvalidInput(
+                f"A character name needs 1 to {NAME_MAX} characters.",
+                field="name",
+                hint="Give the character a name such as 'Sakura'.",
+            )
+    for attr, limit in (("description", DESCRIPTION_MAX), ("appearance", APPEARANCE_MAX)):
+        value = getattr(fields, attr)
+        if value is not None and len(value) > limit:
+            raise InvalidInput(
+                f"{attr.capitalize()} is {len(value)} characters long; the limit is {limit}.",
+                field=attr,
+            )
+    if fields.art_style is not None:
+        fields.art_style = table.normalize_style(fields.art_style, field="artStyle.primaryStyle")
+    if fields.model is not None:
+        fields.model = fields.model.strip()
+        if not 1 <= len(fields.model) <= MODEL_MAX:
+            raise InvalidInput(
+                f"A checkpoint name needs 1 to {MODEL_MAX} characters.",
+                field="imageGeneration.model",
+            )
+    return fields
+
+
+def create(session: Session, owner: User, fields: CharacterFields, table: RouteTable) -> Character:
+    fields = _checked(fields, table)
+    if fields.name is None:
+        raise InvalidInput("A character needs a name.", field="name")
+    model = fields.model
+    if model is None and fields.art_style is not None:
+        model = table.route(fields.art_style).checkpoint  # the checkpoint of its style's route
+    character = Character(
+        owner_id=owner.id,
+        name=fields.name,
+        description=fields.description or "",
+        appearance=fields.appearance or "",
+        primary_style=fields.art_style,
+        model=model,
+        model_hash=fields.model_hash,
+    )
+    session.add(character)
+    session.flush()
+    return character
+
+
+def get(session: Session, owner: User, character_id: str) -> Character:
+    character = repo.character(session, owner.id, character_id)
+    if character is None:
+        raise NotFound(
+            f"No character with id '{character_id}' in your roster.",
+            field="characterId",
+            hint="List yours with GET /api/characters.",
+        )
+    return character
+
+
+def find(session: Session, owner: User, name_or_id: str) -> Character:
+    """By id, else by exact name (the CLI's --character NAME_OR_ID)."""
+    character = repo.character(session, owner.id, name_or_id)
+    if character is not None:
+        return character
+    named = repo.characters_named(session, owner.id, name_or_id)
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        ids = ", ".join(c.id for c in named)
+        raise InvalidInput(
+            f"{len(named)} characters are named '{name_or_id}'; pick one by id: {ids}.",
+            field="character",
+        )
+    raise NotFound(f"No character named or with id '{name_or_id}' for user '{owner.name}'.")
+
+
+def list_for(session: Session, owner: User) -> Sequence[Character]:
+    return repo.characters_of(session, owner.id)
+
+
+def update(
+    session: Session, owner: User, character_id: str, fields: CharacterFields, table: RouteTable
+) -> Character:
+    character = get(session, owner, character_id)
+    fields = _checked(fields, table)
+    for attr in ("name", "description", "appearance"):
+        value = getattr(fields, attr)
+        if value is not None:
+            setattr(character, attr, value)
+    style_changed = fields.art_style is not None and fields.art_style != character.primary_style
+    if fields.art_style is not None:
+        character.primary_style = fields.art_style
+    if fields.model is not None:
+        if fields.model != character.model:
+            character.model_hash = None  # another file: the old hash means nothing for it
+        character.model = fields.model
+    elif style_changed:
+        # An explicit change of style by the owner moves the character to that style's model.
+        character.model = table.route(fields.art_style or "").checkpoint
+        character.model_hash = None
+    if fields.model_hash is not None:
+        character.model_hash = fields.model_hash
+    if fields.clear_model_hash:
+        character.model_hash = None
+    session.flush()
+    return character
+
+
+def delete(session: Session, owner: User, character_id: str) -> list[str]:
+    """Deletes the character with its jobs and images; returns the image files to remove."""
+    character = get(session, owner, character_id)
+    paths = repo.image_paths_of_character(session, owner.id, character.id)
+    session.delete(character)
+    session.flush()
+    return paths

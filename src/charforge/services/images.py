@@ -1,0 +1,36 @@
+"""Stored images: history per character, one image, deletion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from charforge.db import repositories as repo
+from charforge.db.models import Image, User
+from charforge.errors import NotFound
+from charforge.services import characters
+
+
+def history(
+    session: Session, owner: User, character_id: str, *, limit: int, after: tuple[datetime, str] | None
+) -> Sequence[Image]:
+    characters.get(session, owner, character_id)  # 404 for a character that is not yours
+    return repo.images_page(session, owner.id, character_id, limit, after)
+
+
+def get(session: Session, owner: User, image_id: str) -> Image:
+    image = repo.image(session, owner.id, image_id)
+    if image is None:
+        raise NotFound(f"No image with id '{image_id}' among yours.", field="imageId")
+    return image
+
+
+def delete(session: Session, owner: User, image_id: str) -> str:
+    """Deletes the row; returns the file to remove once the deletion is committed."""
+    image = get(session, owner, image_id)
+    path = image.file_path
+    session.delete(image)
+    session.flush()
+    return path

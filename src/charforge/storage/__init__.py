@@ -1,0 +1,1 @@
+"""Where image files live: local disk under the data dir, written atomically."""

@@ -1,0 +1,114 @@
+"""Routes from the seed's env vars and from a TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from charforge.config import SettingsError, load_settings
+from charforge.domain.routes import build_route_table, split_credentials
+from charforge.errors import InvalidInput
+
+
+def test_seed_env_vars_configure_the_two_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", "https://pod-7860.proxy.runpod.net/")
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", "https://pod-7861.proxy.runpod.net/")
+    table = build_route_table(load_settings())
+    assert table.backends["realistic"].url == "https://pod-7860.proxy.runpod.net"
+    assert table.backends["anime-cartoon-fantasy"].url == "https://pod-7861.proxy.runpod.net"
+    assert table.backends["realistic"].source == "RUNPOD_REALISTIC_URL"
+    assert table.route("realistic").backends == ("realistic",)
+    assert table.route("fantasy").backends == ("anime-cartoon-fantasy",)
+
+
+def test_defaults_are_the_local_webui_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RUNPOD_REALISTIC_URL", raising=False)
+    monkeypatch.delenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", raising=False)
+    table = build_route_table(load_settings())
+    assert table.backends["realistic"].url == "http://127.0.0.1:7860"
+    assert table.backends["anime-cartoon-fantasy"].url == "http://127.0.0.1:7861"
+
+
+def test_comma_separated_urls_make_a_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", "http://a:7860, http://b:7860")
+    table = build_route_table(load_settings())
+    assert table.route("realistic").backends == ("realistic", "realistic-2")
+    assert table.backends["realistic-2"].url == "http://b:7860"
+
+
+def test_credentials_come_from_auth_var_or_url_and_never_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", "http://alice:s3cret@gpu:7860/")
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", "http://gpu:7861")
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_AUTH", "bob:hunter2")
+    table = build_route_table(load_settings())
+    realistic, anime = table.backends["realistic"], table.backends["anime-cartoon-fantasy"]
+    assert realistic.auth == ("alice", "s3cret") and realistic.url == "http://gpu:7860"
+    assert anime.auth == ("bob", "hunter2")
+    assert "s3cret" not in repr(realistic) and "hunter2" not in repr(anime)
+
+
+def test_toml_file_adds_backends_and_routes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "charforge.toml"
+    config.write_text(
+        """
+data_dir = "/srv/charforge"
+[backends.forge-box]
+url = "http://forge:7861"
+auth = "u:p"
+timeout_seconds = 42
+[routes.anime]
+checkpoint = "ponyDiffusion.safetensors"
+backends = ["forge-box"]
+[routes.watercolor]
+checkpoint = "watercolor.safetensors"
+backends = ["forge-box"]
+label = "Watercolor"
+emoji = "🎨"
+[defaults]
+steps = 30
+"""
+    )
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    settings = load_settings()
+    table = build_route_table(settings)
+    assert str(settings.data_dir) == "/srv/charforge"
+    assert settings.defaults.steps == 30 and settings.defaults.cfg_scale == 8
+    assert table.route("anime").checkpoint == "ponyDiffusion.safetensors"
+    assert table.route("anime").backends == ("forge-box",)
+    assert table.backends["forge-box"].timeout == 42
+    assert table.backends["forge-box"].auth == ("u", "p")
+    assert table.route("watercolor").indicator == "🎨 Using Watercolor Style (watercolor.safetensors)"
+    assert table.normalize_style("WaterColor", field="artStyle") == "watercolor"
+    # env still beats the file
+    monkeypatch.setenv("CHARFORGE_DATA_DIR", "/elsewhere")
+    assert str(load_settings().data_dir) == "/elsewhere"
+
+
+def test_route_naming_an_unknown_backend_says_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[routes.anime]\nbackends = ["nope"]\n')
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    with pytest.raises(ValueError, match=r"\[routes.anime\].*'nope'"):
+        build_route_table(load_settings())
+
+
+def test_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARFORGE_CONFIG", "/no/such/file.toml")
+    with pytest.raises(SettingsError, match="CHARFORGE_CONFIG"):
+        load_settings()
+
+
+def test_unknown_style_lists_the_known_ones() -> None:
+    table = build_route_table(load_settings())
+    assert table.normalize_style(" Realistic ", field="artStyle") == "realistic"
+    with pytest.raises(InvalidInput) as caught:
+        table.normalize_style("watercolor", field="artStyle")
+    assert caught.value.field == "artStyle"
+    assert "anime, cartoon, fantasy, realistic" in caught.value.message
+
+
+@pytest.mark.parametrize("bad", ["ftp://x", "not a url", "http://"])
+def test_bad_backend_url_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="not an http"):
+        split_credentials(bad)
