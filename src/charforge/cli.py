@@ -185,7 +185,9 @@ def tokens_list(name: str) -> None:
         with container.db.session() as session:
             for row in users.list_tokens(session, users.require_user(session, name)):
                 state = "revoked" if row.revoked_at else "active"
-                out.print(f"{row.id}\t{row.prefix}…\t{row.name}\t{state}\t{row.created_at:%Y-%m-%d}")
+                out.print(
+                    f"{row.id}\t{row.prefix}…\t{row.name}\t{state}\t{row.created_at:%Y-%m-%d}"
+                )
     except CharforgeError as exc:
         raise _fail(exc.message, exc.hint) from exc
     finally:
@@ -226,7 +228,11 @@ def characters_add(
         with container.db.session() as session:
             owner = users.require_user(session, user)
             fields = CharacterFields(
-                name=name, description=description, appearance=appearance, art_style=style, model=model
+                name=name,
+                description=description,
+                appearance=appearance,
+                art_style=style,
+                model=model,
             )
             character = characters.create(session, owner, fields, container.table)
             info = (character.id, character.primary_style, character.model)
@@ -259,14 +265,16 @@ def generate(
     prompt: Annotated[str, typer.Option(help="The scene to show the character in.")],
     negative: Annotated[str, typer.Option(help="What the image must not show.")] = "",
     out_file: Annotated[Path | None, typer.Option("--out", help="Copy the PNG here.")] = None,
-    user: Annotated[str | None, typer.Option(help="Owner (needed when several users exist).")] = None,
+    user: Annotated[
+        str | None, typer.Option(help="Owner (needed when several users exist).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed; default random.")] = None,
 ) -> None:
     """Generate one image of a character, on the checkpoint that made it."""
     from charforge.db import repositories as repo
     from charforge.domain.params import GenerateBody
     from charforge.errors import error_from_code
-    from charforge.services import characters, generation, users
+    from charforge.services import characters, generation
 
     settings = _settings()
     container = _container(settings, start_workers=True)
@@ -285,7 +293,11 @@ def generate(
             done = repo.job(session, owner_id, job_id)
             assert done is not None
             if done.state != "succeeded":
-                error = error_from_code(done.error_code or "internal_error", done.error_message or "job did not finish", hint=done.error_hint)
+                error = error_from_code(
+                    done.error_code or "internal_error",
+                    done.error_message or "job did not finish",
+                    hint=done.error_hint,
+                )
                 raise _fail(f"job {job_id} {done.state}: {error.message}", error.hint)
             images = list(repo.images_of_job(session, job_id))
         for image in images:
@@ -321,18 +333,25 @@ def _owner(session: Any, name: str | None) -> Any:
     everyone = list(repo.all_users(session))
     if len(everyone) == 1:
         return everyone[0]
-    raise CharforgeError(
-        "Several users exist; say whose character this is.",
-        hint="Add --user NAME.",
-    ) if everyone else CharforgeError(
-        "No user exists yet.", hint="Create one with `charforge users add NAME --password-stdin`."
+    raise (
+        CharforgeError(
+            "Several users exist; say whose character this is.",
+            hint="Add --user NAME.",
+        )
+        if everyone
+        else CharforgeError(
+            "No user exists yet.",
+            hint="Create one with `charforge users add NAME --password-stdin`.",
+        )
     )
 
 
 @app.command("simulate-a1111")
 def simulate_a1111(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
-    models: Annotated[str, typer.Option(help="Comma-separated checkpoint file names.")] = "diving.safetensors",
+    models: Annotated[
+        str, typer.Option(help="Comma-separated checkpoint file names.")
+    ] = "diving.safetensors",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     flavor: Annotated[str, typer.Option(help="a1111 or forge.")] = "a1111",
     api_auth: Annotated[str | None, typer.Option(help="user:password, like --api-auth.")] = None,

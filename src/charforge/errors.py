@@ -5,13 +5,13 @@ Every failure a client can see is a ``CharforgeError`` and renders as one JSON e
     {"error": {"code": "...", "message": "...", "field": "...", "hint": "..."}}
 
     CharforgeError                      500 internal_error
-    ├── InvalidInput                    422 validation_error   (caller's mistake, names the field)
+    ├── InvalidInput                    422 validation_error   (names the field)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden
     ├── NotFound                        404 not_found
     ├── Conflict                        409 conflict
     │   └── StyleMismatch               409 style_mismatch
-    └── BackendError                    (a backend failed; always names the backend and what to check)
+    └── BackendError                    (names the backend and what to check)
         ├── BackendUnavailable          502 backend_unavailable   retriable
         ├── BackendTimeout              504 backend_timeout       retriable
         ├── BackendRejected             502 backend_error         A1111's own message passed on

@@ -32,7 +32,11 @@ def test_default_routes_follow_the_original_system(
     table: RouteTable, style: str, checkpoint: str, backend: str
 ) -> None:
     result = resolve(look(style, None), None, None, table)
-    assert (result.style, result.checkpoint, result.route.backends) == (style, checkpoint, (backend,))
+    assert (result.style, result.checkpoint, result.route.backends) == (
+        style,
+        checkpoint,
+        (backend,),
+    )
 
 
 def test_stored_model_wins_over_the_route(table: RouteTable) -> None:
@@ -55,7 +59,9 @@ def test_older_character_takes_the_request_style(table: RouteTable) -> None:
     assert (result.style, result.checkpoint) == ("realistic", "cyberrealistic.safetensors")
 
 
-def test_older_character_with_only_a_request_model_uses_that_models_route(table: RouteTable) -> None:
+def test_older_character_with_only_a_request_model_uses_that_models_route(
+    table: RouteTable,
+) -> None:
     result = resolve(look(None, None), None, "cyberrealistic.safetensors", table)
     assert (result.style, result.checkpoint) == ("realistic", "cyberrealistic.safetensors")
 
@@ -86,11 +92,13 @@ def test_model_contradicting_the_style_route_is_a_mismatch(table: RouteTable) ->
         resolve(look("realistic", None), None, "diving.safetensors", table)
 
 
-def test_verify_accepts_the_model_that_was_asked_for() -> None:
+@pytest.mark.parametrize("reported", ["diving", "anime_diving"])
+def test_verify_accepts_the_model_that_was_asked_for(reported: str) -> None:
+    # A1111 reports the base name without folder; some report the model_name with it.
     verify_checkpoint_ran(
         expected="anime/diving.safetensors",
         expected_hash="a1b2c3d4e5",
-        reported="anime_diving",
+        reported=reported,
         reported_hash="a1b2c3d4e5",
         backend="b",
     )
@@ -99,14 +107,22 @@ def test_verify_accepts_the_model_that_was_asked_for() -> None:
 def test_verify_refuses_another_model() -> None:
     with pytest.raises(WrongCheckpoint, match="ran checkpoint 'other' instead of 'diving"):
         verify_checkpoint_ran(
-            expected="diving.safetensors", expected_hash=None, reported="other", reported_hash=None, backend="b"
+            expected="diving.safetensors",
+            expected_hash=None,
+            reported="other",
+            reported_hash=None,
+            backend="b",
         )
 
 
 def test_verify_refuses_an_unreported_model() -> None:
     with pytest.raises(WrongCheckpoint):
         verify_checkpoint_ran(
-            expected="diving.safetensors", expected_hash=None, reported=None, reported_hash=None, backend="b"
+            expected="diving.safetensors",
+            expected_hash=None,
+            reported=None,
+            reported_hash=None,
+            backend="b",
         )
 
 

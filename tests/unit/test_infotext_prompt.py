@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from charforge.domain.checkpoints import model_name, same_checkpoint, strip_hash
+from charforge.domain.checkpoints import file_stem, model_name, same_checkpoint, strip_hash
 from charforge.domain.infotext import build_infotext, parse_infotext
 from charforge.domain.prompt import compose_negative, compose_prompt
 
@@ -36,7 +36,9 @@ def test_infotext_has_a1111_layout() -> None:
     lines = text.split("\n")
     assert lines[0] == "Sakura in a red evening dress, ballroom"
     assert lines[1] == "Negative prompt: blurry, lowres"
-    assert lines[2].startswith("Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 8, Seed: 4242, Size: 512x768, Model hash: a1b2c3d4e5, Model: diving")
+    assert lines[2].startswith(
+        "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 8, Seed: 4242, Size: 512x768, Model hash: a1b2c3d4e5, Model: diving"
+    )
     assert "Hires upscale: 1.5" in lines[2]
 
 
@@ -85,6 +87,11 @@ def test_checkpoint_names(title: str, stripped: str, name: str) -> None:
     assert strip_hash(title) == stripped
     assert model_name(title) == name
     assert same_checkpoint(title, stripped)
+
+
+def test_file_stem_is_what_a1111_reports() -> None:
+    assert file_stem("anime/diving.safetensors [a1b2c3d4e5]") == "diving"
+    assert file_stem("sub\\dir\\x.ckpt") == "x"
 
 
 def test_different_checkpoints_differ() -> None:

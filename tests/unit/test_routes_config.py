@@ -37,7 +37,9 @@ def test_comma_separated_urls_make_a_pool(monkeypatch: pytest.MonkeyPatch) -> No
     assert table.backends["realistic-2"].url == "http://b:7860"
 
 
-def test_credentials_come_from_auth_var_or_url_and_never_show(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_come_from_auth_var_or_url_and_never_show(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("RUNPOD_REALISTIC_URL", "http://alice:s3cret@gpu:7860/")
     monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", "http://gpu:7861")
     monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_AUTH", "bob:hunter2")
@@ -48,7 +50,9 @@ def test_credentials_come_from_auth_var_or_url_and_never_show(monkeypatch: pytes
     assert "s3cret" not in repr(realistic) and "hunter2" not in repr(anime)
 
 
-def test_toml_file_adds_backends_and_routes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_toml_file_adds_backends_and_routes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "charforge.toml"
     config.write_text(
         """
@@ -78,14 +82,18 @@ steps = 30
     assert table.route("anime").backends == ("forge-box",)
     assert table.backends["forge-box"].timeout == 42
     assert table.backends["forge-box"].auth == ("u", "p")
-    assert table.route("watercolor").indicator == "🎨 Using Watercolor Style (watercolor.safetensors)"
+    assert (
+        table.route("watercolor").indicator == "🎨 Using Watercolor Style (watercolor.safetensors)"
+    )
     assert table.normalize_style("WaterColor", field="artStyle") == "watercolor"
     # env still beats the file
     monkeypatch.setenv("CHARFORGE_DATA_DIR", "/elsewhere")
     assert str(load_settings().data_dir) == "/elsewhere"
 
 
-def test_route_naming_an_unknown_backend_says_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_route_naming_an_unknown_backend_says_which(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[routes.anime]\nbackends = ["nope"]\n')
     monkeypatch.setenv("CHARFORGE_CONFIG", str(config))

@@ -26,8 +26,14 @@ _HTTP_CODES = {
 
 
 def envelope(
-    status: int, code: str, message: str, *, field: str | None = None, hint: str | None = None,
-    headers: dict[str, str] | None = None, **extra: Any,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    field: str | None = None,
+    hint: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message, "field": field, "hint": hint}
     body.update(extra)
@@ -53,7 +59,7 @@ def _describe(error: dict[str, Any]) -> str:
         return "is required"
     if error.get("type") == "extra_forbidden":
         return "is not a known field"
-    if "input" in error and error.get("type") not in ("json_invalid",):
+    if "input" in error and error.get("type") != "json_invalid" and "(got " not in message:
         shown = repr(error["input"])
         if len(shown) <= 60:
             return f"{message[:1].lower()}{message[1:]} (got {shown})"

@@ -44,9 +44,15 @@ class CharacterIn(Wire):
     image_generation: ImageGenerationIn | None = None
 
     def to_fields(self) -> CharacterFields:
-        style = self.art_style.primary_style if isinstance(self.art_style, ArtStyleIn) else self.art_style
+        style = (
+            self.art_style.primary_style
+            if isinstance(self.art_style, ArtStyleIn)
+            else self.art_style
+        )
         gen = self.image_generation
-        clears_hash = gen is not None and "model_hash" in gen.model_fields_set and gen.model_hash is None
+        clears_hash = (
+            gen is not None and "model_hash" in gen.model_fields_set and gen.model_hash is None
+        )
         return CharacterFields(
             name=self.name,
             description=self.description,
@@ -188,7 +194,10 @@ class JobOut(Wire):
             parameters=camel_params(j.params),
             error=(
                 JobError(
-                    code=j.error_code, message=j.error_message or "", hint=j.error_hint, field=j.error_field
+                    code=j.error_code,
+                    message=j.error_message or "",
+                    hint=j.error_hint,
+                    field=j.error_field,
                 )
                 if j.error_code
                 else None

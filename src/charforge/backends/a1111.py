@@ -42,6 +42,9 @@ from charforge.errors import (
 )
 
 _NAME_CACHE_SECONDS = 60.0
+# A checkpoint seen in /sd-models is trusted this long; the check after generation still
+# catches one that vanished meanwhile (A1111 would fall back, and the image is refused).
+_CHECKPOINT_CACHE_SECONDS = 10.0
 
 
 def auth_setting(spec: BackendSpec) -> str:
@@ -78,6 +81,7 @@ class A1111Backend:
         )
         self._names: dict[str, tuple[float, list[str] | None]] = {}
         self._names_lock = threading.Lock()
+        self._listed: tuple[float, list[CheckpointInfo]] | None = None
 
     def close(self) -> None:
         self._client.close()
@@ -100,13 +104,14 @@ class A1111Backend:
         where = self._where(style)
         kwargs: dict[str, Any] = {"json": json_body}
         if timeout is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout, connect=min(timeout, self.spec.connect_timeout))
+            kwargs["timeout"] = httpx.Timeout(
+                timeout, connect=min(timeout, self.spec.connect_timeout)
+            )
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.ConnectTimeout as exc:
             raise BackendUnavailable(
-                f"Could not connect to {where}: no answer within "
-                f"{self.spec.connect_timeout:g}s.",
+                f"Could not connect to {where}: no answer within {self.spec.connect_timeout:g}s.",
                 hint=self._reach_hint(),
             ) from exc
         except httpx.TimeoutException as exc:
@@ -165,9 +170,8 @@ class A1111Backend:
                 hint="Start the WebUI with the --api flag.",
             )
         raise BackendRejected(
-            f"{where[0].upper()}{where[1:]} failed: {error_message(response)}",
+            f"{where[0].upper()}{where[1:]} failed (HTTP {status}): {error_message(response)}",
             hint="This is the WebUI's own error message; its console shows the details.",
-            extra={"backendStatus": status},
         )
 
     @staticmethod
@@ -182,9 +186,9 @@ class A1111Backend:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def list_checkpoints(self, *, style: str | None = None, timeout: float | None = None) -> list[
-        CheckpointInfo
-    ]:
+    def list_checkpoints(
+        self, *, style: str | None = None, timeout: float | None = None
+    ) -> list[CheckpointInfo]:
         response = self._call("GET", "/sdapi/v1/sd-models", style=style, timeout=timeout)
         items = self._json(response, self._where(style))
         if not isinstance(items, list):
@@ -198,6 +202,11 @@ class A1111Backend:
         return result
 
     def find_checkpoint(self, name: str, *, style: str) -> CheckpointInfo:
+        cached = self._listed
+        if cached and time.monotonic() - cached[0] < _CHECKPOINT_CACHE_SECONDS:
+            found = _match(name, cached[1])
+            if found is not None:
+                return found
         available = self.list_checkpoints(style=style)
         found = _match(name, available)
         if found is None:
@@ -216,6 +225,7 @@ class A1111Backend:
                     f"[routes.{style}] checkpoint in CHARFORGE_CONFIG."
                 ),
             )
+        self._listed = (time.monotonic(), available)
         return found
 
     def _known_names(self, path: str, style: str) -> list[str] | None:
@@ -352,4 +362,3 @@ def parse_txt2img(body: Any, where: str) -> BackendResult:
         checkpoint_hash=info.get("sd_model_hash") or None,
         info=info,
     )
-

@@ -79,11 +79,15 @@ class BackendPool:
         now = time.monotonic()
         with self._probe_lock:
             stale = [
-                n for n in names if n not in self._probes or now - self._probes[n][0] > _PROBE_CACHE_SECONDS
+                n
+                for n in names
+                if n not in self._probes or now - self._probes[n][0] > _PROBE_CACHE_SECONDS
             ]
         if stale:
             with ThreadPoolExecutor(max_workers=min(8, len(stale))) as executor:
-                results = dict(zip(stale, executor.map(lambda n: self.backends[n].probe(), stale), strict=True))
+                results = dict(
+                    zip(stale, executor.map(lambda n: self.backends[n].probe(), stale), strict=True)
+                )
             with self._probe_lock:
                 for name, result in results.items():
                     self._probes[name] = (time.monotonic(), result)

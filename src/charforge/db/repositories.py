@@ -90,7 +90,9 @@ def requeue_running(session: Session) -> int:
 
 
 def images_of_job(session: Session, job_id: str) -> Sequence[Image]:
-    return session.scalars(select(Image).where(Image.job_id == job_id).order_by(Image.position)).all()
+    return session.scalars(
+        select(Image).where(Image.job_id == job_id).order_by(Image.position)
+    ).all()
 
 
 def image(session: Session, owner_id: int, image_id: str) -> Image | None:

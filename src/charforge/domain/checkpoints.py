@@ -23,8 +23,20 @@ def model_name(name: str) -> str:
     return base
 
 
+def file_stem(name: str) -> str:
+    """What A1111 reports as ``info.sd_model_name`` and writes as ``Model:``: the file's base
+    name without folder or extension (``anime/diving.safetensors`` -> ``diving``)."""
+    return model_name(strip_hash(name).replace("\\", "/").rsplit("/", 1)[-1])
+
+
 def same_checkpoint(a: str, b: str) -> bool:
     return model_name(a) == model_name(b)
+
+
+def ran_checkpoint(expected: str, reported: str) -> bool:
+    """Whether a backend's report of the model that ran names ``expected``. Reports carry no
+    folder, so only the base name can be compared; the hash check covers same-named files."""
+    return same_checkpoint(expected, reported) or file_stem(expected) == file_stem(reported)
 
 
 def same_hash(a: str, b: str) -> bool:

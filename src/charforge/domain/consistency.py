@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from charforge.domain.checkpoints import same_checkpoint, same_hash
+from charforge.domain.checkpoints import ran_checkpoint, same_checkpoint, same_hash
 from charforge.domain.routes import FALLBACK_STYLE, Route, RouteTable
 from charforge.errors import CheckpointDrift, StyleMismatch, WrongCheckpoint
 
@@ -110,7 +110,7 @@ def verify_checkpoint_ran(
             f"cannot be proven to come from {expected}; it was discarded.",
             hint="Use an A1111/Forge version whose API returns info.sd_model_name.",
         )
-    if not same_checkpoint(expected, reported):
+    if not ran_checkpoint(expected, reported):
         raise WrongCheckpoint(
             f"Backend '{backend}' ran checkpoint '{reported}' instead of '{expected}'; the "
             "image was discarded rather than stored off-model.",

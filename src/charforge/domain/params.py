@@ -47,9 +47,10 @@ class GenerateBody(BaseModel):
     @classmethod
     def _multiple_of_8(cls, value: int | None) -> int | None:
         if value is not None and value % SIZE_STEP:
+            lower = value // SIZE_STEP * SIZE_STEP
             raise ValueError(
                 f"must be a multiple of {SIZE_STEP} between {SIZE_MIN} and {SIZE_MAX} "
-                f"(got {value}; try {round(value / SIZE_STEP) * SIZE_STEP})"
+                f"(got {value}; try {lower} or {lower + SIZE_STEP})"
             )
         return value
 

@@ -73,7 +73,7 @@ class RouteTable:
         if style not in self.routes:
             known = ", ".join(self.known_styles)
             raise InvalidInput(
-                f"Unknown art style '{value}'. Known styles: {known}.",
+                f"Unknown art style '{value}' in {field}. Known styles: {known}.",
                 field=field,
                 hint=f"Use one of: {known}.",
             )

@@ -31,7 +31,9 @@ class InlineJobQueue:
 
     def start(self) -> None:
         for index in range(self._workers):
-            thread = threading.Thread(target=self._loop, name=f"charforge-worker-{index}", daemon=True)
+            thread = threading.Thread(
+                target=self._loop, name=f"charforge-worker-{index}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -63,8 +65,12 @@ class InlineJobQueue:
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
 
+        def resolve() -> None:
+            if not finished.done():
+                finished.set_result(None)
+
         def wake() -> None:
-            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+            loop.call_soon_threadsafe(resolve)
 
         with self._lock:
             if job_id not in self._done:

@@ -16,14 +16,14 @@ from charforge.backends.pool import BackendPool
 from charforge.db import repositories as repo
 from charforge.db.engine import Database
 from charforge.db.models import Image, Job, new_id, utcnow
-from charforge.domain.checkpoints import model_name
+from charforge.domain.checkpoints import file_stem
 from charforge.domain.consistency import verify_checkpoint_ran
 from charforge.domain.infotext import build_infotext
 from charforge.domain.params import GenerationParams
 from charforge.domain.routes import RouteTable
 from charforge.errors import BackendBadResponse, CharforgeError
 from charforge.storage.files import ImageStore
-from charforge.storage.png import embed_infotext, NotAnImage
+from charforge.storage.png import NotAnImage, embed_infotext
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,10 @@ def run_job(ctx: RunnerContext, job_id: str) -> str:
 
     try:
         written = _generate_and_store(ctx, snapshot)
-    except CharforgeError as exc:
-        log.warning("job %s failed: %s (%s)", job_id, exc.code, exc.message)
-        _finish_failed(ctx, job_id, exc)
+    except (CharforgeError, _FailedOn) as exc:
+        error, backend = (exc.error, exc.backend) if isinstance(exc, _FailedOn) else (exc, None)
+        log.warning("job %s failed on %s: %s (%s)", job_id, backend, error.code, error.message)
+        _finish_failed(ctx, job_id, error, backend)
         return "failed"
     except Exception:  # a bug must fail the job visibly, not leave it running forever
         log.exception("job %s crashed", job_id)
@@ -91,37 +92,43 @@ class _Snapshot:
         )
 
 
+class _FailedOn(Exception):
+    """A job error together with the backend it happened on (recorded on the job)."""
+
+    def __init__(self, error: CharforgeError, backend: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.backend = backend
+
+
 def _generate_and_store(ctx: RunnerContext, job: _Snapshot) -> int:
-    route = ctx.table.route(job.style)
-    with ctx.pool.lease(route, wait=ctx.lease_wait) as backend:
+    with ctx.pool.lease(ctx.table.route(job.style), wait=ctx.lease_wait) as backend:
         name = backend.spec.name
-        _record_backend(ctx, job.id, name)
-        listed = backend.find_checkpoint(job.checkpoint, style=job.style)
-        if job.checkpoint_hash and listed.hash:
-            # Catch a replaced file before spending GPU time on it.
-            verify_checkpoint_ran(
-                expected=job.checkpoint,
-                expected_hash=job.checkpoint_hash,
-                reported=listed.name,
-                reported_hash=listed.hash,
-                backend=name,
-            )
-        result = backend.generate(BackendRequest(job.style, listed, job.params))
-    verify_checkpoint_ran(
-        expected=job.checkpoint,
-        expected_hash=job.checkpoint_hash,
-        reported=result.checkpoint,
-        reported_hash=result.checkpoint_hash,
-        backend=name,
-    )
-    return _store(ctx, job, name, backend.spec.simulated, result, listed.hash)
-
-
-def _record_backend(ctx: RunnerContext, job_id: str, backend: str) -> None:
-    with ctx.db.session() as session:
-        job = repo.job_any_owner(session, job_id)
-        if job is not None:
-            job.backend = backend
+        try:
+            listed = backend.find_checkpoint(job.checkpoint, style=job.style)
+            if job.checkpoint_hash and listed.hash:
+                # Catch a replaced file before spending GPU time on it.
+                verify_checkpoint_ran(
+                    expected=job.checkpoint,
+                    expected_hash=job.checkpoint_hash,
+                    reported=listed.name,
+                    reported_hash=listed.hash,
+                    backend=name,
+                )
+            result = backend.generate(BackendRequest(job.style, listed, job.params))
+        except CharforgeError as exc:
+            raise _FailedOn(exc, name) from exc
+    try:
+        verify_checkpoint_ran(
+            expected=job.checkpoint,
+            expected_hash=job.checkpoint_hash,
+            reported=result.checkpoint,
+            reported_hash=result.checkpoint_hash,
+            backend=name,
+        )
+        return _store(ctx, job, name, backend.spec.simulated, result, listed.hash)
+    except CharforgeError as exc:
+        raise _FailedOn(exc, name) from exc
 
 
 def _store(
@@ -146,7 +153,7 @@ def _store(
             seed=generated.seed,
             width=p.width,
             height=p.height,
-            model=model_name(job.checkpoint),
+            model=file_stem(job.checkpoint),
             model_hash=model_hash,
             hires=p.hires,
             hires_scale=p.hires_scale,
@@ -194,6 +201,7 @@ def _store(
                 raise _Abandoned()  # cancelled or deleted meanwhile: keep nothing
             session.add_all(rows)
             stored.state = "succeeded"
+            stored.backend = backend
             stored.finished_at = utcnow()
             stored.error_code = stored.error_message = stored.error_hint = None
             stored.error_field = None
@@ -215,15 +223,17 @@ class _Abandoned(Exception):
     pass
 
 
-def _finish_failed(ctx: RunnerContext, job_id: str, error: CharforgeError) -> None:
+def _finish_failed(
+    ctx: RunnerContext, job_id: str, error: CharforgeError, backend: str | None = None
+) -> None:
     with ctx.db.session() as session:
         job = repo.job_any_owner(session, job_id)
         if job is None or job.state != "running":
             return
         job.state = "failed"
+        job.backend = backend or job.backend
         job.finished_at = utcnow()
         job.error_code = error.code
         job.error_message = error.message
         job.error_hint = error.hint
         job.error_field = error.field
-

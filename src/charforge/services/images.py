@@ -14,7 +14,12 @@ from charforge.services import characters
 
 
 def history(
-    session: Session, owner: User, character_id: str, *, limit: int, after: tuple[datetime, str] | None
+    session: Session,
+    owner: User,
+    character_id: str,
+    *,
+    limit: int,
+    after: tuple[datetime, str] | None,
 ) -> Sequence[Image]:
     characters.get(session, owner, character_id)  # 404 for a character that is not yours
     return repo.images_page(session, owner.id, character_id, limit, after)

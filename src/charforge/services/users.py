@@ -16,7 +16,7 @@ from charforge.db import repositories as repo
 from charforge.db.models import ApiToken, User, utcnow
 from charforge.errors import Conflict, InvalidInput, NotFound
 
-TOKEN_PREFIX = "cf_"
+TOKEN_PREFIX = "cf_"  # noqa: S105 - a marker, not a secret
 PASSWORD_MIN = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _hasher = PasswordHasher()
@@ -73,7 +73,10 @@ def create_token(session: Session, user: User, label: str = "default") -> tuple[
     """Returns the row and the token itself, which is shown once and never stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
-        user_id=user.id, name=label[:64] or "default", token_hash=hash_token(token), prefix=token[:10]
+        user_id=user.id,
+        name=label[:64] or "default",
+        token_hash=hash_token(token),
+        prefix=token[:10],
     )
     session.add(row)
     session.flush()

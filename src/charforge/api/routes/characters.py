@@ -12,7 +12,9 @@ router = APIRouter(prefix="/api/characters", tags=["characters"])
 
 
 @router.post("", status_code=201, response_model=CharacterOut)
-def create_character(body: CharacterIn, user: CurrentUser, c: ContainerDep, response: Response) -> CharacterOut:
+def create_character(
+    body: CharacterIn, user: CurrentUser, c: ContainerDep, response: Response
+) -> CharacterOut:
     with c.db.session() as session:
         character = characters.create(session, user, body.to_fields(), c.table)
         out = CharacterOut.of(character)

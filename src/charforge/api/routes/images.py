@@ -30,7 +30,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InvalidInput(
             "The cursor is not one this server gave out.",
             field="cursor",
-            hint="Pass the nextCursor of the previous page, or leave cursor out for the first page.",
+            hint="Pass the previous page's nextCursor, or leave cursor out for the first page.",
         ) from exc
 
 
@@ -46,7 +46,11 @@ def character_images(
     with c.db.session() as session:
         rows = images.history(session, user, character_id, limit=limit + 1, after=after)
         page = [ImageOut.of(row) for row in rows[:limit]]
-        next_cursor = _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+        next_cursor = (
+            _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
+            if len(rows) > limit
+            else None
+        )
     return ImagePage(items=page, next_cursor=next_cursor)
 
 

@@ -82,9 +82,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_images_owner_id", "images", ["owner_id"])
     op.create_index("ix_images_job_id", "images", ["job_id"])
-    op.create_index(
-        "ix_images_character_created", "images", ["character_id", "created_at", "id"]
-    )
+    op.create_index("ix_images_character_created", "images", ["character_id", "created_at", "id"])
 
 
 def downgrade() -> None:

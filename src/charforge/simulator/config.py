@@ -1,0 +1,73 @@
+"""The simulator's knobs: what it serves (settings) and how it misbehaves (faults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Flavor = Literal["a1111", "forge"]
+
+
+@dataclass
+class Faults:
+    """Ways to make the simulator fail. Mutable at run time; everything is off by default.
+
+    Every fault applies to ``POST /sdapi/v1/txt2img`` only, after the request has waited for
+    its turn (one generation at a time) and after ``delay_seconds``, so ``delay_seconds`` plus
+    ``fail_status=524`` behaves like a proxy that gave up on a slow backend.
+    """
+
+    fail_status: int | None = None
+    """Answer with this status: 502 and 524 get a proxy's HTML page, anything else the
+    flavor's JSON error body carrying ``fail_message``."""
+    fail_message: str = "simulated failure"
+    delay_seconds: float = 0.0
+    """Sleep this long while holding the generation lock (a slow backend); ``/progress``
+    advances meanwhile and ``/interrupt`` cuts it short."""
+    ignore_checkpoint: bool = False
+    """Ignore ``override_settings.sd_model_checkpoint`` and render with the current model."""
+    switch_delay_seconds: float = 0.0
+    """Extra sleep whenever the model in memory has to change."""
+    malformed_json: bool = False
+    """Answer 200 with a truncated body that is not JSON."""
+    broken_image: bool = False
+    """Answer 200 with valid JSON whose ``images[0]`` is base64 of bytes that are not a PNG."""
+    drop_connection: bool = False
+    """Close the TCP connection without writing a single byte of response."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def reset(self) -> None:
+        """Switch every fault off again."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(Faults(), f.name))
+
+
+@dataclass
+class SimulatorSettings:
+    models: list[str]
+    """Checkpoint file names relative to the models folder, e.g. ``["diving.safetensors"]``
+    or ``["anime/diving.safetensors"]``. The first one is loaded at start.
+    ``POST /sdapi/v1/refresh-checkpoints`` re-reads this list."""
+    flavor: Flavor = "a1111"
+    api_auth: tuple[str, str] | None = None
+    """HTTP Basic credentials, like A1111's ``--api-auth user:pass``."""
+    name: str = "a1111-sim"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One HTTP request as the simulator received it."""
+
+    method: str
+    path: str
+    body: Any
+    """Parsed JSON, or None when the body was empty or not JSON."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Header names in lower case; repeated headers are joined with ``", "``."""
+    query: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

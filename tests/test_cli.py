@@ -1,0 +1,227 @@
+"""The command line, run as a user runs it: real processes, real HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from charforge.simulator import A1111Simulator
+from tests.helpers import free_port
+
+CHARFORGE = [sys.executable, "-m", "charforge"]
+
+
+def run(
+    args: list[str], env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CHARFORGE, *args],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli_env(
+    tmp_path: Path, database_url: str, sims: tuple[A1111Simulator, A1111Simulator]
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHARFORGE_", "RUNPOD_"))}
+    env.update(
+        CHARFORGE_DATA_DIR=str(tmp_path / "data"),
+        CHARFORGE_DATABASE_URL=database_url,
+        RUNPOD_REALISTIC_URL=sims[0].url,
+        RUNPOD_ANIME_CARTOON_FANTASY_URL=sims[1].url,
+    )
+    return env
+
+
+def test_users_tokens_characters_and_generate(
+    cli_env: dict[str, str], tmp_path: Path, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    added = run(
+        ["users", "add", "alice", "--admin", "--password-stdin"], cli_env, "correct horse battery\n"
+    )
+    assert added.returncode == 0, added.stderr
+    assert "created admin alice" in added.stdout
+
+    again = run(["users", "add", "alice", "--password-stdin"], cli_env, "another password\n")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    short = run(["users", "add", "bob", "--password-stdin"], cli_env, "short\n")
+    assert short.returncode == 1 and "at least 8" in short.stderr
+
+    token = run(["tokens", "create", "alice"], cli_env)
+    assert token.returncode == 0, token.stderr
+    last_line = token.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"cf_[A-Za-z0-9_-]{40,}", last_line)
+    assert run(["tokens", "create", "nobody"], cli_env).returncode == 1
+
+    made = run(
+        [
+            "characters",
+            "add",
+            "Alex",
+            "--user",
+            "alice",
+            "--style",
+            "realistic",
+            "--appearance",
+            "short brown hair",
+        ],
+        cli_env,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "cyberrealistic.safetensors" in made.stdout
+
+    out = tmp_path / "alex.png"
+    generated = run(
+        [
+            "generate",
+            "--character",
+            "Alex",
+            "--prompt",
+            "Alex on a mountain peak at sunset",
+            "--negative",
+            "blurry",
+            "--out",
+            str(out),
+        ],
+        cli_env,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert "realistic · cyberrealistic.safetensors" in generated.stdout
+    with Image.open(out) as png:
+        assert png.size == (768, 1152)
+        assert "Alex on a mountain peak at sunset" in png.info["parameters"]
+    body = sims[0].txt2img_bodies()[-1]
+    assert body["negative_prompt"].startswith("blurry") and body["steps"] == 25
+
+    missing = run(["generate", "--character", "Nobody", "--prompt", "x"], cli_env)
+    assert missing.returncode == 1 and "No character named" in missing.stderr
+
+    sims[0].faults.fail_status = 500
+    failed = run(["generate", "--character", "Alex", "--prompt", "x"], cli_env)
+    assert failed.returncode == 1 and "failed" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_bad_settings_are_reported_not_traced(cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "CHARFORGE_CONFIG": "/no/such.toml"}
+    result = run(["users", "list"], env)
+    assert (
+        result.returncode == 2
+        and "CHARFORGE_CONFIG" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+    env = {**cli_env, "RUNPOD_REALISTIC_URL": "not-a-url"}
+    result = run(["users", "list"], env)
+    assert result.returncode == 2 and "RUNPOD_REALISTIC_URL" in result.stderr
+
+
+@pytest.fixture
+def process_cleanup() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+def _wait_http(url: str, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not come up")
+
+
+def test_simulate_a1111_runs_standalone(process_cleanup: list[subprocess.Popen[str]]) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *CHARFORGE,
+            "simulate-a1111",
+            "--port",
+            str(port),
+            "--models",
+            "a.safetensors,b.safetensors",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process_cleanup.append(proc)
+    _wait_http(f"http://127.0.0.1:{port}/sdapi/v1/sd-models", proc)
+    titles = [m["title"] for m in httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/sd-models").json()]
+    assert [t.split(" [")[0] for t in titles] == ["a.safetensors", "b.safetensors"]
+
+
+def test_serve_demo_is_a_working_sandbox(
+    tmp_path: Path, process_cleanup: list[subprocess.Popen[str]]
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHARFORGE_", "RUNPOD_"))}
+    env["CHARFORGE_DATA_DIR"] = str(tmp_path / "demo-data")
+    proc = subprocess.Popen(
+        [*CHARFORGE, "serve", "--demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    process_cleanup.append(proc)
+    base = f"http://127.0.0.1:{port}"
+    _wait_http(f"{base}/healthz", proc)
+    # The token is printed on the line after "with API token:".
+    output = ""
+    assert proc.stderr is not None
+    while "cf_" not in output:
+        output += proc.stderr.readline()
+    token = re.search(r"(cf_[A-Za-z0-9_-]+)", output).group(1)  # type: ignore[union-attr]
+
+    page = httpx.get(base + "/")
+    assert "DEMO MODE" in page.text and page.headers["x-charforge-simulated"] == "true"
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60
+    ) as client:
+        styles = client.get("/api/styles").json()
+        assert all(s["available"] and s["simulated"] for s in styles)
+        sakura = client.post(
+            "/api/characters", json={"name": "Sakura", "artStyle": {"primaryStyle": "anime"}}
+        ).json()
+        result = client.post(
+            "/api/image-generation/generate",
+            json={
+                "prompt": "Sakura in a red evening dress at a ballroom",
+                "characterId": sakura["id"],
+            },
+        )
+        assert result.status_code == 200, result.text
+        assert result.json()["simulated"] is True
+        image = client.get(f"/api/images/{result.json()['images'][0]['id']}").json()
+        assert image["simulated"] is True

@@ -1,0 +1,808 @@
+"""The A1111/Forge simulator, driven over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image, UnidentifiedImageError
+
+from charforge.simulator import A1111Simulator, Faults, SimulatorSettings, create_simulator_app
+from charforge.simulator.config import Flavor
+from charforge.simulator.render import Placeholder, png_bytes, render_placeholder
+
+MODELS = ["diving.safetensors", "anime/cute_v2.safetensors", "real.ckpt"]
+HEX10 = re.compile(r"^[0-9a-f]{10}$")
+TXT2IMG = "/sdapi/v1/txt2img"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _start(flavor: Flavor = "a1111", api_auth: tuple[str, str] | None = None) -> A1111Simulator:
+    settings = SimulatorSettings(models=list(MODELS), flavor=flavor, api_auth=api_auth)
+    sim = A1111Simulator(settings)
+    sim.start()
+    return sim
+
+
+@pytest.fixture(scope="module")
+def a1111_server() -> Iterator[A1111Simulator]:
+    simulator = _start("a1111")
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture(scope="module")
+def forge_server() -> Iterator[A1111Simulator]:
+    simulator = _start("forge")
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def sim(a1111_server: A1111Simulator) -> A1111Simulator:
+    a1111_server.reset()
+    return a1111_server
+
+
+@pytest.fixture
+def forge(forge_server: A1111Simulator) -> A1111Simulator:
+    forge_server.reset()
+    return forge_server
+
+
+@pytest.fixture
+def client(sim: A1111Simulator) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sim.url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def forge_client(forge: A1111Simulator) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=forge.url, timeout=10) as c:
+        yield c
+
+
+def _info(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    info: dict[str, Any] = json.loads(response.json()["info"])
+    return info
+
+
+def _png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, key/values) the way A1111's paste parser reads them."""
+    *head, last = text.strip().split("\n")
+    prompt_lines, negative = [], ""
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            negative = line[len("Negative prompt:") :].strip()
+        else:
+            prompt_lines.append(line)
+    values = {}
+    for key, value in _PARAM.findall(last):
+        values[key] = json.loads(value) if value.startswith('"') else value
+    return "\n".join(prompt_lines), negative, values
+
+
+# --------------------------------------------------------------------------- read-only routes
+
+
+def test_sd_models_a1111_reports_hashed_titles(client: httpx.Client) -> None:
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == ["diving", "anime_cute_v2", "real"]
+    for model, name in zip(models, MODELS, strict=True):
+        assert set(model) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+        assert HEX10.match(model["hash"])
+        assert re.fullmatch(r"[0-9a-f]{64}", model["sha256"])
+        assert model["sha256"].startswith(model["hash"])
+        assert model["title"] == f"{name} [{model['hash']}]"
+        assert model["filename"] == f"/models/Stable-diffusion/{name}"
+        assert model["config"] is None
+
+
+def test_sd_models_forge_hashes_only_once_loaded(
+    forge: A1111Simulator, forge_client: httpx.Client
+) -> None:
+    def by_name() -> dict[str, dict[str, Any]]:
+        return {
+            m["filename"].rsplit("/", 1)[-1]: m
+            for m in forge_client.get("/sdapi/v1/sd-models").json()
+        }
+
+    models = by_name()
+    assert HEX10.match(models["diving.safetensors"]["hash"])  # loaded at start
+    cute = models["cute_v2.safetensors"]
+    assert cute["hash"] is None
+    assert cute["sha256"] is None
+    assert cute["title"] == "anime/cute_v2.safetensors"
+
+    body = {"steps": 4, "override_settings": {"sd_model_checkpoint": "anime/cute_v2.safetensors"}}
+    info = _info(forge_client.post(TXT2IMG, json=body))
+    cute = by_name()["cute_v2.safetensors"]
+    assert HEX10.match(cute["hash"])
+    assert cute["title"] == f"anime/cute_v2.safetensors [{cute['hash']}]"
+    assert info["sd_model_hash"] == cute["hash"]
+    assert info["sd_model_name"] == "cute_v2"
+    assert by_name()["real.ckpt"]["hash"] is None
+
+    assert (
+        forge_client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "real"}).json() is None
+    )
+    assert HEX10.match(by_name()["real.ckpt"]["hash"])
+    assert forge.loaded_checkpoint == "real.ckpt"
+
+
+def test_options_get_and_post(sim: A1111Simulator, client: httpx.Client) -> None:
+    options = client.get("/sdapi/v1/options").json()
+    diving = client.get("/sdapi/v1/sd-models").json()[0]
+    assert options["sd_model_checkpoint"] == diving["title"]
+    assert options["sd_checkpoint_hash"] == diving["sha256"]
+    assert options["samples_format"] == "png"
+    assert options["CLIP_stop_at_last_layers"] == 1
+
+    answer = client.post(
+        "/sdapi/v1/options",
+        json={"sd_model_checkpoint": "real.ckpt", "CLIP_stop_at_last_layers": 2},
+    )
+    assert answer.status_code == 200
+    assert answer.json() is None
+    assert sim.loaded_checkpoint == "real.ckpt" == sim.weights_checkpoint
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"].startswith("real.ckpt [")
+    assert options["CLIP_stop_at_last_layers"] == 2
+
+    missing = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+    assert missing.status_code == 500
+    assert missing.json() == {
+        "error": "RuntimeError",
+        "detail": "",
+        "body": "",
+        "errors": "model 'nope' not found",
+    }
+    assert sim.loaded_checkpoint == "real.ckpt"
+
+
+def test_samplers_and_schedulers(client: httpx.Client) -> None:
+    samplers = client.get("/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    for name in ("Euler a", "Euler", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DDIM"):
+        assert name in names
+    dpm = samplers[names.index("DPM++ 2M")]
+    assert dpm == {
+        "name": "DPM++ 2M",
+        "aliases": ["k_dpmpp_2m"],
+        "options": {"scheduler": "karras"},
+    }
+
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert schedulers[0] == {
+        "name": "automatic",
+        "label": "Automatic",
+        "aliases": None,
+        "default_rho": -1,
+        "need_inner_model": False,
+    }
+    karras = next(s for s in schedulers if s["name"] == "karras")
+    assert karras["label"] == "Karras"
+    assert karras["default_rho"] == 7.0
+
+
+def test_unknown_route_is_fastapi_404(client: httpx.Client) -> None:
+    answer = client.get("/sdapi/v1/nope")
+    assert answer.status_code == 404
+    assert answer.json() == {"detail": "Not Found"}
+
+
+# --------------------------------------------------------------------------- txt2img
+
+
+def test_txt2img_fills_in_a1111_defaults(client: httpx.Client) -> None:
+    answer = client.post(TXT2IMG, json={})
+    info = _info(answer)
+    params = answer.json()["parameters"]
+    expected = {
+        "prompt": "",
+        "negative_prompt": "",
+        "seed": -1,
+        "subseed": -1,
+        "sampler_name": None,  # echoed as sent; the sampler that ran is in info
+        "sampler_index": "Euler",
+        "scheduler": None,
+        "batch_size": 1,
+        "n_iter": 1,
+        "steps": 50,
+        "cfg_scale": 7.0,
+        "width": 512,
+        "height": 512,
+        "enable_hr": False,
+        "hr_scale": 2.0,
+        "hr_upscaler": None,
+        "hr_second_pass_steps": 0,
+        "hr_resize_x": 0,
+        "hr_resize_y": 0,
+        "denoising_strength": None,
+        "override_settings": None,
+        "override_settings_restore_afterwards": True,
+        "send_images": True,
+        "save_images": False,
+    }
+    assert {key: params[key] for key in expected} == expected
+    assert "hr_additional_modules" not in params  # a Forge-only field
+    assert info["sampler_name"] == "Euler"
+    assert info["steps"] == 50
+    assert info["cfg_scale"] == 7.0
+    assert (info["width"], info["height"]) == (512, 512)
+    assert 0 <= info["seed"] <= 2**32 - 1
+    assert info["sd_model_name"] == "diving"
+    assert info["version"] == "v1.10.1"
+    assert info["extra_generation_params"] == {"Schedule type": "Automatic"}
+    image = _png(answer.json()["images"][0])
+    assert image.size == (512, 512)
+
+
+def test_unknown_fields_are_ignored(client: httpx.Client) -> None:
+    answer = client.post(TXT2IMG, json={"steps": 3, "no_such_field": {"x": 1}, "guidance": 9})
+    assert answer.status_code == 200
+    params = answer.json()["parameters"]
+    assert "no_such_field" not in params
+    assert "guidance" not in params
+    assert params["steps"] == 3
+
+
+def test_wrong_type_is_fastapi_422(client: httpx.Client) -> None:
+    answer = client.post(TXT2IMG, json={"steps": "many", "width": 512})
+    assert answer.status_code == 422
+    (error,) = answer.json()["detail"]
+    assert error["loc"] == ["body", "steps"]
+    assert error["input"] == "many"
+    assert {"type", "loc", "msg", "input"} <= set(error)
+    assert (
+        client.post(
+            TXT2IMG, content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+
+
+def test_samplers_resolve_like_a1111(client: httpx.Client) -> None:
+    info = _info(client.post(TXT2IMG, json={"steps": 2, "sampler_name": "DPM++ 2M Karras"}))
+    assert info["sampler_name"] == "DPM++ 2M"
+    assert "Schedule type: Karras" in info["infotexts"][0]
+    info = _info(
+        client.post(TXT2IMG, json={"steps": 2, "sampler_name": "Euler a", "scheduler": "karras"})
+    )
+    assert "Sampler: Euler a, Schedule type: Karras" in info["infotexts"][0]
+    info = _info(client.post(TXT2IMG, json={"steps": 2, "sampler_name": "Nonsense 9000"}))
+    assert info["sampler_name"] == "DPM++ 2M"  # A1111 silently falls back to samplers[0]
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        "anime/cute_v2.safetensors",
+        "anime_cute_v2",
+        "cute_v2",
+        "title",
+        "hash",
+        "sha256",
+    ],
+)
+def test_checkpoint_aliases(sim: A1111Simulator, client: httpx.Client, wanted: str) -> None:
+    cute = client.get("/sdapi/v1/sd-models").json()[1]
+    name = {"title": cute["title"], "hash": cute["hash"], "sha256": cute["sha256"]}.get(
+        wanted, wanted
+    )
+    body = {"steps": 2, "override_settings": {"sd_model_checkpoint": name}}
+    info = _info(client.post(TXT2IMG, json=body))
+    assert info["sd_model_name"] == "cute_v2"  # name_for_extra: no folder
+    assert info["sd_model_hash"] == cute["hash"]
+    assert sim.weights_checkpoint == "anime/cute_v2.safetensors"
+
+
+def test_override_restores_afterwards_by_default(sim: A1111Simulator, client: httpx.Client) -> None:
+    body = {"steps": 2, "override_settings": {"sd_model_checkpoint": "real.ckpt"}}
+    assert _info(client.post(TXT2IMG, json=body))["sd_model_name"] == "real"
+    assert sim.loaded_checkpoint == "diving.safetensors"
+    assert (
+        client.get("/sdapi/v1/options")
+        .json()["sd_model_checkpoint"]
+        .startswith("diving.safetensors [")
+    )
+    # Like A1111 the weights stay until the next generation has to reload the current model.
+    assert sim.weights_checkpoint == "real.ckpt"
+    loads = sim.checkpoint_loads
+    assert _info(client.post(TXT2IMG, json={"steps": 2}))["sd_model_name"] == "diving"
+    assert sim.checkpoint_loads == loads + 1
+    assert sim.weights_checkpoint == "diving.safetensors"
+
+
+def test_override_without_restore_keeps_the_model(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    body = {
+        "steps": 2,
+        "override_settings": {"sd_model_checkpoint": "real"},
+        "override_settings_restore_afterwards": False,
+    }
+    assert _info(client.post(TXT2IMG, json=body))["sd_model_name"] == "real"
+    assert sim.loaded_checkpoint == "real.ckpt"
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("real.ckpt [")
+    assert _info(client.post(TXT2IMG, json={"steps": 2}))["sd_model_name"] == "real"
+
+
+def test_unknown_checkpoint_silently_keeps_current(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    body = {"steps": 2, "override_settings": {"sd_model_checkpoint": "ghost.safetensors", "x": 1}}
+    answer = client.post(TXT2IMG, json=body)
+    info = _info(answer)
+    assert info["sd_model_name"] == "diving"
+    # A1111 pops the unknown checkpoint out of the dict it echoes back.
+    assert answer.json()["parameters"]["override_settings"] == {"x": 1}
+    assert sim.checkpoint_loads == 0
+    # A title with a hash that does not belong to the file is no alias either.
+    body = {"steps": 2, "override_settings": {"sd_model_checkpoint": "real.ckpt [0123456789]"}}
+    assert _info(client.post(TXT2IMG, json=body))["sd_model_name"] == "diving"
+
+
+def test_hires_output_size_differs_from_info_size(client: httpx.Client) -> None:
+    body = {
+        "prompt": "knight",
+        "steps": 3,
+        "width": 512,
+        "height": 768,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Latent",
+        "denoising_strength": 0.5,
+    }
+    answer = client.post(TXT2IMG, json=body)
+    info = _info(answer)
+    assert (info["width"], info["height"]) == (512, 768)
+    assert _png(answer.json()["images"][0]).size == (768, 1152)
+    assert info["denoising_strength"] == 0.5
+    assert info["extra_generation_params"]["Hires upscale"] == 1.5
+    _, _, values = _parse_infotext(info["infotexts"][0])
+    assert values["Size"] == "512x768"
+    assert values["Denoising strength"] == "0.5"
+    assert values["Hires upscale"] == "1.5"
+    assert values["Hires upscaler"] == "Latent"
+
+    resized = client.post(
+        TXT2IMG,
+        json={"steps": 2, "width": 512, "height": 768, "enable_hr": True, "hr_resize_x": 1024},
+    )
+    assert _png(resized.json()["images"][0]).size == (1024, 1536)
+    assert _info(resized)["denoising_strength"] == 0.7
+
+
+def test_forge_hires_needs_hr_additional_modules(forge_client: httpx.Client) -> None:
+    body: dict[str, Any] = {"steps": 2, "enable_hr": True, "hr_scale": 1.5}
+    failed = forge_client.post(TXT2IMG, json=body)
+    assert failed.status_code == 500
+    assert failed.json() == {
+        "error": "TypeError",
+        "detail": "",
+        "body": "",
+        "message": "argument of type 'NoneType' is not iterable",
+    }
+    body["hr_additional_modules"] = ["Use same choices"]
+    answer = forge_client.post(TXT2IMG, json=body)
+    assert _png(answer.json()["images"][0]).size == (768, 768)
+    assert answer.json()["parameters"]["hr_additional_modules"] == ["Use same choices"]
+    assert _info(answer)["version"].startswith("f2.0.1v1.10.1")
+    # Without hires the missing field does not matter.
+    assert forge_client.post(TXT2IMG, json={"steps": 2}).status_code == 200
+
+
+def test_seeds_batches_and_png_parameters(client: httpx.Client) -> None:
+    body = {
+        "prompt": "a diver, ocean: deep",
+        "negative_prompt": "blurry",
+        "seed": 100,
+        "batch_size": 2,
+        "n_iter": 2,
+        "steps": 25,
+        "cfg_scale": 8,
+        "sampler_name": "DPM++ 2M",
+        "scheduler": "Karras",
+        "width": 512,
+        "height": 768,
+    }
+    answer = client.post(TXT2IMG, json=body)
+    info = _info(answer)
+    assert info["all_seeds"] == [100, 101, 102, 103]
+    assert info["seed"] == 100
+    assert len(answer.json()["images"]) == 4 == len(info["infotexts"])
+    assert info["infotexts"][0] == (
+        "a diver, ocean: deep\nNegative prompt: blurry\n"
+        "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 8.0, Seed: 100, "
+        f"Size: 512x768, Model hash: {info['sd_model_hash']}, Model: diving, Version: v1.10.1"
+    )
+    for index, b64 in enumerate(answer.json()["images"]):
+        image = _png(b64)
+        assert image.format == "PNG"
+        assert image.size == (512, 768)
+        text = image.info["parameters"]
+        assert text == info["infotexts"][index]
+        prompt, negative, values = _parse_infotext(text)
+        assert (prompt, negative) == ("a diver, ocean: deep", "blurry")
+        assert values["Seed"] == str(100 + index)
+        assert values["Model"] == "diving"
+        assert values["Steps"] == "25"
+
+    random_seeds = {_info(client.post(TXT2IMG, json={"steps": 1}))["seed"] for _ in range(3)}
+    assert all(0 <= seed <= 2**32 - 1 for seed in random_seeds)
+    assert len(random_seeds) > 1
+
+
+def test_infotext_quotes_values_with_separators(client: httpx.Client) -> None:
+    body = {"steps": 2, "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+, Anime6B"}
+    text = _info(client.post(TXT2IMG, json=body))["infotexts"][0]
+    assert 'Hires upscaler: "R-ESRGAN 4x+, Anime6B"' in text
+    assert _parse_infotext(text)[2]["Hires upscaler"] == "R-ESRGAN 4x+, Anime6B"
+
+
+def test_clip_skip_override_is_restored(client: httpx.Client) -> None:
+    body = {"steps": 2, "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    info = _info(client.post(TXT2IMG, json=body))
+    assert info["clip_skip"] == 2
+    assert "Clip skip: 2" in info["infotexts"][0]
+    assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+
+
+def test_send_images_false(client: httpx.Client) -> None:
+    answer = client.post(TXT2IMG, json={"steps": 2, "send_images": False})
+    assert answer.json()["images"] == []
+    assert len(_info(answer)["infotexts"]) == 1
+
+
+def test_refresh_checkpoints_rereads_the_model_list() -> None:
+    with A1111Simulator(SimulatorSettings(models=["a.safetensors"])) as sim:
+        sim.settings.models.append("new/fresh.safetensors")
+        with httpx.Client(base_url=sim.url, timeout=10) as client:
+            assert len(client.get("/sdapi/v1/sd-models").json()) == 1
+            assert client.post("/sdapi/v1/refresh-checkpoints").json() is None
+            models = client.get("/sdapi/v1/sd-models").json()
+            assert [m["model_name"] for m in models] == ["a", "new_fresh"]
+
+
+def test_reset_forgets_everything(forge: A1111Simulator, forge_client: httpx.Client) -> None:
+    forge.faults.delay_seconds = 0.01
+    body = {"steps": 1, "override_settings": {"sd_model_checkpoint": "real"}}
+    body["override_settings_restore_afterwards"] = False
+    assert forge_client.post(TXT2IMG, json=body).status_code == 200
+    assert forge.loaded_checkpoint == "real.ckpt"
+    assert forge.generations == 1
+    forge.reset()
+    assert forge.faults == Faults()
+    assert (forge.loaded_checkpoint, forge.weights_checkpoint) == ("diving.safetensors",) * 2
+    assert forge.generations == forge.checkpoint_loads == forge.max_concurrent_generations == 0
+    assert forge.requests == []
+    hashes = [m["hash"] for m in forge_client.get("/sdapi/v1/sd-models").json()]
+    assert HEX10.match(hashes[0])
+    assert hashes[1:] == [None, None]
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def test_auth_a1111() -> None:
+    sim = _start("a1111", api_auth=("user", "pa:ss"))
+    try:
+        with httpx.Client(base_url=sim.url, timeout=10) as c:
+            missing = c.get("/sdapi/v1/sd-models")
+            assert missing.status_code == 401
+            assert missing.json()["detail"] == "Not authenticated"
+            wrong = c.get("/sdapi/v1/options", auth=("user", "nope"))
+            assert wrong.status_code == 401
+            # A1111's api_middleware renders HTTPExceptions in its own shape (and drops headers).
+            assert wrong.json() == {
+                "error": "HTTPException",
+                "detail": "Incorrect username or password",
+                "body": "",
+                "errors": "401: Incorrect username or password",
+            }
+            assert c.post(TXT2IMG, json={}, auth=("user", "nope")).status_code == 401
+            assert c.get("/sdapi/v1/progress").status_code == 401
+            assert c.get("/sdapi/v1/sd-models", auth=("user", "pa:ss")).status_code == 200
+            assert c.post(TXT2IMG, json={"steps": 1}, auth=("user", "pa:ss")).status_code == 200
+            assert c.get("/_simulator/requests").status_code == 200  # control routes: no auth
+        assert sim.generations == 1
+    finally:
+        sim.stop()
+
+
+def test_auth_forge() -> None:
+    sim = _start("forge", api_auth=("user", "secret"))
+    try:
+        with httpx.Client(base_url=sim.url, timeout=10) as c:
+            wrong = c.get("/sdapi/v1/sd-models", auth=("user", "nope"))
+            assert wrong.status_code == 401
+            assert wrong.json() == {"detail": "Incorrect username or password"}
+            assert wrong.headers["www-authenticate"] == "Basic"
+            missing = c.get("/sdapi/v1/sd-models")
+            assert missing.json() == {"detail": "Not authenticated"}
+            assert missing.headers["www-authenticate"] == "Basic"
+            assert c.get("/sdapi/v1/progress").status_code == 200  # Forge: no auth on progress
+            assert c.get("/sdapi/v1/sd-models", auth=("user", "secret")).status_code == 200
+    finally:
+        sim.stop()
+
+
+# --------------------------------------------------------------------------- queueing, progress
+
+
+def test_one_generation_at_a_time(sim: A1111Simulator) -> None:
+    sim.faults.delay_seconds = 0.3
+
+    def generate(seed: int) -> httpx.Response:
+        with httpx.Client(base_url=sim.url, timeout=10) as c:
+            return c.post(TXT2IMG, json={"steps": 2, "seed": seed})
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        answers = list(pool.map(generate, [1, 2, 3]))
+    took = time.monotonic() - started
+    assert [_info(a)["seed"] for a in answers] == [1, 2, 3]
+    assert sim.max_concurrent_generations == 1
+    assert sim.max_in_flight == 3
+    assert sim.generations == 3
+    assert took >= 0.85
+
+
+def test_progress_and_interrupt(sim: A1111Simulator, client: httpx.Client) -> None:
+    idle = client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0
+    assert idle["state"]["job_count"] == 0
+    assert set(idle) >= {"progress", "eta_relative", "state", "current_image", "textinfo"}
+
+    sim.faults.delay_seconds = 5.0
+    result: dict[str, httpx.Response] = {}
+
+    def generate() -> None:
+        with httpx.Client(base_url=sim.url, timeout=10) as c:
+            result["answer"] = c.post(TXT2IMG, json={"steps": 20, "seed": 7})
+
+    worker = threading.Thread(target=generate)
+    started = time.monotonic()
+    worker.start()
+    deadline = time.monotonic() + 3
+    running: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        running = client.get("/sdapi/v1/progress").json()
+        if running["state"]["sampling_step"] > 0:
+            break
+        time.sleep(0.05)
+    assert running["state"]["job"] == "scripts_txt2img"
+    assert running["state"]["sampling_steps"] == 20
+    assert 0 < running["progress"] < 1
+    assert client.post("/sdapi/v1/interrupt").json() == {}
+    worker.join(timeout=5)
+    assert time.monotonic() - started < 4
+    info = _info(result["answer"])  # A1111 answers with what it had
+    assert info["seed"] == 7
+    assert len(result["answer"].json()["images"]) == 1
+    assert client.get("/sdapi/v1/progress").json()["state"]["interrupted"] is True
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_fault_fail_status_a1111_and_forge(
+    sim: A1111Simulator, client: httpx.Client, forge: A1111Simulator, forge_client: httpx.Client
+) -> None:
+    sim.faults.fail_status = 500
+    sim.faults.fail_message = "CUDA out of memory"
+    answer = client.post(TXT2IMG, json={"steps": 2})
+    assert answer.status_code == 500
+    assert answer.json() == {
+        "error": "RuntimeError",
+        "detail": "",
+        "body": "",
+        "errors": "CUDA out of memory",
+    }
+    forge.faults.fail_status = 503
+    answer = forge_client.post(TXT2IMG, json={"steps": 2})
+    assert answer.status_code == 503
+    assert answer.json()["message"] == "simulated failure"
+    assert "errors" not in answer.json()
+    assert sim.generations == 0 == forge.generations
+
+
+def test_fault_proxy_pages(sim: A1111Simulator, client: httpx.Client) -> None:
+    sim.faults.fail_status = 524
+    answer = client.post(TXT2IMG, json={"steps": 2})
+    assert answer.status_code == 524
+    assert answer.headers["content-type"].startswith("text/html")
+    assert "A timeout occurred" in answer.text
+    sim.faults.fail_status = 502
+    answer = client.post(TXT2IMG, json={"steps": 2})
+    assert answer.status_code == 502
+    assert "Bad Gateway" in answer.text
+
+
+def test_fault_delay(sim: A1111Simulator, client: httpx.Client) -> None:
+    sim.faults.delay_seconds = 0.3
+    started = time.monotonic()
+    assert client.post(TXT2IMG, json={"steps": 2}).status_code == 200
+    assert time.monotonic() - started >= 0.3
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(TXT2IMG, json={"steps": 2}, timeout=0.1)
+
+
+def test_fault_ignore_checkpoint_and_switch_delay(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    sim.faults.ignore_checkpoint = True
+    body = {"steps": 2, "override_settings": {"sd_model_checkpoint": "real.ckpt"}}
+    answer = client.post(TXT2IMG, json=body)
+    assert _info(answer)["sd_model_name"] == "diving"
+    assert answer.json()["parameters"]["override_settings"] == {"sd_model_checkpoint": "real.ckpt"}
+
+    sim.faults.ignore_checkpoint = False
+    sim.faults.switch_delay_seconds = 0.3
+    started = time.monotonic()
+    assert _info(client.post(TXT2IMG, json=body))["sd_model_name"] == "real"
+    assert time.monotonic() - started >= 0.3
+    started = time.monotonic()
+    body["override_settings_restore_afterwards"] = False
+    assert _info(client.post(TXT2IMG, json=body))["sd_model_name"] == "real"
+    assert time.monotonic() - started < 0.3  # already in memory: no switch
+
+
+def test_fault_malformed_json(sim: A1111Simulator, client: httpx.Client) -> None:
+    sim.faults.malformed_json = True
+    answer = client.post(TXT2IMG, json={"steps": 2})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "application/json"
+    with pytest.raises(json.JSONDecodeError):
+        answer.json()
+
+
+def test_fault_broken_image(sim: A1111Simulator, client: httpx.Client) -> None:
+    sim.faults.broken_image = True
+    answer = client.post(TXT2IMG, json={"steps": 2})
+    assert answer.status_code == 200
+    images = answer.json()["images"]
+    with pytest.raises(UnidentifiedImageError):
+        _png(images[0])
+
+
+def test_fault_drop_connection(sim: A1111Simulator, client: httpx.Client) -> None:
+    sim.faults.drop_connection = True
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post(TXT2IMG, json={"steps": 2})
+    sim.faults.drop_connection = False
+    assert client.post(TXT2IMG, json={"steps": 2}).status_code == 200
+    assert sim.generations == 1
+    assert [r.path for r in sim.requests] == [TXT2IMG, TXT2IMG]
+
+
+# ------------------------------------------------------------------ control routes, records
+
+
+def test_control_routes_over_http(sim: A1111Simulator, client: httpx.Client) -> None:
+    faults = client.post(
+        "/_simulator/faults", json={"fail_status": 500, "delay_seconds": 0.01}
+    ).json()
+    assert faults == {**Faults().as_dict(), "fail_status": 500, "delay_seconds": 0.01}
+    assert sim.faults.fail_status == 500
+    assert client.post(TXT2IMG, json={}).status_code == 500
+    assert (
+        client.post("/_simulator/faults", json={"fail_status": None}).json()["fail_status"] is None
+    )
+    assert client.post("/_simulator/faults", json={"fail_stauts": 1}).status_code == 422
+    assert client.delete("/_simulator/faults").json() == Faults().as_dict()
+
+    recorded = client.get("/_simulator/requests").json()
+    assert [(r["method"], r["path"]) for r in recorded] == [("POST", TXT2IMG)]
+    assert recorded[0]["body"] == {}
+    state = client.get("/_simulator/state").json()
+    assert state["loaded_checkpoint"] == "diving.safetensors"
+    assert state["flavor"] == "a1111"
+    client.delete("/_simulator/requests")
+    assert client.get("/_simulator/requests").json() == []
+
+
+def test_requests_are_recorded(sim: A1111Simulator, client: httpx.Client) -> None:
+    client.get("/sdapi/v1/sd-models", headers={"X-Trace": "abc"})
+    client.post(TXT2IMG, json={"prompt": "one", "steps": 1})
+    client.get("/sdapi/v1/progress", params={"skip_current_image": "true"})
+    client.post(TXT2IMG, json={"prompt": "two", "steps": 1})
+    client.get("/_simulator/requests")
+    recorded = sim.requests
+    assert [(r.method, r.path) for r in recorded] == [
+        ("GET", "/sdapi/v1/sd-models"),
+        ("POST", TXT2IMG),
+        ("GET", "/sdapi/v1/progress"),
+        ("POST", TXT2IMG),
+    ]
+    assert recorded[0].headers["x-trace"] == "abc"
+    assert recorded[0].body is None
+    assert recorded[2].query == "skip_current_image=true"
+    assert [b["prompt"] for b in sim.txt2img_bodies()] == ["one", "two"]
+    recorded.clear()  # a copy
+    assert len(sim.requests) == 4
+    sim.clear_requests()
+    assert sim.requests == []
+    assert sim.txt2img_bodies() == []
+
+
+# --------------------------------------------------------------------------- lifecycle, rendering
+
+
+def test_lifecycle() -> None:
+    settings = SimulatorSettings(models=["a.safetensors"], name="lifecycle")
+    with A1111Simulator(settings) as sim:
+        url = sim.url
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        assert sim.start() == url  # already running
+        sim.faults.delay_seconds = 30  # stop() must not wait for a sleeping generation
+        worker = threading.Thread(
+            target=lambda: httpx.post(f"{url}{TXT2IMG}", json={}, timeout=10), daemon=True
+        )
+        worker.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    sim.stop()  # idempotent
+    with pytest.raises(RuntimeError):
+        _ = sim.url
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/sdapi/v1/sd-models", timeout=2)
+    worker.join(timeout=5)
+    with pytest.raises(ValueError, match="checkpoint"):
+        A1111Simulator(SimulatorSettings(models=[]))
+
+
+def test_create_simulator_app_serves_in_process() -> None:
+    sim = A1111Simulator(SimulatorSettings(models=["a.safetensors"], flavor="forge"))
+    transport = httpx.ASGITransport(app=create_simulator_app(sim))
+
+    async def call() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as c:
+            models: list[dict[str, Any]] = (await c.get("/sdapi/v1/sd-models")).json()
+            return models
+
+    import asyncio
+
+    assert asyncio.run(call())[0]["model_name"] == "a"
+    assert sim.requests[0].path == "/sdapi/v1/sd-models"
+
+
+def test_placeholder_is_fast_and_labelled() -> None:
+    spec = Placeholder(768, 1152, 42, "anime/cute_v2.safetensors", "DPM++ 2M", 25, 7.0, "a " * 400)
+    png_bytes(render_placeholder(spec), "warm-up")
+    started = time.perf_counter()
+    data = png_bytes(render_placeholder(spec), "Steps: 25")
+    took = time.perf_counter() - started
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (768, 1152)
+    assert image.info["parameters"] == "Steps: 25"
+    assert took < 0.25  # ~25 ms on a laptop; generous for slow CI machines
+    other = Image.open(
+        io.BytesIO(
+            png_bytes(render_placeholder(Placeholder(64, 64, 43, "m", "Euler", 1, 1, "")), None)
+        )
+    )
+    assert other.convert("RGB").getpixel((32, 60)) != image.convert("RGB").getpixel((32, 1100))
