@@ -102,30 +102,26 @@ class _FailedOn(Exception):
 
 
 def _generate_and_store(ctx: RunnerContext, job: _Snapshot) -> int:
+    def check(backend: str, reported: str | None, reported_hash: str | None) -> None:
+        verify_checkpoint_ran(
+            expected=job.checkpoint,
+            expected_hash=job.checkpoint_hash,
+            reported=reported,
+            reported_hash=reported_hash,
+            backend=backend,
+        )
+
     with ctx.pool.lease(ctx.table.route(job.style), wait=ctx.lease_wait) as backend:
         name = backend.spec.name
         try:
             listed = backend.find_checkpoint(job.checkpoint, style=job.style)
             if job.checkpoint_hash and listed.hash:
-                # Catch a replaced file before spending GPU time on it.
-                verify_checkpoint_ran(
-                    expected=job.checkpoint,
-                    expected_hash=job.checkpoint_hash,
-                    reported=listed.name,
-                    reported_hash=listed.hash,
-                    backend=name,
-                )
+                check(name, listed.name, listed.hash)  # a replaced file, before GPU time is spent
             result = backend.generate(BackendRequest(job.style, listed, job.params))
         except CharforgeError as exc:
             raise _FailedOn(exc, name) from exc
     try:
-        verify_checkpoint_ran(
-            expected=job.checkpoint,
-            expected_hash=job.checkpoint_hash,
-            reported=result.checkpoint,
-            reported_hash=result.checkpoint_hash,
-            backend=name,
-        )
+        check(name, result.checkpoint, result.checkpoint_hash)
         return _store(ctx, job, name, backend.spec.simulated, result, listed.hash)
     except CharforgeError as exc:
         raise _FailedOn(exc, name) from exc
