@@ -371,8 +371,11 @@ def test_backend_ignoring_the_checkpoint_never_yields_an_off_model_image(
 def test_backend_auth_is_sent_and_never_shown(
     live_factory: Any, sims: tuple[A1111Simulator, A1111Simulator], caplog: pytest.LogCaptureFixture
 ) -> None:
+    import logging
+
     from charforge.simulator import SimulatorSettings
 
+    caplog.set_level(logging.DEBUG)  # httpx logs every request URL at INFO/DEBUG
     with A1111Simulator(
         SimulatorSettings(
             models=["diving.safetensors"], api_auth=("webui", "pa55word"), name="auth"
@@ -388,7 +391,8 @@ def test_backend_auth_is_sent_and_never_shown(
         styles = client.get("/api/styles")
         assert styles.status_code == 200
         assert "pa55word" not in styles.text and "webui:" not in styles.text
-        assert "pa55word" not in caplog.text
+        assert "HTTP Request" in caplog.text  # the request lines were captured ...
+        assert "pa55word" not in caplog.text  # ... and hold no password
 
         wrong = live_factory(sims[0].url, f"http://webui:wrong@{host_port}")
         client2 = wrong.user("bob")
