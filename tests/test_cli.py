@@ -204,8 +204,10 @@ def test_serve_demo_is_a_working_sandbox(
         output += proc.stderr.readline()
     token = re.search(r"(cf_[A-Za-z0-9_-]+)", output).group(1)  # type: ignore[union-attr]
 
-    page = httpx.get(base + "/")
-    assert "DEMO MODE" in page.text and page.headers["x-charforge-simulated"] == "true"
+    page = httpx.get(base + "/", follow_redirects=True)
+    assert page.url.path == "/login"  # the demo account exists, so: sign in
+    assert "Demo mode: images come from the built-in A1111 simulator" in page.text
+    assert page.headers["x-charforge-simulated"] == "true"
     with httpx.Client(
         base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60
     ) as client:

@@ -66,7 +66,8 @@ class GenerationDefaults(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CHARFORGE_",
-        extra="ignore",
+        # A misspelt key in the TOML file is an error, not a silently ignored setting.
+        extra="forbid",
         populate_by_name=True,
     )
 
@@ -105,6 +106,12 @@ class Settings(BaseSettings):
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+
+    # Signs the web session cookie; generated once into the data dir when not given.
+    secret_key: SecretStr | None = None
+    # Send the session cookie only over HTTPS; set it when charforge sits behind TLS.
+    cookie_secure: bool = False
+    session_days: int = Field(default=14, ge=1, le=365)
 
     demo: bool = False
 

@@ -41,9 +41,11 @@ class Container:
         self.started = True
 
     def close(self) -> None:
-        self.queue.stop()
-        self.pool.close()
-        self.db.dispose()
+        if self.queue.stop():
+            # Closing clients under a running job would fail it; with workers still busy
+            # the process is exiting anyway and they are re-queued at the next start.
+            self.pool.close()
+            self.db.dispose()
         for companion in self.companions:
             companion.stop()
         self.started = False
@@ -58,5 +60,7 @@ def build_container(settings: Settings) -> Container:
     runner = RunnerContext(
         db=db, pool=pool, table=table, store=store, lease_wait=settings.backend_timeout
     )
-    job_queue = InlineJobQueue(lambda job_id: run_job(runner, job_id), workers=settings.workers)
+    # At least one worker per backend, so a busy route never holds up an idle one.
+    workers = max(settings.workers, len(table.backends))
+    job_queue = InlineJobQueue(lambda job_id: run_job(runner, job_id), workers=workers)
     return Container(settings, table, db, store, pool, job_queue, runner)

@@ -252,6 +252,8 @@ def test_missing_character_and_bad_json(
         headers={"content-type": "application/json"},
     )
     assert broken.status_code == 422 and broken.json()["error"]["code"] == "validation_error"
+    assert broken.json()["error"]["field"] is None
+    assert "not valid JSON" in broken.json()["error"]["message"]
 
 
 def _last_job(client: httpx.Client, response: httpx.Response) -> dict[str, Any]:

@@ -120,3 +120,27 @@ def test_unknown_style_lists_the_known_ones() -> None:
 def test_bad_backend_url_is_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="not an http"):
         split_credentials(bad)
+
+
+def test_bad_url_error_hides_the_password() -> None:
+    with pytest.raises(ValueError, match="not an http") as caught:
+        split_credentials("htps://admin:s3cret@pod-7860.proxy.runpod.net/")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_runpod_proxy_backends_stay_under_its_100s_cutoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", "https://pod-7860.proxy.runpod.net/")
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", "http://gpu-box:7861/")
+    table = build_route_table(load_settings())
+    assert table.backends["realistic"].timeout == 90
+    assert table.backends["anime-cartoon-fantasy"].timeout == 300
+    monkeypatch.setenv("CHARFORGE_BACKEND_TIMEOUT", "150")  # an explicit choice is kept
+    assert build_route_table(load_settings()).backends["realistic"].timeout == 150
+
+
+def test_misspelt_toml_key_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[default]\nsteps = 40\n")
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    with pytest.raises(SettingsError, match="default"):
+        load_settings()

@@ -11,6 +11,7 @@ from charforge import __version__
 from charforge.api.errors import install_error_handlers
 from charforge.api.routes import characters, generate, health, images, jobs, styles
 from charforge.container import Container
+from charforge.web.app import install_web, render_error, wants_html
 
 
 def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAPI:
@@ -33,9 +34,10 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
         lifespan=lifespan,
     )
     app.state.container = container
-    install_error_handlers(app)
+    install_error_handlers(app, html=(wants_html, render_error))
     for module in (health, characters, images, generate, jobs, styles):
         app.include_router(module.router)
+    install_web(app, container)
 
     if container.settings.demo:
 

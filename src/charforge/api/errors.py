@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic.alias_generators import to_camel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from charforge.errors import CharforgeError
@@ -52,9 +54,18 @@ def _field_name(loc: tuple[Any, ...]) -> str | None:
     return ".".join(to_camel(p) if not p.isdigit() else p for p in parts) or None
 
 
+def _lower_first(text: str) -> str:
+    # "Input should be ..." -> "input should be ...", but "JSON ..." stays "JSON ...".
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+
+
 def _describe(error: dict[str, Any]) -> str:
     message = str(error.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
+    if error.get("type") == "json_invalid":
+        position = error.get("loc", ("body", "?"))[-1]
+        reason = (error.get("ctx") or {}).get("error", "invalid syntax")
+        return f"the request body is not valid JSON ({reason} at character {position})"
     if error.get("type") == "missing":
         return "is required"
     if error.get("type") == "extra_forbidden":
@@ -62,20 +73,29 @@ def _describe(error: dict[str, Any]) -> str:
     if "input" in error and error.get("type") != "json_invalid" and "(got " not in message:
         shown = repr(error["input"])
         if len(shown) <= 60:
-            return f"{message[:1].lower()}{message[1:]} (got {shown})"
-    return f"{message[:1].lower()}{message[1:]}"
+            return f"{_lower_first(message)} (got {shown})"
+    return _lower_first(message)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(
+    app: FastAPI,
+    html: tuple[Callable[[Request], bool], Callable[[Request, CharforgeError], Response]]
+    | None = None,
+) -> None:
+    """``html``: (does this request want a page?, render the error as a page)."""
+
     @app.exception_handler(CharforgeError)
-    async def _charforge(_request: Request, exc: CharforgeError) -> JSONResponse:
+    async def _charforge(request: Request, exc: CharforgeError) -> Response:
+        if html is not None and html[0](request):
+            return await run_in_threadpool(html[1], request, exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         details = []
         for error in exc.errors():
-            field = _field_name(tuple(error.get("loc", ())))
+            syntax = error.get("type") == "json_invalid"
+            field = None if syntax else _field_name(tuple(error.get("loc", ())))
             details.append({"field": field, "message": _describe(error)})
         first = details[0] if details else {"field": None, "message": "invalid request"}
         if first["field"]:

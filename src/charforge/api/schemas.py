@@ -30,7 +30,7 @@ class ArtStyleIn(Wire):
 class ImageGenerationIn(Wire):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
     model: str | None = None
-    model_hash: str | None = Field(default=None, max_length=64)
+    model_hash: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{8,64}$")
 
 
 class CharacterIn(Wire):
@@ -227,7 +227,6 @@ class GenerateOut(Wire):
 
 class BackendHealth(Wire):
     name: str
-    url: str
     available: bool
     latency_ms: float | None
     error: str | None

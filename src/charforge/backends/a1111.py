@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import threading
 import time
 from typing import Any
@@ -41,6 +42,7 @@ from charforge.errors import (
     InvalidInput,
 )
 
+log = logging.getLogger(__name__)
 _NAME_CACHE_SECONDS = 60.0
 # A checkpoint seen in /sd-models is trusted this long; the check after generation still
 # catches one that vanished meanwhile (A1111 would fall back, and the image is refused).
@@ -89,8 +91,9 @@ class A1111Backend:
     # -- transport -------------------------------------------------------------------------
 
     def _where(self, style: str | None) -> str:
+        # No URL: messages reach every user, and a pod URL is access to the GPU.
         what = f"the {style} style's backend" if style else "backend"
-        return f"{what} '{self.spec.name}' ({self.spec.url})"
+        return f"{what} '{self.spec.name}'"
 
     def _call(
         self,
@@ -140,7 +143,7 @@ class A1111Backend:
     def _reach_hint(self) -> str:
         return (
             f"Check that the A1111/Forge WebUI is running with --api and that {self.spec.source} "
-            f"points at it (now {self.spec.url}). `charforge backends check` tests every route."
+            "points at it; GET /api/styles shows which backends answer."
         )
 
     def _raise_for_status(self, response: httpx.Response, where: str, path: str) -> None:
@@ -218,7 +221,7 @@ class A1111Backend:
             names = ", ".join(c.name for c in available) or "none"
             raise CheckpointMissing(
                 f"Checkpoint '{name}' for the {style} style is not on backend "
-                f"'{self.spec.name}' ({self.spec.url}). That backend has: {names}.",
+                f"'{self.spec.name}'. That backend has: {names}.",
                 hint=(
                     f"Put {name} into the WebUI's models/Stable-diffusion folder, or point "
                     f"{self.spec.source} at a backend that has it, or change the route with "
@@ -299,11 +302,21 @@ class A1111Backend:
             request.params.scheduler, "/sdapi/v1/schedulers", "scheduler", request.style
         )
         where = self._where(request.style)
-        response = self._call(
-            "POST", "/sdapi/v1/txt2img", style=request.style, json_body=self.payload(request)
-        )
+        try:
+            response = self._call(
+                "POST", "/sdapi/v1/txt2img", style=request.style, json_body=self.payload(request)
+            )
+        except BackendTimeout:
+            self._interrupt()  # the WebUI goes on otherwise, and the next job would queue behind it
+            raise
         body = self._json(response, where)
         return parse_txt2img(body, where)
+
+    def _interrupt(self) -> None:
+        try:
+            self._client.post("/sdapi/v1/interrupt", timeout=self.spec.connect_timeout)
+        except httpx.HTTPError:
+            log.warning("could not interrupt backend %s after a timeout", self.spec.name)
 
     def probe(self) -> ProbeResult:
         started = time.perf_counter()
@@ -337,10 +350,11 @@ def parse_txt2img(body: Any, where: str) -> BackendResult:
     if not isinstance(info, dict):
         raise BackendBadResponse(f"{where} sent no info block, so seeds and model are unknown.")
     first = int(info.get("index_of_first_image") or 0)
-    encoded = body["images"][first:]
+    seeds = info.get("all_seeds") or [info.get("seed")]
+    # Extensions (ControlNet maps, ...) append extra images after the generated ones.
+    encoded = body["images"][first : first + len(seeds)]
     if not encoded:
         raise BackendBadResponse(f"{where[0].upper()}{where[1:]} returned no image.")
-    seeds = info.get("all_seeds") or [info.get("seed")]
     images = []
     for index, item in enumerate(encoded):
         if not isinstance(item, str):

@@ -81,6 +81,8 @@ class Job(Base):
     checkpoint_hash: Mapped[str | None] = mapped_column(String(64))
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     user_prompt: Mapped[str] = mapped_column(Text)
+    # The request as the client sent it: "use these settings again" starts from this.
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     backend: Mapped[str | None] = mapped_column(String(100))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64))

@@ -60,6 +60,25 @@ def characters_of(session: Session, owner_id: int) -> Sequence[Character]:
     ).all()
 
 
+def write_back_look(
+    session: Session, character_id: str, *, style: str | None, model: str | None
+) -> bool:
+    """Set a style/model still missing, only if still missing: of two first requests racing
+    for an older character, exactly one decides its look."""
+    query = update(Character).where(Character.id == character_id)
+    values: dict[str, str] = {}
+    if style is not None:
+        query = query.where(Character.primary_style.is_(None))
+        values["primary_style"] = style
+    if model is not None:
+        query = query.where(Character.model.is_(None))
+        values["model"] = model
+    if not values:
+        return True
+    result = session.execute(query.values(**values).execution_options(synchronize_session=False))
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
 def job(session: Session, owner_id: int, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
 

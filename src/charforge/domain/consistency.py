@@ -51,6 +51,29 @@ def _mismatch(character: StoredLook, style: str, checkpoint: str, asked: str) ->
     )
 
 
+def _style_of(
+    character: StoredLook,
+    requested_style: str | None,
+    requested_model: str | None,
+    table: RouteTable,
+) -> str:
+    if character.primary_style is not None:
+        return character.primary_style
+    if character.model is not None:
+        # Its own model but no style: the route that serves that model decides.
+        by_model = table.route_for_checkpoint(character.model)
+        if requested_style is not None and (
+            by_model is None
+            or same_checkpoint(table.route(requested_style).checkpoint, character.model)
+        ):
+            return requested_style
+        return by_model.style if by_model else FALLBACK_STYLE
+    if requested_style is not None:
+        return requested_style
+    by_model = table.route_for_checkpoint(requested_model) if requested_model else None
+    return by_model.style if by_model else FALLBACK_STYLE
+
+
 def resolve(
     character: StoredLook,
     requested_style: str | None,
@@ -60,14 +83,7 @@ def resolve(
     """Resolve style and checkpoint; ``requested_style`` is already normalized."""
     stored_style = character.primary_style
     stored_model = character.model
-
-    if stored_style is not None:
-        style = stored_style
-    elif requested_style is not None:
-        style = requested_style
-    else:
-        by_model = table.route_for_checkpoint(stored_model or requested_model or "")
-        style = by_model.style if by_model else FALLBACK_STYLE
+    style = _style_of(character, requested_style, requested_model, table)
     route = table.route(style)
 
     if stored_model is not None:
@@ -77,11 +93,11 @@ def resolve(
     else:
         checkpoint = requested_model or route.checkpoint
 
-    if stored_style is not None and requested_style is not None and requested_style != style:
+    character_has_look = stored_model is not None or stored_style is not None
+    if character_has_look and requested_style is not None and requested_style != style:
         raise _mismatch(character, style, checkpoint, f"style {requested_style}")
-    character_has_model = stored_model is not None or stored_style is not None
     if (
-        character_has_model
+        character_has_look
         and requested_model is not None
         and not same_checkpoint(requested_model, checkpoint)
     ):

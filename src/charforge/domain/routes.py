@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from charforge.config import Settings
+from charforge.domain.checkpoints import same_checkpoint
 from charforge.errors import InvalidInput
 
 FALLBACK_STYLE = "anime"
@@ -63,7 +64,7 @@ class RouteTable:
 
     def route_for_checkpoint(self, checkpoint: str) -> Route | None:
         for route in self.routes.values():
-            if route.checkpoint == checkpoint:
+            if same_checkpoint(route.checkpoint, checkpoint):
                 return route
         return None
 
@@ -89,17 +90,36 @@ _DEFAULT_STYLES: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+# RunPod's pod proxy drops a request at 100 s (HTTP 524) while the pod keeps working.
+RUNPOD_PROXY_SUFFIX = ".proxy.runpod.net"
+RUNPOD_PROXY_TIMEOUT = 90.0
+
+
+def redact(url: str) -> str:
+    """The URL with any user:password replaced, for messages."""
+    scheme, sep, rest = url.strip().partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
 def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
     """``https://user:pw@host/`` -> (``https://host``, (user, pw)). Trailing slash dropped."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"'{url}' is not an http(s) URL")
+    try:
+        parts = urlsplit(url.strip())
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        port = parts.port
+    except ValueError:
+        valid, port = False, None
+    if not valid:
+        raise ValueError(f"'{redact(url)}' is not an http(s) URL")
     auth = None
     if parts.username is not None:
         auth = (unquote(parts.username), unquote(parts.password or ""))
-    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
+    host = parts.hostname or ""
+    netloc = host if ":" not in host else f"[{host}]"
+    if port:
+        netloc = f"{netloc}:{port}"
     clean = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
     return clean, auth
 
@@ -109,6 +129,12 @@ def parse_auth(value: str, *, source: str) -> tuple[str, str]:
     if not sep or not user:
         raise ValueError(f"{source} must look like user:password (A1111's --api-auth form)")
     return user, password
+
+
+def _timeout_for(url: str, configured: float, explicit: bool) -> float:
+    if not explicit and (urlsplit(url).hostname or "").endswith(RUNPOD_PROXY_SUFFIX):
+        return min(configured, RUNPOD_PROXY_TIMEOUT)
+    return configured
 
 
 def build_route_table(settings: Settings) -> RouteTable:
@@ -133,7 +159,9 @@ def build_route_table(settings: Settings) -> RouteTable:
                 kind="a1111",
                 url=url,
                 auth=auth,
-                timeout=settings.backend_timeout,
+                timeout=_timeout_for(
+                    url, settings.backend_timeout, "backend_timeout" in settings.model_fields_set
+                ),
                 connect_timeout=settings.backend_connect_timeout,
                 source=var,
                 simulated=settings.demo,
@@ -173,7 +201,11 @@ def build_route_table(settings: Settings) -> RouteTable:
             kind=cfg.kind,
             url=url,
             auth=auth,
-            timeout=cfg.timeout_seconds or settings.backend_timeout,
+            timeout=_timeout_for(
+                url,
+                cfg.timeout_seconds or settings.backend_timeout,
+                cfg.timeout_seconds is not None or "backend_timeout" in settings.model_fields_set,
+            ),
             connect_timeout=settings.backend_connect_timeout,
             source=key,
             simulated=cfg.simulated or settings.demo,

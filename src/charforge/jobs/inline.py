@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from charforge.db import repositories as repo
@@ -28,6 +29,7 @@ class InlineJobQueue:
         self._callbacks: dict[str, list[Callable[[], None]]] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         for index in range(self._workers):
@@ -85,8 +87,8 @@ class InlineJobQueue:
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
-            if item is _STOP:
-                return
+            if item is _STOP or self._stopping.is_set():
+                return  # a job not started stays queued in the database for the next start
             job_id = str(item)
             try:
                 self._run(job_id)
@@ -99,11 +101,23 @@ class InlineJobQueue:
                 if event is not None:
                     event.set()
                 for wake in callbacks:
-                    wake()
+                    try:
+                        wake()
+                    except RuntimeError:  # the waiting request's event loop is gone
+                        log.debug("no one is waiting for job %s any more", job_id)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Start no more jobs and let running ones finish; True when every worker ended.
+
+        A job still running after ``timeout`` stays ``running`` in the database and is
+        re-queued at the next start, instead of being failed here.
+        """
+        self._stopping.set()
         for _ in self._threads:
             self._queue.put(_STOP)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        finished = not any(thread.is_alive() for thread in self._threads)
         self._threads.clear()
+        return finished

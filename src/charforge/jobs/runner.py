@@ -16,7 +16,7 @@ from charforge.backends.pool import BackendPool
 from charforge.db import repositories as repo
 from charforge.db.engine import Database
 from charforge.db.models import Image, Job, new_id, utcnow
-from charforge.domain.checkpoints import file_stem
+from charforge.domain.checkpoints import file_stem, same_checkpoint
 from charforge.domain.consistency import verify_checkpoint_ran
 from charforge.domain.infotext import build_infotext
 from charforge.domain.params import GenerationParams
@@ -202,8 +202,17 @@ def _store(
             stored.error_code = stored.error_message = stored.error_hint = None
             stored.error_field = None
             character = repo.character(session, job.owner_id, job.character_id)
-            if character is not None and model_hash and not character.model_hash:
-                character.model_hash = model_hash  # remembered: later drift is caught
+            if character is not None:
+                if character.model is None:  # an older character's requested model worked
+                    character.model = job.checkpoint
+                # Remembered, so later drift is caught; only for the model this job ran (the
+                # owner may have changed the character's model while it was running).
+                if (
+                    model_hash
+                    and not character.model_hash
+                    and same_checkpoint(character.model, job.checkpoint)
+                ):
+                    character.model_hash = model_hash
     except _Abandoned:
         for row in rows:
             ctx.store.delete(row.file_path)

@@ -5,12 +5,23 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from charforge.config import GenerationDefaults
-from charforge.db.models import Job, User
+from charforge.db import repositories as repo
+from charforge.db.models import Character, Job, User
+from charforge.domain.checkpoints import same_checkpoint
 from charforge.domain.consistency import StoredLook, resolve
 from charforge.domain.params import GenerateBody, apply_defaults
 from charforge.domain.prompt import compose_negative, compose_prompt
 from charforge.domain.routes import RouteTable
 from charforge.services import characters
+
+
+def _look(character: Character) -> StoredLook:
+    return StoredLook(
+        name=character.name,
+        primary_style=character.primary_style,
+        model=character.model,
+        model_hash=character.model_hash,
+    )
 
 
 def submit(
@@ -24,18 +35,21 @@ def submit(
     requested_style = (
         table.normalize_style(body.art_style, field="artStyle") if body.art_style else None
     )
-    look = StoredLook(
-        name=character.name,
-        primary_style=character.primary_style,
-        model=character.model,
-        model_hash=character.model_hash,
-    )
-    resolution = resolve(look, requested_style, body.model, table)
-    # An older character keeps what it was first resolved to, for every later image.
-    if resolution.write_back_style:
-        character.primary_style = resolution.style
-    if resolution.write_back_model:
-        character.model = resolution.checkpoint
+    resolution = resolve(_look(character), requested_style, body.model, table)
+    # An older character keeps what it was first resolved to, for every later image. A model
+    # named only by the request is written back by the runner once it has really worked, so a
+    # typo cannot bind the character to a checkpoint that does not exist.
+    if resolution.write_back_style or resolution.write_back_model:
+        route_model = same_checkpoint(resolution.checkpoint, resolution.route.checkpoint)
+        won = repo.write_back_look(
+            session,
+            character.id,
+            style=resolution.style if resolution.write_back_style else None,
+            model=resolution.checkpoint if resolution.write_back_model and route_model else None,
+        )
+        session.refresh(character)
+        if not won:  # another request decided first: follow what is stored now
+            resolution = resolve(_look(character), requested_style, body.model, table)
 
     params = apply_defaults(
         body,
@@ -52,6 +66,7 @@ def submit(
         checkpoint_hash=character.model_hash,
         params=params.to_json(),
         user_prompt=body.prompt,
+        request=body.model_dump(mode="json", by_alias=True, exclude_none=True),
         attempts=0,
     )
     session.add(job)

@@ -14,7 +14,6 @@ CONSISTENCY_NOTE = "Images will be generated using the same model as the origina
 @dataclass(frozen=True)
 class BackendHealth:
     name: str
-    url: str
     available: bool
     latency_ms: float | None
     error: str | None
@@ -51,7 +50,6 @@ def describe_styles(table: RouteTable, pool: BackendPool) -> list[StyleStatus]:
             health.append(
                 BackendHealth(
                     name=name,
-                    url=table.backends[name].url,
                     available=probe.ok,
                     latency_ms=round(probe.latency_ms, 1) if probe.latency_ms is not None else None,
                     error=probe.error,

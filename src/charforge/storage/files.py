@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
+
+from PIL import Image
+
+from charforge.errors import NotFound
+
+THUMB_SIZE = (320, 480)
 
 
 class ImageStore:
@@ -22,10 +29,20 @@ class ImageStore:
             raise ValueError(f"refusing a path outside the data dir: {relative}")
         return full
 
+    def existing(self, relative: str) -> Path:
+        """The file of a stored image; NotFound (not a 500) if it vanished from disk."""
+        path = self.path(relative)
+        if not path.is_file():
+            raise NotFound(
+                "The image's file is missing from the data dir.",
+                hint="It was removed outside charforge; delete the image or restore the file.",
+            )
+        return path
+
     def save(self, relative: str, data: bytes) -> Path:
         target = self.path(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -39,3 +56,19 @@ class ImageStore:
 
     def delete(self, relative: str) -> None:
         self.path(relative).unlink(missing_ok=True)
+        self.path(self._thumb_relative(relative)).unlink(missing_ok=True)
+
+    @staticmethod
+    def _thumb_relative(relative: str) -> str:
+        return "thumbs/" + relative.removeprefix("images/").removesuffix(".png") + ".webp"
+
+    def thumbnail(self, relative: str) -> Path:
+        """A small WebP made on the server once, so pages never ship the full PNG to scale."""
+        thumb = self.path(self._thumb_relative(relative))
+        if not thumb.exists():
+            with Image.open(self.existing(relative)) as img:
+                img.thumbnail(THUMB_SIZE)
+                out = io.BytesIO()
+                img.convert("RGB").save(out, format="WEBP", quality=82)
+            self.save(self._thumb_relative(relative), out.getvalue())
+        return thumb

@@ -13,23 +13,27 @@ from charforge.container import Container
 from charforge.db import repositories as repo
 from charforge.db.models import User
 from charforge.domain.params import GenerateBody
-from charforge.errors import error_from_code
+from charforge.errors import NotFound, error_from_code
 from charforge.services import generation
 
 router = APIRouter(tags=["generation"])
 
 
-def _submit(c: Container, user: User, body: GenerateBody) -> str:
+def submit_generation(c: Container, user: User, body: GenerateBody) -> str:
     with c.db.session() as session:
         job = generation.submit(session, user, body, c.table, c.settings.defaults)
         return job.id
     # the with-block has committed: only now may a worker see the job
 
 
-def _outcome(c: Container, user: User, job_id: str) -> JSONResponse:
+def generation_outcome(c: Container, user: User, job_id: str) -> JSONResponse:
     with c.db.session() as session:
         job = repo.job(session, user.id, job_id)
-        assert job is not None
+        if job is None:
+            raise NotFound(
+                "The job is gone: its character was deleted while the image was being made.",
+                field="characterId",
+            )
         images = list(repo.images_of_job(session, job_id))
         character = repo.character(session, user.id, job.character_id)
         if job.state == "succeeded":
@@ -65,7 +69,12 @@ def _outcome(c: Container, user: User, job_id: str) -> JSONResponse:
     responses={202: {"model": JobOut, "description": "Still running after the wait"}},
 )
 async def generate(body: GenerateBody, user: CurrentUser, c: ContainerDep) -> JSONResponse:
-    job_id = await run_in_threadpool(_submit, c, user, body)
+    return await generate_and_wait(c, user, body)
+
+
+async def generate_and_wait(c: Container, user: User, body: GenerateBody) -> JSONResponse:
+    """Shared by the API and the Generate page: the same job, the same answer."""
+    job_id = await run_in_threadpool(submit_generation, c, user, body)
     c.queue.submit(job_id)
     await c.queue.wait_async(job_id, c.settings.generate_wait)
-    return await run_in_threadpool(_outcome, c, user, job_id)
+    return await run_in_threadpool(generation_outcome, c, user, job_id)

@@ -18,11 +18,11 @@ from charforge.services import images
 router = APIRouter(tags=["images"])
 
 
-def _encode_cursor(created_at: datetime, image_id: str) -> str:
+def encode_cursor(created_at: datetime, image_id: str) -> str:
     return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{image_id}".encode()).decode()
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, image_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
         return datetime.fromisoformat(created), image_id
@@ -42,12 +42,12 @@ def character_images(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> ImagePage:
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     with c.db.session() as session:
         rows = images.history(session, user, character_id, limit=limit + 1, after=after)
         page = [ImageOut.of(row) for row in rows[:limit]]
         next_cursor = (
-            _encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
+            encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
             if len(rows) > limit
             else None
         )
@@ -64,7 +64,7 @@ def get_image(image_id: str, user: CurrentUser, c: ContainerDep) -> ImageOut:
 def image_file(image_id: str, user: CurrentUser, c: ContainerDep) -> FileResponse:
     with c.db.session() as session:
         image = images.get(session, user, image_id)
-        path = c.store.path(image.file_path)
+        path = c.store.existing(image.file_path)
     return FileResponse(
         path,
         media_type="image/png",

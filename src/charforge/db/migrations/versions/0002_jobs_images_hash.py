@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("checkpoint_hash", sa.String(64)),
         sa.Column("params", sa.JSON(), nullable=False),
         sa.Column("user_prompt", sa.Text(), nullable=False),
+        sa.Column("request", sa.JSON(), nullable=False),
         sa.Column("backend", sa.String(100)),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("error_code", sa.String(64)),

@@ -1,0 +1,60 @@
+"""Mount the pages on the FastAPI app: session cookie, static files, HTML errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.sessions import SessionMiddleware
+
+from charforge.container import Container
+from charforge.errors import CharforgeError
+from charforge.web import pages_auth, pages_characters, pages_generate, pages_images
+from charforge.web.render import page
+from charforge.web.session import NotSignedIn, secret_key, signed_in_user
+
+STATIC_DIR = Path(__file__).parent / "static"
+_TITLES = {404: "Not found", 403: "Not allowed", 422: "Please check the form"}
+
+
+def wants_html(request: Request) -> bool:
+    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get(
+        "accept", ""
+    )
+
+
+def render_error(request: Request, exc: CharforgeError) -> Response:
+    container: Container = request.app.state.container
+    user = signed_in_user(request, container)
+    return page(
+        request,
+        "error.html",
+        user,
+        exc.status,
+        title=_TITLES.get(exc.status, "Something went wrong"),
+        message=exc.message,
+        hint=exc.hint,
+    )
+
+
+def install_web(app: FastAPI, container: Container) -> None:
+    settings = container.settings
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret_key(settings),
+        session_cookie="charforge_session",
+        max_age=settings.session_days * 86400,
+        same_site="lax",
+        https_only=settings.cookie_secure,
+    )
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for module in (pages_auth, pages_characters, pages_images, pages_generate):
+        app.include_router(module.router)
+
+    @app.exception_handler(NotSignedIn)
+    async def _sign_in_first(_request: Request, exc: NotSignedIn) -> Response:
+        from urllib.parse import quote
+
+        return RedirectResponse(f"/login?next={quote(exc.next_url)}", status_code=303)

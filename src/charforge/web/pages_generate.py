@@ -1,0 +1,72 @@
+"""/generate-images: pick a character, see which style and checkpoint it will use, generate."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from charforge.api.errors import error_response
+from charforge.api.routes.generate import generate_and_wait
+from charforge.domain.params import GenerateBody
+from charforge.errors import Unauthorized
+from charforge.services import characters
+from charforge.web.render import container_of, indicator, page
+from charforge.web.session import check_csrf, require_user, signed_in_user
+
+router = APIRouter(include_in_schema=False)
+CONSISTENCY_NOTE = "Images will be generated using the same model as the original character"
+_PREFILL = ("prompt", "negativePrompt", "width", "height", "steps", "cfgScale", "seed", "hires")
+
+
+@router.get("/generate-images", response_class=HTMLResponse)
+def generate_page(request: Request, characterId: str | None = None) -> Response:
+    c = container_of(request)
+    user = require_user(request, c)
+    with c.db.session() as session:
+        roster = list(characters.list_for(session, user))
+    options = [{"id": ch.id, "name": ch.name, "indicator": indicator(ch, c)} for ch in roster]
+    selected = next((o for o in options if o["id"] == characterId), None)
+    notice = None
+    if characterId and selected is None:
+        # Never say whether the id exists for someone else.
+        notice = "That character is not in your roster. Pick one of yours below."
+    if selected is None and options and not characterId:
+        selected = options[0]
+    d = c.settings.defaults
+    values = {
+        "prompt": "",
+        "negativePrompt": "",
+        "width": d.width,
+        "height": d.height,
+        "steps": d.steps,
+        "cfgScale": d.cfg_scale,
+        "seed": "",
+        "hires": d.hires,
+    }
+    for key in _PREFILL:
+        if key in request.query_params:
+            raw = request.query_params[key]
+            values[key] = raw in ("1", "true", "on") if key == "hires" else raw
+    return page(
+        request,
+        "generate.html",
+        user,
+        options=options,
+        selected=selected,
+        notice=notice,
+        values=values,
+        note=CONSISTENCY_NOTE,
+    )
+
+
+@router.post("/generate-images/run")
+async def run_generation(request: Request, body: GenerateBody) -> Response:
+    """The page's script posts here (session cookie + CSRF header); answers as the API does."""
+    c = container_of(request)
+    user = await run_in_threadpool(signed_in_user, request, c)
+    if user is None:
+        return error_response(Unauthorized("Your session has ended.", hint="Sign in again."))
+    check_csrf(request, None)
+    response: JSONResponse = await generate_and_wait(c, user, body)
+    return response

@@ -1,0 +1,56 @@
+"""Templates (autoescaped: nothing a user typed is ever rendered as markup) and page helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from charforge import __version__
+from charforge.container import Container
+from charforge.db.models import Character, User
+from charforge.domain.consistency import StoredLook, resolve
+from charforge.domain.routes import Route
+from charforge.web.session import CSRF_FIELD, csrf_token
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+DEMO_BANNER = (
+    "Demo mode: images come from the built-in A1111 simulator. They are labelled "
+    "placeholders, not real generations."
+)
+
+
+def container_of(request: Request) -> Container:
+    container: Container = request.app.state.container
+    return container
+
+
+def page(
+    request: Request, template: str, user: User | None, status: int = 200, **context: Any
+) -> HTMLResponse:
+    c = container_of(request)
+    base = {
+        "user": user,
+        "csrf_field": CSRF_FIELD,
+        "csrf": csrf_token(request),
+        "demo_banner": DEMO_BANNER if c.settings.demo else None,
+        "version": __version__,
+    }
+    return TEMPLATES.TemplateResponse(request, template, {**base, **context}, status_code=status)
+
+
+def route_of(character: Character, container: Container) -> tuple[Route, str]:
+    """The route and checkpoint the character's next image will really use (no write-back)."""
+    look = StoredLook(
+        character.name, character.primary_style, character.model, character.model_hash
+    )
+    resolution = resolve(look, None, None, container.table)
+    return resolution.route, resolution.checkpoint
+
+
+def indicator(character: Character, container: Container) -> str:
+    route, checkpoint = route_of(character, container)
+    return f"{route.emoji} Using {route.label} Style ({checkpoint})"
