@@ -273,3 +273,27 @@ def test_account_page_makes_and_revokes_tokens(
     )
     assert again.status == 401
     shot(page, "10-account")
+
+
+def test_character_form_errors_keep_what_was_typed(
+    web: Any, new_page: Any, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    server, _ = web
+    page = new_page()
+    first_run(page, server.url)
+    page.goto(server.url + "/characters/new")
+    token = page.locator("#main input[name=csrf_token]").get_attribute("value")
+    response = page.request.post(
+        server.url + "/characters/new",
+        form={
+            "csrf_token": token,
+            "name": "   ",
+            "appearance": "silver hair",
+            "art_style": "fantasy",
+        },
+    )
+    assert response.status == 422
+    html = response.text()
+    assert "A character name needs 1 to 100 characters." in html
+    assert "silver hair" in html
+    assert 'value="fantasy" selected' in html

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel
 
 from charforge.db import repositories as repo
 from charforge.db.models import Character, User
@@ -85,46 +86,42 @@ def new_form(request: Request) -> Response:
     return _form(request, user, None, _values(None))
 
 
-def _fields(
-    name: str, description: str, appearance: str, art_style: str, model: str
-) -> CharacterFields:
-    return CharacterFields(
-        name=name,
-        description=description,
-        appearance=appearance,
-        art_style=art_style or None,
-        model=model.strip() or None,
-    )
+class CharacterForm(BaseModel):
+    """The create and edit form, as posted."""
+
+    csrf_token: str = ""
+    name: str = ""
+    description: str = ""
+    appearance: str = ""
+    art_style: str = ""
+    model: str = ""
+
+    def values(self) -> dict[str, str]:
+        return self.model_dump(exclude={"csrf_token"})
+
+    def fields(self) -> CharacterFields:
+        return CharacterFields(
+            name=self.name,
+            description=self.description,
+            appearance=self.appearance,
+            art_style=self.art_style or None,
+            model=self.model.strip() or None,
+        )
+
+
+FormDep = Annotated[CharacterForm, Form()]
 
 
 @router.post("/characters/new")
-def create(
-    request: Request,
-    csrf_token: OptionalForm,
-    name: Annotated[str, Form()] = "",
-    description: Annotated[str, Form()] = "",
-    appearance: Annotated[str, Form()] = "",
-    art_style: Annotated[str, Form()] = "",
-    model: Annotated[str, Form()] = "",
-) -> Response:
-    check_csrf(request, csrf_token)
+def create(request: Request, form: FormDep) -> Response:
+    check_csrf(request, form.csrf_token)
     c = container_of(request)
     user = require_user(request, c)
-    values = {
-        "name": name,
-        "description": description,
-        "appearance": appearance,
-        "art_style": art_style,
-        "model": model,
-    }
     try:
         with c.db.session() as session:
-            created = characters.create(
-                session, user, _fields(name, description, appearance, art_style, model), c.table
-            )
-            new_id = created.id
+            new_id = characters.create(session, user, form.fields(), c.table).id
     except InvalidInput as exc:
-        return _form(request, user, None, values, exc, 422)
+        return _form(request, user, None, form.values(), exc, 422)
     return RedirectResponse(f"/characters/{new_id}", status_code=303)
 
 
@@ -156,39 +153,17 @@ def edit_form(request: Request, character_id: str) -> Response:
 
 
 @router.post("/characters/{character_id}/edit")
-def edit(
-    request: Request,
-    character_id: str,
-    csrf_token: OptionalForm,
-    name: Annotated[str, Form()] = "",
-    description: Annotated[str, Form()] = "",
-    appearance: Annotated[str, Form()] = "",
-    art_style: Annotated[str, Form()] = "",
-    model: Annotated[str, Form()] = "",
-) -> Response:
-    check_csrf(request, csrf_token)
+def edit(request: Request, character_id: str, form: FormDep) -> Response:
+    check_csrf(request, form.csrf_token)
     c = container_of(request)
     user = require_user(request, c)
-    values = {
-        "name": name,
-        "description": description,
-        "appearance": appearance,
-        "art_style": art_style,
-        "model": model,
-    }
     try:
         with c.db.session() as session:
-            characters.update(
-                session,
-                user,
-                character_id,
-                _fields(name, description, appearance, art_style, model),
-                c.table,
-            )
+            characters.update(session, user, character_id, form.fields(), c.table)
     except InvalidInput as exc:
         with c.db.session() as session:
             character = characters.get(session, user, character_id)
-        return _form(request, user, character, values, exc, 422)
+        return _form(request, user, character, form.values(), exc, 422)
     return RedirectResponse(f"/characters/{character_id}", status_code=303)
 
 
