@@ -96,3 +96,18 @@ def test_file_stem_is_what_a1111_reports() -> None:
 
 def test_different_checkpoints_differ() -> None:
     assert not same_checkpoint("diving.safetensors", "cyberrealistic.safetensors")
+
+
+def test_output_size_is_capped_with_a_clear_error() -> None:
+    from charforge.config import GenerationDefaults
+    from charforge.domain.params import GenerateBody, apply_defaults
+    from charforge.errors import InvalidInput
+
+    defaults = GenerationDefaults()
+    big = GenerateBody(prompt="x", character_id="c", width=2048, height=2048)
+    with pytest.raises(InvalidInput) as caught:
+        apply_defaults(big, defaults, "x", "")
+    assert caught.value.field == "hires" and "3072x3072" in caught.value.message
+    flat = GenerateBody(prompt="x", character_id="c", width=2048, height=2048, hires=False)
+    assert apply_defaults(flat, defaults, "x", "").width == 2048
+    assert apply_defaults(GenerateBody(prompt="x", character_id="c"), defaults, "x", "").hires

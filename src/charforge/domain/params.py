@@ -9,12 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from charforge.config import GenerationDefaults
+from charforge.errors import InvalidInput
 
 PROMPT_MAX = 2000
 SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 2048, 8
 STEPS_MIN, STEPS_MAX = 1, 150
 CFG_MIN, CFG_MAX = 1.0, 30.0
 SEED_MAX = 2**32 - 1
+# The largest image a request may produce, hires pass included (2048x2048): beyond it a
+# WebUI tends to run out of GPU memory after minutes of work instead of failing at once.
+OUTPUT_PIXELS_MAX = 2048 * 2048
 
 # Added to the negative prompt unless the request sets nsfw=true ("content rating" in the seed).
 SFW_NEGATIVE = "nsfw, nude, explicit"
@@ -90,7 +94,7 @@ class GenerationParams:
 def apply_defaults(
     body: GenerateBody, defaults: GenerationDefaults, prompt: str, negative: str
 ) -> GenerationParams:
-    return GenerationParams(
+    params = GenerationParams(
         prompt=prompt,
         negative_prompt=negative,
         width=body.width or defaults.width,
@@ -105,3 +109,14 @@ def apply_defaults(
         hires_upscaler=defaults.hires_upscaler,
         denoising_strength=defaults.denoising_strength,
     )
+    scale = params.hires_scale if params.hires else 1.0
+    out_w, out_h = int(params.width * scale), int(params.height * scale)
+    if out_w * out_h > OUTPUT_PIXELS_MAX:
+        raise InvalidInput(
+            f"The image would be {out_w}x{out_h} ({out_w * out_h / 1e6:.1f} MP"
+            f"{' after the high-resolution pass' if params.hires else ''}); the limit is "
+            f"{OUTPUT_PIXELS_MAX / 1e6:.1f} MP.",
+            field="hires" if params.hires else "width",
+            hint="Lower width/height, or set hires to false.",
+        )
+    return params
