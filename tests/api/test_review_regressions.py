@@ -142,3 +142,22 @@ def test_shutdown_leaves_unstarted_jobs_queued() -> None:
     threading.Timer(0.3, gate.set).start()
     assert queue.stop(timeout=5) is True
     assert ran == ["a"]  # b and c were not started; their rows stay queued for the next start
+
+
+def test_a_long_job_answers_202_and_finishes_behind_it(
+    live_factory: Any, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    live = live_factory(sims[0].url, sims[1].url, generate_wait=0.3)
+    sims[1].faults.delay_seconds = 1.5
+    client = live.user("alice")
+    sakura = create(client, "Sakura", "anime")
+    response = generate(client, sakura)
+    assert response.status_code == 202
+    job = response.json()
+    assert job["state"] in ("queued", "running") and job["images"] == []
+    assert response.headers["location"] == f"/api/jobs/{job['id']}"
+    deadline = time.monotonic() + 15
+    while client.get(response.headers["location"]).json()["state"] != "succeeded":
+        assert time.monotonic() < deadline, "the job never finished"
+        time.sleep(0.2)
+    assert len(client.get(response.headers["location"]).json()["images"]) == 1
