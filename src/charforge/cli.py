@@ -85,6 +85,11 @@ def serve(
             f"({settings.runpod_realistic_url}, {settings.runpod_anime_cartoon_fantasy_url}); "
             "they are labelled placeholders, not real generations."
         )
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.cookie_secure:
+        err.print(
+            "[yellow]warning:[/] listening beyond this machine with session cookies sent over "
+            "plain HTTP; put charforge behind HTTPS and set CHARFORGE_COOKIE_SECURE=true."
+        )
     err.print(f"charforge on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
     uvicorn.run(create_app(container), host=host, port=port, log_level="info")
 

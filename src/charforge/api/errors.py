@@ -13,7 +13,7 @@ from pydantic.alias_generators import to_camel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from charforge.errors import CharforgeError
+from charforge.errors import CharforgeError, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def install_error_handlers(
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         details = []
         for error in exc.errors():
             syntax = error.get("type") == "json_invalid"
@@ -102,6 +102,9 @@ def install_error_handlers(
             message = f"Invalid value for '{first['field']}': {first['message']}."
         else:
             message = f"Invalid request body: {first['message']}."
+        if html is not None and html[0](request):
+            page_error = InvalidInput(message, field=first["field"], hint="Go back and try again.")
+            return await run_in_threadpool(html[1], request, page_error)
         return envelope(
             422,
             "validation_error",
@@ -112,7 +115,10 @@ def install_error_handlers(
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404 and html is not None and html[0](request):
+            missing = NotFound("There is no page at this address.")
+            return await run_in_threadpool(html[1], request, missing)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         return envelope(exc.status_code, code, message, headers=getattr(exc, "headers", None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
@@ -15,6 +16,15 @@ from charforge.web.render import container_of, page
 from charforge.web.session import check_csrf, require_user, sign_in, sign_out, signed_in_user
 
 router = APIRouter(include_in_schema=False)
+# Setup creates the one first admin: checking "no users yet" and creating one must not
+# interleave between two requests.
+_SETUP_LOCK = threading.Lock()
+
+
+class _SetupClosed(Exception):
+    pass
+
+
 FormStr = Annotated[str, Form()]
 
 
@@ -54,7 +64,7 @@ async def setup(
     c = container_of(request)
 
     def create() -> Response:
-        with c.db.session() as session:
+        with _SETUP_LOCK, c.db.session() as session:
             if repo.count_users(session):  # someone was quicker: setup is closed
                 return RedirectResponse("/login", status_code=303)
             if password != confirm:
@@ -63,6 +73,11 @@ async def setup(
                 )
             try:
                 user = users.create_user(session, name, password, is_admin=True)
+                if repo.count_users(session) != 1:  # another process won the race
+                    raise _SetupClosed()
+            except _SetupClosed:
+                session.rollback()
+                return RedirectResponse("/login", status_code=303)
             except CharforgeError as exc:
                 session.rollback()
                 return page(
@@ -119,7 +134,7 @@ async def login(
 @router.post("/logout")
 def logout(request: Request, csrf_token: FormStr) -> Response:
     check_csrf(request, csrf_token)
-    sign_out(request)
+    sign_out(request, container_of(request))
     return RedirectResponse("/login", status_code=303)
 
 

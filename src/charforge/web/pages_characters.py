@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from charforge.db import repositories as repo
 from charforge.db.models import Character, User
+from charforge.domain.routes import RouteTable
 from charforge.errors import InvalidInput
 from charforge.services import characters
 from charforge.services.characters import CharacterFields
@@ -48,15 +49,20 @@ def _form(
     )
 
 
-def _values(character: Character | None) -> dict[str, str]:
+def _values(character: Character | None, table: RouteTable) -> dict[str, str]:
     if character is None:
         return {"name": "", "description": "", "appearance": "", "art_style": "anime", "model": ""}
+    route_checkpoint = (
+        table.route(character.primary_style).checkpoint if character.primary_style else None
+    )
     return {
         "name": character.name,
         "description": character.description,
         "appearance": character.appearance,
         "art_style": character.primary_style or "",
-        "model": character.model or "",
+        # Only an own checkpoint is shown; empty means "the style's", so changing the style
+        # moves the character to that style's checkpoint.
+        "model": "" if character.model == route_checkpoint else (character.model or ""),
     }
 
 
@@ -83,7 +89,7 @@ def list_page(request: Request) -> Response:
 @router.get("/characters/new", response_class=HTMLResponse)
 def new_form(request: Request) -> Response:
     user = require_user(request, container_of(request))
-    return _form(request, user, None, _values(None))
+    return _form(request, user, None, _values(None, container_of(request).table))
 
 
 class CharacterForm(BaseModel):
@@ -99,13 +105,16 @@ class CharacterForm(BaseModel):
     def values(self) -> dict[str, str]:
         return self.model_dump(exclude={"csrf_token"})
 
-    def fields(self) -> CharacterFields:
+    def fields(self, table: RouteTable) -> CharacterFields:
+        style = table.normalize_style(self.art_style, field="art_style") if self.art_style else None
+        # An empty checkpoint field means the style's own checkpoint.
+        model = self.model.strip() or (table.route(style).checkpoint if style else None)
         return CharacterFields(
             name=self.name,
             description=self.description,
             appearance=self.appearance,
-            art_style=self.art_style or None,
-            model=self.model.strip() or None,
+            art_style=style,
+            model=model,
         )
 
 
@@ -119,7 +128,7 @@ def create(request: Request, form: FormDep) -> Response:
     user = require_user(request, c)
     try:
         with c.db.session() as session:
-            new_id = characters.create(session, user, form.fields(), c.table).id
+            new_id = characters.create(session, user, form.fields(c.table), c.table).id
     except InvalidInput as exc:
         return _form(request, user, None, form.values(), exc, 422)
     return RedirectResponse(f"/characters/{new_id}", status_code=303)
@@ -149,7 +158,7 @@ def edit_form(request: Request, character_id: str) -> Response:
     user = require_user(request, c)
     with c.db.session() as session:
         character = characters.get(session, user, character_id)
-    return _form(request, user, character, _values(character))
+    return _form(request, user, character, _values(character, c.table))
 
 
 @router.post("/characters/{character_id}/edit")
@@ -159,7 +168,7 @@ def edit(request: Request, character_id: str, form: FormDep) -> Response:
     user = require_user(request, c)
     try:
         with c.db.session() as session:
-            characters.update(session, user, character_id, form.fields(), c.table)
+            characters.update(session, user, character_id, form.fields(c.table), c.table)
     except InvalidInput as exc:
         with c.db.session() as session:
             character = characters.get(session, user, character_id)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from charforge.api.errors import error_response
 from charforge.api.routes.generate import generate_and_wait
+from charforge.db.models import User
 from charforge.domain.params import GenerateBody
 from charforge.errors import Unauthorized
 from charforge.services import characters
@@ -16,7 +18,20 @@ from charforge.web.session import check_csrf, require_user, signed_in_user
 
 router = APIRouter(include_in_schema=False)
 CONSISTENCY_NOTE = "Images will be generated using the same model as the original character"
-_PREFILL = ("prompt", "negativePrompt", "width", "height", "steps", "cfgScale", "seed", "hires")
+_PREFILL = (
+    "prompt",
+    "negativePrompt",
+    "width",
+    "height",
+    "steps",
+    "cfgScale",
+    "seed",
+    "hires",
+    "sampler",
+    "scheduler",
+    "nsfw",
+)
+_FLAGS = ("hires", "nsfw")
 
 
 @router.get("/generate-images", response_class=HTMLResponse)
@@ -43,11 +58,14 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         "cfgScale": d.cfg_scale,
         "seed": "",
         "hires": d.hires,
+        "sampler": d.sampler,
+        "scheduler": d.scheduler,
+        "nsfw": False,
     }
     for key in _PREFILL:
         if key in request.query_params:
             raw = request.query_params[key]
-            values[key] = raw in ("1", "true", "on") if key == "hires" else raw
+            values[key] = raw in ("1", "true", "on") if key in _FLAGS else raw
     return page(
         request,
         "generate.html",
@@ -60,13 +78,19 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
     )
 
 
-@router.post("/generate-images/run")
-async def run_generation(request: Request, body: GenerateBody) -> Response:
-    """The page's script posts here (session cookie + CSRF header); answers as the API does."""
-    c = container_of(request)
-    user = await run_in_threadpool(signed_in_user, request, c)
+async def page_user_with_csrf(request: Request) -> User:
+    """Signed in and CSRF-checked, before the body is even read (a dependency runs first)."""
+    user = await run_in_threadpool(signed_in_user, request, container_of(request))
     if user is None:
-        return error_response(Unauthorized("Your session has ended.", hint="Sign in again."))
+        raise Unauthorized("Your session has ended.", hint="Sign in again.")
     check_csrf(request, None)
-    response: JSONResponse = await generate_and_wait(c, user, body)
+    return user
+
+
+@router.post("/generate-images/run")
+async def run_generation(
+    request: Request, user: Annotated[User, Depends(page_user_with_csrf)], body: GenerateBody
+) -> Response:
+    """The page's script posts here (session cookie + CSRF header); answers as the API does."""
+    response: JSONResponse = await generate_and_wait(container_of(request), user, body)
     return response

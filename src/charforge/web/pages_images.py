@@ -33,6 +33,9 @@ def reuse_link(image: Image, request: dict[str, Any]) -> str:
         "cfgScale": p["cfg_scale"],
         "seed": image.seed,
         "hires": "1" if p.get("hires") else "0",
+        "sampler": p.get("sampler", ""),
+        "scheduler": p.get("scheduler", ""),
+        "nsfw": "1" if request.get("nsfw") else "0",
     }
     return "/generate-images?" + urlencode(query)
 

@@ -39,7 +39,15 @@ def page(
         "demo_banner": DEMO_BANNER if c.settings.demo else None,
         "version": __version__,
     }
-    return TEMPLATES.TemplateResponse(request, template, {**base, **context}, status_code=status)
+    response = TEMPLATES.TemplateResponse(
+        request, template, {**base, **context}, status_code=status
+    )
+    # Pages hold a CSRF token and sometimes a fresh API token: never framed, never cached.
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "same-origin"
+    return response
 
 
 def route_of(character: Character, container: Container) -> tuple[Route, str]:

@@ -40,7 +40,9 @@
 
   function body() {
     const data = { characterId: select.value, prompt: form.prompt.value,
-      negativePrompt: form.negativePrompt.value, hires: form.hires.checked };
+      negativePrompt: form.negativePrompt.value, hires: form.hires.checked,
+      nsfw: form.nsfw.checked, sampler: form.sampler.value.trim(),
+      scheduler: form.scheduler.value.trim() };
     for (const name of ["width", "height", "steps", "cfgScale", "seed"]) {
       const value = form[name].value.trim();
       if (value !== "") data[name] = Number(value);
@@ -74,6 +76,8 @@
         document.getElementById("result-page").href = "/images/" + image.id;
         document.getElementById("result-history").href = "/characters/" + payload.characterId + "/images";
         result.hidden = false;
+        // The disabled button lost focus; put it where the news is.
+        document.getElementById("result-heading").focus();
         progress.textContent = "Done in " + Math.round((Date.now() - started) / 1000) + " s";
       } else if (response.status === 202) {
         progress.textContent = "Still running; the image will appear in the character's history.";
@@ -87,6 +91,7 @@
     } finally {
       clearInterval(timer);
       button.disabled = false;
+      if (result.hidden) button.focus();  // after an error, back on the button to retry
     }
   });
 })();

@@ -1,4 +1,5 @@
-"""Jobs, stored images, and the checkpoint hash a character remembers (drift detection).
+"""Jobs, stored images, the checkpoint hash a character remembers (drift detection), and a
+per-user session epoch (sign-out ends every session).
 
 Revision ID: 0002
 Revises: 0001
@@ -18,6 +19,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("characters") as batch:
         batch.add_column(sa.Column("model_hash", sa.String(64)))
+    with op.batch_alter_table("users") as batch:
+        batch.add_column(
+            sa.Column("session_epoch", sa.Integer(), nullable=False, server_default="0")
+        )
     op.create_table(
         "jobs",
         sa.Column("id", sa.String(36), primary_key=True),
@@ -89,5 +94,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("images")
     op.drop_table("jobs")
+    with op.batch_alter_table("users") as batch:
+        batch.drop_column("session_epoch")
     with op.batch_alter_table("characters") as batch:
         batch.drop_column("model_hash")
