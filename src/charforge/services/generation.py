@@ -35,6 +35,13 @@ def submit(
     requested_style = (
         table.normalize_style(body.art_style, field="artStyle") if body.art_style else None
     )
+    # Every check on the request comes before anything about the character is written.
+    params = apply_defaults(
+        body,
+        defaults,
+        prompt=compose_prompt(body.prompt, character.appearance),
+        negative=compose_negative(body.negative_prompt, nsfw=body.nsfw),
+    )
     resolution = resolve(_look(character), requested_style, body.model, table)
     # An older character keeps what it was first resolved to, for every later image. A model
     # named only by the request is written back by the runner once it has really worked, so a
@@ -51,12 +58,6 @@ def submit(
         if not won:  # another request decided first: follow what is stored now
             resolution = resolve(_look(character), requested_style, body.model, table)
 
-    params = apply_defaults(
-        body,
-        defaults,
-        prompt=compose_prompt(body.prompt, character.appearance),
-        negative=compose_negative(body.negative_prompt, nsfw=body.nsfw),
-    )
     job = Job(
         owner_id=owner.id,
         character_id=character.id,
