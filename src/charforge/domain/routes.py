@@ -47,7 +47,11 @@ class Route:
     @property
     def indicator(self) -> str:
         """The Generate page's line, e.g. "🟠 Using Anime Style (diving.safetensors)"."""
-        return f"{self.emoji} Using {self.label} Style ({self.checkpoint})"
+        return self.indicator_for(self.checkpoint)
+
+    def indicator_for(self, checkpoint: str) -> str:
+        """The same line for a character with a checkpoint of its own on this route."""
+        return f"{self.emoji} Using {self.label} Style ({checkpoint})"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from charforge.db import repositories as repo
 from charforge.db.models import Character, User
+from charforge.domain.consistency import StoredLook
 from charforge.domain.routes import RouteTable
 from charforge.errors import InvalidInput, NotFound
 
@@ -26,6 +27,16 @@ class CharacterFields:
     model: str | None = None
     model_hash: str | None = None
     clear_model_hash: bool = False
+
+
+def look_of(character: Character) -> StoredLook:
+    """What the consistency rules need to know of a stored character."""
+    return StoredLook(
+        name=character.name,
+        primary_style=character.primary_style,
+        model=character.model,
+        model_hash=character.model_hash,
+    )
 
 
 def _checked(fields: CharacterFields, table: RouteTable) -> CharacterFields:

@@ -6,22 +6,14 @@ from sqlalchemy.orm import Session
 
 from charforge.config import GenerationDefaults
 from charforge.db import repositories as repo
-from charforge.db.models import Character, Job, User
+from charforge.db.models import Job, User
 from charforge.domain.checkpoints import same_checkpoint
-from charforge.domain.consistency import StoredLook, resolve
+from charforge.domain.consistency import resolve
 from charforge.domain.params import GenerateBody, apply_defaults
 from charforge.domain.prompt import compose_negative, compose_prompt
 from charforge.domain.routes import RouteTable
 from charforge.services import characters
-
-
-def _look(character: Character) -> StoredLook:
-    return StoredLook(
-        name=character.name,
-        primary_style=character.primary_style,
-        model=character.model,
-        model_hash=character.model_hash,
-    )
+from charforge.services.characters import look_of
 
 
 def submit(
@@ -42,7 +34,7 @@ def submit(
         prompt=compose_prompt(body.prompt, character.appearance),
         negative=compose_negative(body.negative_prompt, nsfw=body.nsfw),
     )
-    resolution = resolve(_look(character), requested_style, body.model, table)
+    resolution = resolve(look_of(character), requested_style, body.model, table)
     # An older character keeps what it was first resolved to, for every later image. A model
     # named only by the request is written back by the runner once it has really worked, so a
     # typo cannot bind the character to a checkpoint that does not exist.
@@ -56,7 +48,7 @@ def submit(
         )
         session.refresh(character)
         if not won:  # another request decided first: follow what is stored now
-            resolution = resolve(_look(character), requested_style, body.model, table)
+            resolution = resolve(look_of(character), requested_style, body.model, table)
 
     job = Job(
         owner_id=owner.id,

@@ -13,24 +13,11 @@ from charforge.db.models import User
 from charforge.domain.params import GenerateBody
 from charforge.errors import Unauthorized
 from charforge.services import characters
+from charforge.services.styles import CONSISTENCY_NOTE
 from charforge.web.render import container_of, indicator, page
 from charforge.web.session import check_csrf, require_user, signed_in_user
 
 router = APIRouter(include_in_schema=False)
-CONSISTENCY_NOTE = "Images will be generated using the same model as the original character"
-_PREFILL = (
-    "prompt",
-    "negativePrompt",
-    "width",
-    "height",
-    "steps",
-    "cfgScale",
-    "seed",
-    "hires",
-    "sampler",
-    "scheduler",
-    "nsfw",
-)
 _FLAGS = ("hires", "nsfw")
 
 
@@ -62,7 +49,7 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         "scheduler": d.scheduler,
         "nsfw": False,
     }
-    for key in _PREFILL:
+    for key in values:  # any default may be overridden by the link ("use these settings")
         if key in request.query_params:
             raw = request.query_params[key]
             values[key] = raw in ("1", "true", "on") if key in _FLAGS else raw

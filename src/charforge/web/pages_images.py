@@ -9,7 +9,6 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from charforge.api.routes.images import decode_cursor, encode_cursor
 from charforge.db import repositories as repo
 from charforge.db.models import Image
 from charforge.services import characters, images
@@ -44,21 +43,17 @@ def reuse_link(image: Image, request: dict[str, Any]) -> str:
 def history(request: Request, character_id: str, cursor: str | None = None) -> Response:
     c = container_of(request)
     user = require_user(request, c)
-    after = decode_cursor(cursor) if cursor else None
     with c.db.session() as session:
         character = characters.get(session, user, character_id)
-        rows = list(images.history(session, user, character_id, limit=PAGE_SIZE + 1, after=after))
-    next_cursor = (
-        encode_cursor(rows[PAGE_SIZE - 1].created_at, rows[PAGE_SIZE - 1].id)
-        if len(rows) > PAGE_SIZE
-        else None
-    )
+        rows, next_cursor = images.history(
+            session, user, character_id, limit=PAGE_SIZE, cursor=cursor
+        )
     return page(
         request,
         "history.html",
         user,
         c=character,
-        images=rows[:PAGE_SIZE],
+        images=rows,
         next_cursor=next_cursor,
         first_page=cursor is None,
     )

@@ -12,8 +12,9 @@ from fastapi.templating import Jinja2Templates
 from charforge import __version__
 from charforge.container import Container
 from charforge.db.models import Character, User
-from charforge.domain.consistency import StoredLook, resolve
+from charforge.domain.consistency import resolve
 from charforge.domain.routes import Route
+from charforge.services.characters import look_of
 from charforge.web.session import CSRF_FIELD, csrf_token
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -52,13 +53,10 @@ def page(
 
 def route_of(character: Character, container: Container) -> tuple[Route, str]:
     """The route and checkpoint the character's next image will really use (no write-back)."""
-    look = StoredLook(
-        character.name, character.primary_style, character.model, character.model_hash
-    )
-    resolution = resolve(look, None, None, container.table)
+    resolution = resolve(look_of(character), None, None, container.table)
     return resolution.route, resolution.checkpoint
 
 
 def indicator(character: Character, container: Container) -> str:
     route, checkpoint = route_of(character, container)
-    return f"{route.emoji} Using {route.label} Style ({checkpoint})"
+    return route.indicator_for(checkpoint)

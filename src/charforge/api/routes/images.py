@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -12,26 +9,9 @@ from fastapi.responses import FileResponse
 
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.schemas import ImageOut, ImagePage
-from charforge.errors import InvalidInput
 from charforge.services import images
 
 router = APIRouter(tags=["images"])
-
-
-def encode_cursor(created_at: datetime, image_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{image_id}".encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, image_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), image_id
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidInput(
-            "The cursor is not one this server gave out.",
-            field="cursor",
-            hint="Pass the previous page's nextCursor, or leave cursor out for the first page.",
-        ) from exc
 
 
 @router.get("/api/characters/{character_id}/images", response_model=ImagePage)
@@ -42,16 +22,9 @@ def character_images(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> ImagePage:
-    after = decode_cursor(cursor) if cursor else None
     with c.db.session() as session:
-        rows = images.history(session, user, character_id, limit=limit + 1, after=after)
-        page = [ImageOut.of(row) for row in rows[:limit]]
-        next_cursor = (
-            encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
-            if len(rows) > limit
-            else None
-        )
-    return ImagePage(items=page, next_cursor=next_cursor)
+        rows, next_cursor = images.history(session, user, character_id, limit=limit, cursor=cursor)
+        return ImagePage(items=[ImageOut.of(row) for row in rows], next_cursor=next_cursor)
 
 
 @router.get("/api/images/{image_id}", response_model=ImageOut)
