@@ -70,7 +70,7 @@ def _describe(error: dict[str, Any]) -> str:
         return "is required"
     if error.get("type") == "extra_forbidden":
         return "is not a known field"
-    if "input" in error and error.get("type") != "json_invalid" and "(got " not in message:
+    if "input" in error and "(got " not in message:
         shown = repr(error["input"])
         if len(shown) <= 60:
             return f"{_lower_first(message)} (got {shown})"
@@ -84,11 +84,16 @@ def install_error_handlers(
 ) -> None:
     """``html``: (does this request want a page?, render the error as a page)."""
 
+    async def as_page(request: Request, error: CharforgeError) -> Response | None:
+        """The error as an HTML page for a browser on a page route; None for API clients."""
+        if html is None or not html[0](request):
+            return None
+        return await run_in_threadpool(html[1], request, error)
+
     @app.exception_handler(CharforgeError)
     async def _charforge(request: Request, exc: CharforgeError) -> Response:
-        if html is not None and html[0](request):
-            return await run_in_threadpool(html[1], request, exc)
-        return error_response(exc)
+        rendered = await as_page(request, exc)
+        return rendered if rendered is not None else error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -102,9 +107,9 @@ def install_error_handlers(
             message = f"Invalid value for '{first['field']}': {first['message']}."
         else:
             message = f"Invalid request body: {first['message']}."
-        if html is not None and html[0](request):
-            page_error = InvalidInput(message, field=first["field"], hint="Go back and try again.")
-            return await run_in_threadpool(html[1], request, page_error)
+        page_error = InvalidInput(message, field=first["field"], hint="Go back and try again.")
+        if (rendered := await as_page(request, page_error)) is not None:
+            return rendered
         return envelope(
             422,
             "validation_error",
@@ -116,9 +121,10 @@ def install_error_handlers(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404 and html is not None and html[0](request):
-            missing = NotFound("There is no page at this address.")
-            return await run_in_threadpool(html[1], request, missing)
+        if exc.status_code == 404:
+            rendered = await as_page(request, NotFound("There is no page at this address."))
+            if rendered is not None:
+                return rendered
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         return envelope(exc.status_code, code, message, headers=getattr(exc, "headers", None))
