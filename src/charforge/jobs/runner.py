@@ -49,10 +49,12 @@ def run_job(ctx: RunnerContext, job_id: str) -> str:
 
     try:
         written = _generate_and_store(ctx, snapshot)
-    except (CharforgeError, _FailedOn) as exc:
-        error, backend = (exc.error, exc.backend) if isinstance(exc, _FailedOn) else (exc, None)
-        log.warning("job %s failed on %s: %s (%s)", job_id, backend, error.code, error.message)
-        _finish_failed(ctx, job_id, error, backend)
+    except _FailedOn as failure:
+        error = failure.error
+        log.warning(
+            "job %s failed on %s: %s (%s)", job_id, failure.backend, error.code, error.message
+        )
+        _finish_failed(ctx, job_id, error, failure.backend)
         return "failed"
     except Exception:  # a bug must fail the job visibly, not leave it running forever
         log.exception("job %s crashed", job_id)
@@ -95,7 +97,7 @@ class _Snapshot:
 class _FailedOn(Exception):
     """A job error together with the backend it happened on (recorded on the job)."""
 
-    def __init__(self, error: CharforgeError, backend: str) -> None:
+    def __init__(self, error: CharforgeError, backend: str | None) -> None:
         super().__init__(error.message)
         self.error = error
         self.backend = backend
@@ -111,16 +113,14 @@ def _generate_and_store(ctx: RunnerContext, job: _Snapshot) -> int:
             backend=backend,
         )
 
-    with ctx.pool.lease(ctx.table.route(job.style), wait=ctx.lease_wait) as backend:
-        name = backend.spec.name
-        try:
+    name: str | None = None  # no backend yet while waiting for a free one
+    try:
+        with ctx.pool.lease(ctx.table.route(job.style), wait=ctx.lease_wait) as backend:
+            name = backend.spec.name
             listed = backend.find_checkpoint(job.checkpoint, style=job.style)
             if job.checkpoint_hash and listed.hash:
                 check(name, listed.name, listed.hash)  # a replaced file, before GPU time is spent
             result = backend.generate(BackendRequest(job.style, listed, job.params))
-        except CharforgeError as exc:
-            raise _FailedOn(exc, name) from exc
-    try:
         check(name, result.checkpoint, result.checkpoint_hash)
         return _store(ctx, job, name, backend.spec.simulated, result, listed.hash)
     except CharforgeError as exc:
