@@ -128,6 +128,11 @@ def test_bad_settings_are_reported_not_traced(cli_env: dict[str, str]) -> None:
     env = {**cli_env, "RUNPOD_REALISTIC_URL": "not-a-url"}
     result = run(["users", "list"], env)
     assert result.returncode == 2 and "RUNPOD_REALISTIC_URL" in result.stderr
+    env = {**cli_env, "CHARFORGE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    result = run(["users", "list"], env)
+    assert result.returncode == 2, result.stderr
+    assert "Cannot open the database" in result.stderr and "CHARFORGE_DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture

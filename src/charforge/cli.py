@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,19 +41,37 @@ def _settings(**overrides: Any) -> Settings:
         raise _fail(str(exc), code=2) from exc
 
 
-def _container(settings: Settings, *, start_workers: bool = False) -> Any:
+def _container(settings: Settings) -> Any:
+    """Database upgraded, no workers: a command acts only on what it was asked."""
+    from sqlalchemy.exc import OperationalError
+
     from charforge.container import build_container
     from charforge.db.migrate import upgrade
 
     try:
         container = build_container(settings)
+        upgrade(container.db.engine)
     except ValueError as exc:
         raise _fail(str(exc), code=2) from exc
-    if start_workers:
-        container.start()
-    else:
-        upgrade(container.db.engine)
+    except OperationalError as exc:
+        raise _fail(
+            f"Cannot open the database: {exc.orig}",
+            hint="Check CHARFORGE_DATABASE_URL (or CHARFORGE_DATA_DIR for the SQLite default).",
+            code=2,
+        ) from exc
     return container
+
+
+@contextmanager
+def _opened(settings: Settings | None = None) -> Iterator[Any]:
+    """The container for one command: a charforge error ends it with its message and hint."""
+    container = _container(settings or _settings())
+    try:
+        yield container
+    except CharforgeError as exc:
+        raise _fail(exc.message, exc.hint) from exc
+    finally:
+        container.close()
 
 
 @app.command()
@@ -115,9 +135,8 @@ def migrate() -> None:
     """Upgrade the database to the current schema."""
     from charforge.db.migrate import current_revision
 
-    container = _container(_settings())
-    out.print(f"database at revision {current_revision(container.db.engine)}")
-    container.close()
+    with _opened() as c:
+        out.print(f"database at revision {current_revision(c.db.engine)}")
 
 
 @users_app.command("add")
@@ -135,15 +154,9 @@ def users_add(
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    container = _container(_settings())
-    try:
-        with container.db.session() as session:
-            user = users.create_user(session, name, password, is_admin=admin)
-            role = "admin" if user.is_admin else "user"
-    except CharforgeError as exc:
-        raise _fail(exc.message, exc.hint) from exc
-    finally:
-        container.close()
+    with _opened() as c, c.db.session() as session:
+        user = users.create_user(session, name, password, is_admin=admin)
+        role = "admin" if user.is_admin else "user"
     out.print(f"created {role} {name}")
 
 
@@ -152,11 +165,9 @@ def users_list() -> None:
     """List users."""
     from charforge.db import repositories as repo
 
-    container = _container(_settings())
-    with container.db.session() as session:
+    with _opened() as c, c.db.session() as session:
         for user in repo.all_users(session):
             out.print(f"{user.id}\t{user.name}\t{'admin' if user.is_admin else 'user'}")
-    container.close()
 
 
 @tokens_app.command("create")
@@ -167,15 +178,9 @@ def tokens_create(
     """Create an API token; the token alone is printed on the last line."""
     from charforge.services import users
 
-    container = _container(_settings())
-    try:
-        with container.db.session() as session:
-            row, token = users.create_token(session, users.require_user(session, name), label)
-            token_id = row.id
-    except CharforgeError as exc:
-        raise _fail(exc.message, exc.hint) from exc
-    finally:
-        container.close()
+    with _opened() as c, c.db.session() as session:
+        row, token = users.create_token(session, users.require_user(session, name), label)
+        token_id = row.id
     err.print(f"token {token_id} for {name} (shown once; store it now):")
     print(token)
 
@@ -185,18 +190,10 @@ def tokens_list(name: str) -> None:
     """List a user's tokens (never the tokens themselves)."""
     from charforge.services import users
 
-    container = _container(_settings())
-    try:
-        with container.db.session() as session:
-            for row in users.list_tokens(session, users.require_user(session, name)):
-                state = "revoked" if row.revoked_at else "active"
-                out.print(
-                    f"{row.id}\t{row.prefix}…\t{row.name}\t{state}\t{row.created_at:%Y-%m-%d}"
-                )
-    except CharforgeError as exc:
-        raise _fail(exc.message, exc.hint) from exc
-    finally:
-        container.close()
+    with _opened() as c, c.db.session() as session:
+        for row in users.list_tokens(session, users.require_user(session, name)):
+            state = "revoked" if row.revoked_at else "active"
+            out.print(f"{row.id}\t{row.prefix}…\t{row.name}\t{state}\t{row.created_at:%Y-%m-%d}")
 
 
 @tokens_app.command("revoke")
@@ -204,14 +201,8 @@ def tokens_revoke(name: str, token_id: int) -> None:
     """Revoke one of a user's tokens by its id."""
     from charforge.services import users
 
-    container = _container(_settings())
-    try:
-        with container.db.session() as session:
-            users.revoke_token(session, users.require_user(session, name), token_id)
-    except CharforgeError as exc:
-        raise _fail(exc.message, exc.hint) from exc
-    finally:
-        container.close()
+    with _opened() as c, c.db.session() as session:
+        users.revoke_token(session, users.require_user(session, name), token_id)
     out.print(f"revoked token {token_id}")
 
 
@@ -228,23 +219,12 @@ def characters_add(
     from charforge.services import characters, users
     from charforge.services.characters import CharacterFields
 
-    container = _container(_settings())
-    try:
-        with container.db.session() as session:
-            owner = users.require_user(session, user)
-            fields = CharacterFields(
-                name=name,
-                description=description,
-                appearance=appearance,
-                art_style=style,
-                model=model,
-            )
-            character = characters.create(session, owner, fields, container.table)
-            info = (character.id, character.primary_style, character.model)
-    except CharforgeError as exc:
-        raise _fail(exc.message, exc.hint) from exc
-    finally:
-        container.close()
+    fields = CharacterFields(
+        name=name, description=description, appearance=appearance, art_style=style, model=model
+    )
+    with _opened() as c, c.db.session() as session:
+        created = characters.create(session, users.require_user(session, user), fields, c.table)
+        info = (created.id, created.primary_style, created.model)
     out.print(f"{info[0]}\t{name}\t{info[1] or '-'}\t{info[2] or '-'}")
 
 
@@ -253,15 +233,9 @@ def characters_list(user: Annotated[str, typer.Option(help="Owner of the charact
     """List a user's characters."""
     from charforge.services import characters, users
 
-    container = _container(_settings())
-    try:
-        with container.db.session() as session:
-            for ch in characters.list_for(session, users.require_user(session, user)):
-                out.print(f"{ch.id}\t{ch.name}\t{ch.primary_style or '-'}\t{ch.model or '-'}")
-    except CharforgeError as exc:
-        raise _fail(exc.message, exc.hint) from exc
-    finally:
-        container.close()
+    with _opened() as c, c.db.session() as session:
+        for ch in characters.list_for(session, users.require_user(session, user)):
+            out.print(f"{ch.id}\t{ch.name}\t{ch.primary_style or '-'}\t{ch.model or '-'}")
 
 
 @app.command()
@@ -276,23 +250,27 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed; default random.")] = None,
 ) -> None:
     """Generate one image of a character, on the checkpoint that made it."""
+    from pydantic import ValidationError
+
     from charforge.db import repositories as repo
     from charforge.domain.params import GenerateBody
-    from charforge.errors import error_from_code
     from charforge.jobs.runner import run_job
     from charforge.services import characters, generation
 
     settings = _settings()
-    container = _container(settings)
-    try:
-        with container.db.session() as session:
-            owner = _owner(session, user)
-            target = characters.find(session, owner, character)
-            body = GenerateBody(
-                prompt=prompt, negative_prompt=negative, character_id=target.id, seed=seed
-            )
-            job = generation.submit(session, owner, body, container.table, settings.defaults)
-            job_id, owner_id = job.id, owner.id
+    with _opened(settings) as container:
+        try:
+            with container.db.session() as session:
+                owner = _owner(session, user)
+                target = characters.find(session, owner, character)
+                body = GenerateBody(
+                    prompt=prompt, negative_prompt=negative, character_id=target.id, seed=seed
+                )
+                job = generation.submit(session, owner, body, container.table, settings.defaults)
+                job_id, owner_id = job.id, owner.id
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise _fail(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
         # Run this one job here and nothing else: a server sharing the database keeps its own.
         run_job(container.runner, job_id)
         with container.db.session() as session:
@@ -300,12 +278,8 @@ def generate(
             if done is None:
                 raise _fail(f"job {job_id} is gone: its character was deleted meanwhile")
             if done.state != "succeeded":
-                error = error_from_code(
-                    done.error_code or "internal_error",
-                    done.error_message or "job did not finish",
-                    hint=done.error_hint,
-                )
-                raise _fail(f"job {job_id} {done.state}: {error.message}", error.hint)
+                message = done.error_message or "the job did not finish"
+                raise _fail(f"job {job_id} {done.state}: {message}", done.error_hint)
             images = list(repo.images_of_job(session, job_id))
         for image in images:
             path = container.store.path(image.file_path)
@@ -318,17 +292,6 @@ def generate(
                 f"{image.width}x{image.height}" + (" · SIMULATED" if image.simulated else "")
             )
             print(path)
-    except CharforgeError as exc:
-        raise _fail(exc.message, exc.hint) from exc
-    except Exception as exc:
-        from pydantic import ValidationError
-
-        if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            raise _fail(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
-        raise
-    finally:
-        container.close()
 
 
 def _owner(session: Any, name: str | None) -> Any:
@@ -340,16 +303,12 @@ def _owner(session: Any, name: str | None) -> Any:
     everyone = list(repo.all_users(session))
     if len(everyone) == 1:
         return everyone[0]
-    raise (
-        CharforgeError(
-            "Several users exist; say whose character this is.",
-            hint="Add --user NAME.",
+    if everyone:
+        raise CharforgeError(
+            "Several users exist; say whose character this is.", hint="Add --user NAME."
         )
-        if everyone
-        else CharforgeError(
-            "No user exists yet.",
-            hint="Create one with `charforge users add NAME --password-stdin`.",
-        )
+    raise CharforgeError(
+        "No user exists yet.", hint="Create one with `charforge users add NAME --password-stdin`."
     )
 
 
