@@ -131,6 +131,7 @@ def make_settings(
         "backend_timeout": 10.0,
         "backend_connect_timeout": 2.0,
         "probe_timeout": 2.0,
+        "retry_backoff": 0.1,  # retries are tested for what they do, not for how long they wait
     }
     values.update(extra)
     return Settings(**values)

@@ -72,5 +72,19 @@ def test_empty_database_is_created_at_head(tmp_path: Path, database_url: str) ->
     assert current_revision(engine) is None
     upgrade(engine)
     upgrade(engine)  # idempotent
-    assert current_revision(engine) == head_revision(engine) == "0002"
+    assert current_revision(engine) == head_revision(engine) == "0003"
     engine.dispose()
+
+
+def test_migrations_build_exactly_the_models(database_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from charforge.db.models import Base
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert differences == []

@@ -110,8 +110,59 @@ def serve(
             "[yellow]warning:[/] listening beyond this machine with session cookies sent over "
             "plain HTTP; put charforge behind HTTPS and set CHARFORGE_COOKIE_SECURE=true."
         )
-    err.print(f"charforge on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
-    uvicorn.run(create_app(container), host=host, port=port, log_level="info")
+    mode = "distributed (Celery)" if settings.broker_url else "embedded"
+    err.print(
+        f"charforge on http://{host}:{port}  (API docs: http://{host}:{port}/docs), {mode} mode"
+    )
+    _configure_logging(settings)
+    uvicorn.run(create_app(container), host=host, port=port, log_config=None)
+
+
+def _configure_logging(settings: Settings) -> None:
+    from charforge.observability.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+
+
+@app.command()
+def worker(
+    checkpoints: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated route checkpoints whose queues to consume "
+            "(default: every route's, plus jobs for characters' own models)."
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Jobs run at once (default: one per backend).", min=1, max=256),
+    ] = None,
+) -> None:
+    """Run jobs in distributed mode (needs CHARFORGE_BROKER_URL and a shared database)."""
+    from charforge.container import build_runner
+    from charforge.db.migrate import upgrade
+    from charforge.jobs.celery_queue import RedisSlots, run_worker
+
+    settings = _settings()
+    if not settings.broker_url:
+        raise _fail(
+            "charforge worker needs a broker.",
+            hint="Set CHARFORGE_BROKER_URL=redis://HOST:6379/0 (and CHARFORGE_DATABASE_URL to "
+            "the PostgreSQL database the servers use); without them `charforge serve` runs "
+            "jobs itself.",
+            code=2,
+        )
+    _configure_logging(settings)
+    slots = RedisSlots(settings.broker_url, ttl=settings.job_lease)
+    ctx = build_runner(settings, slots=slots)
+    upgrade(ctx.db.engine)
+    names = [c.strip() for c in checkpoints.split(",") if c.strip()] if checkpoints else None
+    run_worker(
+        settings,
+        ctx,
+        checkpoints=names,
+        concurrency=concurrency or max(1, len(ctx.pool.backends)),
+    )
 
 
 def _demo_account(container: Any) -> None:
@@ -254,7 +305,7 @@ def generate(
 
     from charforge.db import repositories as repo
     from charforge.domain.params import GenerateBody
-    from charforge.jobs.runner import run_job
+    from charforge.jobs.runner import run_to_end
     from charforge.services import characters, generation
 
     settings = _settings()
@@ -272,7 +323,7 @@ def generate(
             first = exc.errors()[0]
             raise _fail(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
         # Run this one job here and nothing else: a server sharing the database keeps its own.
-        run_job(container.runner, job_id)
+        run_to_end(container.runner, job_id, wait=settings.backend_timeout)
         with container.db.session() as session:
             done = repo.job(session, owner_id, job_id)
             if done is None:

@@ -103,6 +103,29 @@ class Settings(BaseSettings):
     generate_wait: float = Field(default=900.0, gt=0)
     workers: int = Field(default=2, ge=1, le=64)
 
+    # Jobs: attempts per job (first try included), backoff between them, the lease a running
+    # job holds (renewed while it runs; when it lapses the job is re-queued), and how long a
+    # job may be passed over so a backend can stay on its checkpoint.
+    job_max_attempts: int = Field(default=3, ge=1, le=20)
+    retry_backoff: float = Field(default=1.0, ge=0, le=300)
+    retry_backoff_max: float = Field(default=30.0, ge=0, le=3600)
+    job_lease: float = Field(default=60.0, ge=2, le=3600)
+    max_queue_wait: float = Field(default=120.0, ge=0, le=86400)
+    # Backend health: probe period, consecutive failures before a backend is marked down,
+    # and the longest pause between probes of a down backend (the pause doubles up to it).
+    health_interval: float = Field(default=15.0, gt=0, le=3600)
+    health_failures: int = Field(default=3, ge=1, le=100)
+    health_backoff_max: float = Field(default=300.0, gt=0, le=86400)
+
+    # Distributed mode: a Celery broker (Redis) makes `serve` enqueue and `worker` execute.
+    broker_url: str | None = None
+    # A queued job whose message has not been picked up for this long is sent again (a lost
+    # message never strands a job; a duplicate is harmless because claiming is conditional).
+    resend_after: float = Field(default=600.0, gt=0)
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from charforge.backends.pool import BackendPool
+from charforge.backends.pool import BackendPool, HealthPolicy
 from charforge.config import Settings
+from charforge.db import repositories as repo
 from charforge.db.engine import Database, make_engine
 from charforge.db.migrate import upgrade
 from charforge.domain.routes import RouteTable, build_route_table
 from charforge.jobs.inline import InlineJobQueue
-from charforge.jobs.runner import RunnerContext, run_job
+from charforge.jobs.queue import JobQueue
+from charforge.jobs.runner import RetryPolicy, RunnerContext
+from charforge.jobs.scheduler import Policy
+from charforge.observability.metrics import Metrics
 from charforge.storage.files import ImageStore
 
 log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    """Who holds a lease: unique per process across machines."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -25,17 +36,23 @@ class Container:
     db: Database
     store: ImageStore
     pool: BackendPool
-    queue: InlineJobQueue
+    queue: JobQueue
     runner: RunnerContext
+    metrics: Metrics
     # Things started alongside (demo simulators) that must stop with the container.
     companions: list[Any] = field(default_factory=list)
     started: bool = False
 
+    @property
+    def distributed(self) -> bool:
+        return self.settings.broker_url is not None
+
     def start(self) -> None:
-        """Upgrade the database to the current schema, then start the workers."""
+        """Upgrade the database to the current schema, then start probing and dispatching."""
         upgrade(self.db.engine)
+        self.pool.start_monitor()
         self.queue.start()
-        resumed = self.queue.recover(self.db)
+        resumed = self.queue.recover()
         if resumed:
             log.info("resumed %d queued job(s)", resumed)
         self.started = True
@@ -51,16 +68,60 @@ class Container:
         self.started = False
 
 
-def build_container(settings: Settings) -> Container:
+def build_runner(settings: Settings, *, slots: Any = None) -> RunnerContext:
+    """The pieces every process that runs jobs needs: database, store, backends, policies."""
     table = build_route_table(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(make_engine(settings.effective_database_url))
-    store = ImageStore(settings.data_dir)
-    pool = BackendPool(table, probe_timeout=settings.probe_timeout)
-    runner = RunnerContext(
-        db=db, pool=pool, table=table, store=store, lease_wait=settings.backend_timeout
+    metrics = Metrics()
+    metrics.watch_jobs(
+        lambda: _read(db, repo.job_counts), lambda: _read(db, repo.queued_by_checkpoint)
     )
-    # At least one worker per backend, so a busy route never holds up an idle one.
-    workers = max(settings.workers, len(table.backends))
-    job_queue = InlineJobQueue(lambda job_id: run_job(runner, job_id), workers=workers)
-    return Container(settings, table, db, store, pool, job_queue, runner)
+    pool = BackendPool(
+        table,
+        probe_timeout=settings.probe_timeout,
+        health=HealthPolicy(
+            settings.health_interval, settings.health_failures, settings.health_backoff_max
+        ),
+        metrics=metrics,
+        slots=slots,
+    )
+    return RunnerContext(
+        db=db,
+        pool=pool,
+        table=table,
+        store=ImageStore(settings.data_dir),
+        metrics=metrics,
+        worker=worker_id(),
+        lease=settings.job_lease,
+        retry=RetryPolicy(
+            settings.job_max_attempts, settings.retry_backoff, settings.retry_backoff_max
+        ),
+    )
+
+
+def _read(db: Database, query: Any) -> dict[str, int]:
+    with db.session() as session:
+        result: dict[str, int] = query(session)
+        return result
+
+
+def build_container(settings: Settings) -> Container:
+    runner = build_runner(settings)
+    job_queue: JobQueue
+    if settings.broker_url:
+        from charforge.jobs.celery_queue import CeleryJobQueue  # only distributed mode needs it
+
+        job_queue = CeleryJobQueue(settings, runner)
+    else:
+        job_queue = InlineJobQueue(runner, policy=Policy(max_wait=settings.max_queue_wait))
+    return Container(
+        settings,
+        runner.table,
+        runner.db,
+        runner.store,
+        runner.pool,
+        job_queue,
+        runner,
+        runner.metrics,
+    )

@@ -12,14 +12,19 @@ Every failure a client can see is a ``CharforgeError`` and renders as one JSON e
     ├── Conflict                        409 conflict
     │   └── StyleMismatch               409 style_mismatch
     └── BackendError                    (names the backend and what to check)
-        ├── BackendUnavailable          502 backend_unavailable   retriable
-        ├── BackendTimeout              504 backend_timeout       retriable
-        ├── BackendRejected             502 backend_error         A1111's own message passed on
-        ├── BackendBadResponse          502 backend_bad_response  retriable (malformed JSON / image)
-        ├── BackendAuthFailed           502 backend_auth_failed
-        ├── CheckpointMissing           503 checkpoint_missing
-        ├── WrongCheckpoint             502 wrong_checkpoint      the backend ran another model
-        └── CheckpointDrift             502 checkpoint_drift      same file name, other weights
+        ├── BackendUnavailable          502 backend_unavailable   retry
+        ├── BackendTimeout              504 backend_timeout       retry
+        ├── BackendRejected             502 backend_error         A1111's own message passed on;
+        │                                                         retry when it was an HTTP 5xx
+        ├── BackendBadResponse          502 backend_bad_response  retry (malformed JSON / image)
+        ├── BackendAuthFailed           502 backend_auth_failed   elsewhere
+        ├── CheckpointMissing           503 checkpoint_missing    elsewhere
+        ├── WrongCheckpoint             502 wrong_checkpoint      elsewhere (ran another model)
+        └── CheckpointDrift             502 checkpoint_drift    elsewhere (same name, new weights)
+
+"retry": the fault may pass, so the job is tried again after a backoff, on another backend of
+the pool when there is one. "elsewhere": this backend cannot do it, another one of the pool
+might, so it is tried only on backends not tried yet. Everything else fails the job at once.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from typing import Any, ClassVar
 class CharforgeError(Exception):
     code: ClassVar[str] = "internal_error"
     status: ClassVar[int] = 500
-    retriable: ClassVar[bool] = False
+    transient: ClassVar[bool] = False  # may pass: retry, on any backend
+    backend_specific: ClassVar[bool] = False  # another backend may succeed: retry elsewhere
 
     def __init__(
         self,
@@ -39,12 +45,14 @@ class CharforgeError(Exception):
         field: str | None = None,
         hint: str | None = None,
         extra: dict[str, Any] | None = None,
+        retriable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.hint = hint
         self.extra = extra or {}
+        self.retriable = self.transient if retriable is None else retriable
 
     def to_envelope(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -94,13 +102,13 @@ class BackendError(CharforgeError):
 class BackendUnavailable(BackendError):
     code = "backend_unavailable"
     status = 502
-    retriable = True
+    transient = True
 
 
 class BackendTimeout(BackendError):
     code = "backend_timeout"
     status = 504
-    retriable = True
+    transient = True
 
 
 class BackendRejected(BackendError):
@@ -111,27 +119,31 @@ class BackendRejected(BackendError):
 class BackendBadResponse(BackendError):
     code = "backend_bad_response"
     status = 502
-    retriable = True
+    transient = True
 
 
 class BackendAuthFailed(BackendError):
     code = "backend_auth_failed"
     status = 502
+    backend_specific = True
 
 
 class CheckpointMissing(BackendError):
     code = "checkpoint_missing"
     status = 503
+    backend_specific = True
 
 
 class WrongCheckpoint(BackendError):
     code = "wrong_checkpoint"
     status = 502
+    backend_specific = True
 
 
 class CheckpointDrift(BackendError):
     code = "checkpoint_drift"
     status = 502
+    backend_specific = True
 
 
 _BY_CODE: dict[str, type[CharforgeError]] = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -11,7 +13,10 @@ from charforge import __version__
 from charforge.api.errors import install_error_handlers
 from charforge.api.routes import characters, generate, health, images, jobs, styles
 from charforge.container import Container
+from charforge.observability import logs
 from charforge.web.app import install_web, render_error, wants_html
+
+_SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAPI:
@@ -38,6 +43,22 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
     for module in (health, characters, images, generate, jobs, styles):
         app.include_router(module.router)
     install_web(app, container)
+
+    @app.middleware("http")
+    async def request_ids(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # A caller's own id (a proxy's X-Request-ID) is kept when it is sane, so one request
+        # can be followed across the proxy's logs and ours.
+        given = request.headers.get("x-request-id", "")
+        rid = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        try:
+            response = await call_next(request)
+        finally:
+            logs.request_id.reset(token)
+        response.headers["X-Request-ID"] = rid
+        return response
 
     if container.settings.demo:
 

@@ -8,8 +8,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 from pydantic.alias_generators import to_camel
 
-from charforge.db.models import Character, Image, Job
+from charforge.db.models import Character, Image, Job, JobAttempt
 from charforge.services.characters import CharacterFields
+from charforge.services.jobs import JobView
 
 
 class Wire(BaseModel):
@@ -164,6 +165,17 @@ class JobError(Wire):
     field: str | None
 
 
+class AttemptOut(Wire):
+    number: int
+    backend: str
+    worker: str
+    outcome: str  # running | succeeded | failed | retried | interrupted | cancelled
+    error_code: str | None
+    error_message: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
 class JobOut(Wire):
     id: str
     state: str
@@ -172,16 +184,28 @@ class JobOut(Wire):
     model: str
     backend: str | None
     attempts: int
+    count: int
     prompt: str
     parameters: dict[str, Any]
     error: JobError | None
     images: list[ImageBrief]
+    progress: float | None
+    step: int | None
+    steps: int | None
+    queue_position: int | None
+    attempt_history: list[AttemptOut] | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, j: Job, images: list[Image]) -> JobOut:
+    def of(
+        cls,
+        j: Job,
+        images: list[Image],
+        attempts: list[JobAttempt] | None = None,
+        queue_position: int | None = None,
+    ) -> JobOut:
         return cls(
             id=j.id,
             state=j.state,
@@ -190,6 +214,7 @@ class JobOut(Wire):
             model=j.checkpoint,
             backend=j.backend,
             attempts=j.attempts,
+            count=j.count or 1,
             prompt=j.user_prompt,
             parameters=camel_params(j.params),
             error=(
@@ -203,10 +228,28 @@ class JobOut(Wire):
                 else None
             ),
             images=[brief(i) for i in images],
+            progress=j.progress,
+            step=j.step,
+            steps=j.steps,
+            queue_position=queue_position,
+            attempt_history=(
+                [AttemptOut.model_validate(a, from_attributes=True) for a in attempts]
+                if attempts is not None
+                else None
+            ),
             created_at=j.created_at,
             started_at=j.started_at,
             finished_at=j.finished_at,
         )
+
+    @classmethod
+    def of_view(cls, v: JobView) -> JobOut:
+        return cls.of(v.job, v.images, v.attempts, v.queue_position)
+
+
+class JobPage(Wire):
+    items: list[JobOut]
+    next_cursor: str | None
 
 
 def brief(i: Image) -> ImageBrief:

@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ from charforge.backends.base import (
     CheckpointInfo,
     GeneratedImage,
     ProbeResult,
+    Progress,
 )
 from charforge.domain.checkpoints import same_checkpoint, strip_hash
 from charforge.domain.routes import BackendSpec
@@ -47,6 +49,7 @@ _NAME_CACHE_SECONDS = 60.0
 # A checkpoint seen in /sd-models is trusted this long; the check after generation still
 # catches one that vanished meanwhile (A1111 would fall back, and the image is refused).
 _CHECKPOINT_CACHE_SECONDS = 10.0
+_PROGRESS_INTERVAL = 0.5
 
 
 def auth_setting(spec: BackendSpec) -> str:
@@ -175,6 +178,7 @@ class A1111Backend:
         raise BackendRejected(
             f"{where[0].upper()}{where[1:]} failed (HTTP {status}): {error_message(response)}",
             hint="This is the WebUI's own error message; its console shows the details.",
+            retriable=status >= 500,  # a server fault may pass, or another backend may do it
         )
 
     @staticmethod
@@ -281,7 +285,8 @@ class A1111Backend:
             "width": p.width,
             "height": p.height,
             "batch_size": 1,
-            "n_iter": 1,
+            # One image after the other: several in one batch would multiply GPU memory.
+            "n_iter": request.count,
             "enable_hr": p.hires,
             "hr_scale": p.hires_scale,
             "hr_upscaler": p.hires_upscaler,
@@ -302,30 +307,84 @@ class A1111Backend:
             request.params.scheduler, "/sdapi/v1/schedulers", "scheduler", request.style
         )
         where = self._where(request.style)
+        done = threading.Event()
+        watcher = None
+        if request.on_progress is not None:
+            watcher = threading.Thread(
+                target=self._watch_progress,
+                args=(request.on_progress, done),
+                name=f"progress-{self.spec.name}",
+                daemon=True,
+            )
+            watcher.start()
         try:
             response = self._call(
                 "POST", "/sdapi/v1/txt2img", style=request.style, json_body=self.payload(request)
             )
         except BackendTimeout:
-            self._interrupt()  # the WebUI goes on otherwise, and the next job would queue behind it
+            # Ours or the proxy's (524): the WebUI goes on otherwise, and the next job (or this
+            # one's retry) would queue behind it.
+            self.interrupt()
             raise
+        finally:
+            done.set()
+            if watcher is not None:
+                watcher.join(timeout=self._probe_timeout)
         body = self._json(response, where)
         return parse_txt2img(body, where)
 
-    def _interrupt(self) -> None:
+    def _watch_progress(self, report: Callable[[Progress], None], done: threading.Event) -> None:
+        """Poll /progress while a generation runs (A1111 has no push channel for it)."""
+        while not done.wait(_PROGRESS_INTERVAL):
+            try:
+                response = self._client.get(
+                    "/sdapi/v1/progress",
+                    params={"skip_current_image": "true"},
+                    timeout=self._probe_timeout,
+                )
+                data = response.json() if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                continue  # progress is a nicety: the generation itself decides the outcome
+            if not isinstance(data, dict) or done.is_set():
+                continue
+            state = data.get("state") if isinstance(data.get("state"), dict) else {}
+            assert isinstance(state, dict)
+            fraction = data.get("progress")
+            step, steps = state.get("sampling_step"), state.get("sampling_steps")
+            if isinstance(fraction, int | float) and state.get("job_count"):
+                report(
+                    Progress(
+                        min(max(float(fraction), 0.0), 1.0),
+                        step if isinstance(step, int) else None,
+                        steps if isinstance(steps, int) and steps > 0 else None,
+                    )
+                )
+
+    def interrupt(self) -> bool:
         try:
             self._client.post("/sdapi/v1/interrupt", timeout=self.spec.connect_timeout)
         except httpx.HTTPError:
-            log.warning("could not interrupt backend %s after a timeout", self.spec.name)
+            log.warning("could not interrupt backend %s", self.spec.name)
+            return False
+        return True
+
+    def loaded_checkpoint(self) -> str | None:
+        """The checkpoint in memory: A1111 keeps it in ``options.sd_model_checkpoint``."""
+        response = self._call("GET", "/sdapi/v1/options", style=None, timeout=self._probe_timeout)
+        options = self._json(response, self._where(None))
+        value = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
+        return strip_hash(value) if isinstance(value, str) and value else None
 
     def probe(self) -> ProbeResult:
         started = time.perf_counter()
         try:
             checkpoints = self.list_checkpoints(timeout=self._probe_timeout)
+            latency = (time.perf_counter() - started) * 1000
+            loaded = self.loaded_checkpoint()
         except Exception as exc:  # any failure means "does not answer properly"
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             return ProbeResult(False, None, message)
-        return ProbeResult(True, (time.perf_counter() - started) * 1000, None, checkpoints)
+        return ProbeResult(True, latency, None, checkpoints, loaded)
 
 
 def _match(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:

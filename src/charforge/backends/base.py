@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,10 +18,19 @@ class CheckpointInfo:
 
 
 @dataclass(frozen=True)
+class Progress:
+    fraction: float  # 0..1 over the whole request
+    step: int | None = None  # sampling step of the current image, where reported
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
 class BackendRequest:
     style: str
     checkpoint: CheckpointInfo
     params: GenerationParams
+    count: int = 1  # images wanted, one seed after the other (A1111's n_iter)
+    on_progress: Callable[[Progress], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class ProbeResult:
     latency_ms: float | None
     error: str | None = None
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    loaded: str | None = None  # the checkpoint in memory now, where the backend says
 
 
 class ImageBackend(Protocol):
@@ -55,5 +66,9 @@ class ImageBackend(Protocol):
     def generate(self, request: BackendRequest) -> BackendResult: ...
 
     def probe(self) -> ProbeResult: ...
+
+    def interrupt(self) -> bool:
+        """Stop the generation running now, where the backend can; True when it was asked."""
+        ...
 
     def close(self) -> None: ...

@@ -1,22 +1,29 @@
-"""Backends by name, with one request in flight per A1111 instance.
+"""Every backend of every route, with what the scheduler needs to know about each.
 
-A1111 runs one generation at a time and lets further requests hang inside their HTTP call,
-so charforge queues them itself: a job leases a free backend of its route, or waits.
+Per backend: a limit of requests in flight (1 for A1111, which runs one generation at a time
+and lets further requests hang inside their HTTP call), health (marked down after
+consecutive failures, probed again with a doubling pause), and the checkpoint it has loaded.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from charforge.backends.a1111 import A1111Backend
 from charforge.backends.base import ImageBackend, ProbeResult
+from charforge.domain.checkpoints import same_checkpoint, strip_hash
 from charforge.domain.routes import BackendSpec, Route, RouteTable
 from charforge.errors import BackendTimeout
+from charforge.observability.metrics import Metrics
 
+log = logging.getLogger(__name__)
 _PROBE_CACHE_SECONDS = 5.0
 
 
@@ -26,74 +33,317 @@ def build_backend(spec: BackendSpec, probe_timeout: float) -> ImageBackend:
     raise ValueError(f"backend '{spec.name}': unknown kind '{spec.kind}'")
 
 
+@dataclass(frozen=True)
+class HealthPolicy:
+    interval: float = 15.0  # seconds between probes of a healthy backend
+    failures: int = 3  # consecutive failures that mark a backend down
+    backoff_max: float = 300.0  # longest pause between probes of a down backend
+
+
+@dataclass
+class BackendStatus:
+    """What the pool knows about one backend now (copies are handed out)."""
+
+    name: str
+    limit: int = 1
+    in_flight: int = 0
+    healthy: bool = True  # until shown otherwise: a fresh start must not refuse work
+    failures: int = 0
+    down_for: float = 0.0  # the current pause between probes while down
+    next_probe: float = 0.0  # monotonic time
+    loaded: str | None = None
+    latency_ms: float | None = None
+    last_error: str | None = None
+    checked: bool = False  # probed or used at least once
+
+    @property
+    def idle_slots(self) -> int:
+        return max(0, self.limit - self.in_flight)
+
+
+class SlotGuard(Protocol):
+    """Limits requests in flight across processes (distributed mode); see jobs.redis_slots."""
+
+    def acquire(self, backend: str, limit: int) -> str | None: ...
+
+    def renew(self, backend: str, token: str) -> None: ...
+
+    def release(self, backend: str, token: str) -> None: ...
+
+
 class BackendPool:
     def __init__(
         self,
         table: RouteTable,
         *,
         probe_timeout: float = 3.0,
+        health: HealthPolicy | None = None,
+        metrics: Metrics | None = None,
+        slots: SlotGuard | None = None,
         factory: Callable[[BackendSpec, float], ImageBackend] = build_backend,
     ) -> None:
         self.table = table
+        self.health = health or HealthPolicy()
+        self.metrics = metrics or Metrics()
+        self._slots = slots
         self.backends: dict[str, ImageBackend] = {
             name: factory(spec, probe_timeout) for name, spec in table.backends.items()
         }
-        self._busy: dict[str, int] = dict.fromkeys(self.backends, 0)
-        self._free = threading.Condition()
+        self._status = {name: BackendStatus(name) for name in self.backends}
+        self._tokens: dict[str, list[str]] = {name: [] for name in self.backends}
+        self._changed = threading.Condition()
+        self._listeners: list[Callable[[], None]] = []
         self._probes: dict[str, tuple[float, ProbeResult]] = {}
         self._probe_lock = threading.Lock()
+        self._monitor: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def status(self, name: str) -> BackendStatus:
+        with self._changed:
+            return replace(self._status[name])
+
+    def statuses(self, names: Iterable[str] | None = None) -> list[BackendStatus]:
+        with self._changed:
+            return [replace(self._status[n]) for n in (names or self._status)]
 
     def in_flight(self, name: str) -> int:
-        with self._free:
-            return self._busy[name]
+        return self.status(name).in_flight
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Called (outside the pool's lock) when a backend frees up or its health changes."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+        for listener in self._listeners:
+            listener()
+
+    # -- slots -----------------------------------------------------------------------------
+
+    def try_acquire(self, name: str) -> bool:
+        """Take one of the backend's slots if one is free (here and, if shared, everywhere)."""
+        with self._changed:
+            status = self._status[name]
+            if status.in_flight >= status.limit:
+                return False
+            status.in_flight += 1
+        if self._slots is not None:
+            token = self._slots.acquire(name, self._status[name].limit)
+            if token is None:  # another worker process holds it
+                with self._changed:
+                    self._status[name].in_flight -= 1
+                return False
+            with self._changed:
+                self._tokens[name].append(token)
+        self.metrics.in_flight.labels(name).set(self.in_flight(name))
+        return True
+
+    def renew(self, name: str) -> None:
+        if self._slots is not None:
+            with self._changed:
+                tokens = list(self._tokens[name])
+            for token in tokens:
+                self._slots.renew(name, token)
+
+    def release(self, name: str) -> None:
+        token = None
+        with self._changed:
+            self._status[name].in_flight -= 1
+            if self._tokens[name]:
+                token = self._tokens[name].pop()
+        if self._slots is not None and token is not None:
+            self._slots.release(name, token)
+        self.metrics.in_flight.labels(name).set(self.in_flight(name))
+        self._notify()
+
+    def choose(self, route: Route, checkpoint: str, avoid: Iterable[str] = ()) -> str | None:
+        """Where a job should go when there is no scheduler to ask: a healthy backend with a
+        free slot, preferring one that has the checkpoint loaded and one not tried before."""
+        avoided = set(avoid)
+        with self._changed:
+            candidates = [
+                self._status[n]
+                for n in route.backends
+                if self._status[n].healthy and self._status[n].idle_slots > 0
+            ]
+        if not candidates:
+            return None
+        candidates.sort(
+            key=lambda s: (
+                s.name in avoided,
+                not (s.loaded and same_checkpoint(s.loaded, checkpoint)),
+                s.in_flight,
+            )
+        )
+        return candidates[0].name
 
     @contextmanager
-    def lease(self, route: Route, *, wait: float) -> Iterator[ImageBackend]:
-        """The least busy idle backend of the route; waits up to ``wait`` seconds for one."""
+    def lease(
+        self, route: Route, checkpoint: str, *, wait: float, avoid: Iterable[str] = ()
+    ) -> Iterator[ImageBackend]:
+        """A backend of the route picked by ``choose`` and held; waits up to ``wait`` seconds."""
         deadline = time.monotonic() + wait
-        with self._free:
-            while True:
-                idle = [name for name in route.backends if self._busy[name] == 0]
-                if idle:
-                    chosen = idle[0]
-                    self._busy[chosen] += 1
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    names = ", ".join(route.backends)
-                    raise BackendTimeout(
-                        f"Every backend of the {route.style} style ({names}) stayed busy for "
-                        f"{wait:g}s.",
-                        hint="Add backends to the route's pool or raise CHARFORGE_BACKEND_TIMEOUT.",
-                    )
-                self._free.wait(remaining)
+        avoided = tuple(avoid)
+        while True:
+            name = self.choose(route, checkpoint, avoided)
+            if name is not None and self.try_acquire(name):
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                names = ", ".join(route.backends)
+                raise BackendTimeout(
+                    f"No backend of the {route.style} style ({names}) was free and healthy "
+                    f"within {wait:g}s.",
+                    hint="Add backends to the route's pool, or run `charforge backends` to see "
+                    "which are down.",
+                )
+            with self._changed:
+                # Slots held by other processes free up without a notification: poll.
+                self._changed.wait(min(remaining, 0.5))
         try:
-            yield self.backends[chosen]
+            yield self.backends[name]
         finally:
-            with self._free:
-                self._busy[chosen] -= 1
-                self._free.notify_all()
+            self.release(name)
 
-    def probe(self, names: list[str]) -> dict[str, ProbeResult]:
-        """Health of the named backends, probed concurrently, cached for a few seconds."""
+    # -- health ----------------------------------------------------------------------------
+
+    def record_success(self, name: str, seconds: float, checkpoint: str | None) -> None:
+        with self._changed:
+            status = self._status[name]
+            recovered = not status.healthy
+            status.healthy, status.failures, status.down_for = True, 0, 0.0
+            status.last_error = None
+            status.checked = True
+            switched = self._set_loaded(status, checkpoint)
+        self.metrics.backend_seconds.labels(name, "succeeded").observe(seconds)
+        self.metrics.backend_up.labels(name).set(1)
+        if switched:
+            self.metrics.checkpoint_switches.labels(name).inc()
+        if recovered:
+            log.info("backend %s is healthy again", name)
+            self._notify()
+
+    def record_failure(self, name: str, error: str, seconds: float | None = None) -> None:
+        """A fault that says something about the backend's health (not a bad request)."""
+        with self._changed:
+            status = self._status[name]
+            status.failures += 1
+            status.last_error = error
+            status.checked = True
+            went_down = status.healthy and status.failures >= self.health.failures
+            if went_down:
+                status.healthy = False
+                status.down_for = min(self.health.interval, self.health.backoff_max)
+                status.next_probe = time.monotonic() + status.down_for
+        if seconds is not None:
+            self.metrics.backend_seconds.labels(name, "failed").observe(seconds)
+        if went_down:
+            self.metrics.backend_up.labels(name).set(0)
+            log.warning(
+                "backend %s marked down after %d failures: %s", name, status.failures, error
+            )
+            self._notify()
+
+    def note_loaded(self, name: str, checkpoint: str | None) -> None:
+        with self._changed:
+            switched = self._set_loaded(self._status[name], checkpoint)
+        if switched:
+            self.metrics.checkpoint_switches.labels(name).inc()
+
+    @staticmethod
+    def _set_loaded(status: BackendStatus, checkpoint: str | None) -> bool:
+        if not checkpoint:
+            return False
+        checkpoint = strip_hash(checkpoint)
+        switched = status.loaded is not None and not same_checkpoint(status.loaded, checkpoint)
+        status.loaded = checkpoint
+        return switched
+
+    def apply_probe(self, name: str, result: ProbeResult) -> None:
+        now = time.monotonic()
+        with self._probe_lock:
+            self._probes[name] = (now, result)
+        with self._changed:
+            status = self._status[name]
+            status.checked = True
+            changed = status.healthy != result.ok
+            if result.ok:
+                status.healthy, status.failures, status.down_for = True, 0, 0.0
+                status.latency_ms, status.last_error = result.latency_ms, None
+                status.next_probe = now + self.health.interval
+                if result.loaded and status.in_flight == 0:
+                    # Busy backends report what they are switching to themselves.
+                    status.loaded = strip_hash(result.loaded)
+            else:
+                status.failures += 1
+                status.last_error = result.error
+                if status.healthy and status.failures < self.health.failures:
+                    changed = False
+                    status.next_probe = now + min(self.health.interval, 2.0)
+                else:
+                    status.healthy = False
+                    status.down_for = min(
+                        max(status.down_for * 2, min(self.health.interval, 1.0)),
+                        self.health.backoff_max,
+                    )
+                    status.next_probe = now + status.down_for
+        self.metrics.backend_up.labels(name).set(1 if self.status(name).healthy else 0)
+        if changed:
+            log.log(
+                logging.INFO if result.ok else logging.WARNING,
+                "backend %s is %s%s",
+                name,
+                "healthy" if result.ok else "down",
+                "" if result.ok else f": {result.error}",
+            )
+            self._notify()
+
+    def probe(
+        self, names: list[str], *, max_age: float = _PROBE_CACHE_SECONDS
+    ) -> dict[str, ProbeResult]:
+        """Health of the named backends, probed concurrently, reused for ``max_age`` seconds."""
         now = time.monotonic()
         with self._probe_lock:
             stale = [
-                n
-                for n in names
-                if n not in self._probes or now - self._probes[n][0] > _PROBE_CACHE_SECONDS
+                n for n in names if n not in self._probes or now - self._probes[n][0] > max_age
             ]
         if stale:
             with ThreadPoolExecutor(max_workers=min(8, len(stale))) as executor:
-                results = dict(
-                    zip(stale, executor.map(lambda n: self.backends[n].probe(), stale), strict=True)
-                )
-            with self._probe_lock:
-                for name, result in results.items():
-                    self._probes[name] = (time.monotonic(), result)
+                results = list(executor.map(lambda n: self.backends[n].probe(), stale))
+            for name, result in zip(stale, results, strict=True):
+                self.apply_probe(name, result)
         with self._probe_lock:
             return {n: self._probes[n][1] for n in names}
 
+    def start_monitor(self) -> None:
+        """Probe each backend in the background: healthy ones every ``interval``, down ones
+        with a pause that doubles up to ``backoff_max``."""
+        if self._monitor is not None or not self.backends:
+            return
+        self._stop.clear()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="health", daemon=True)
+        self._monitor.start()
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._changed:
+                due = [s.name for s in self._status.values() if s.next_probe <= now]
+                for name in due:  # not again until this probe has answered
+                    self._status[name].next_probe = now + self.health.backoff_max
+            if due:
+                try:
+                    self.probe(due, max_age=0.0)
+                except Exception:  # a probe must never end the monitor
+                    log.exception("health probe failed")
+
     def close(self) -> None:
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+            self._monitor = None
         for backend in self.backends.values():
             backend.close()

@@ -6,7 +6,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -70,6 +81,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
         Index("ix_jobs_state", "state"),
+        Index("ix_jobs_state_checkpoint", "state", "checkpoint"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -87,6 +99,17 @@ class Job(Base):
     request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     backend: Mapped[str | None] = mapped_column(String(100))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Who runs it and until when: a lapsed lease means the runner died, and the job is
+    # re-queued. Storing images checks the lease, so a runner that lost it stores nothing.
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+    # A retry waits out its backoff; the queue message was last sent at enqueued_at.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    progress: Mapped[float | None] = mapped_column(Float)
+    step: Mapped[int | None] = mapped_column(Integer)
+    steps: Mapped[int | None] = mapped_column(Integer)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_hint: Mapped[str | None] = mapped_column(Text)
@@ -96,9 +119,32 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class JobAttempt(Base):
+    """One try of a job on one backend: where, when, and how it ended."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (Index("ux_job_attempts_job_number", "job_id", "number", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    backend: Mapped[str] = mapped_column(String(100))
+    worker: Mapped[str] = mapped_column(String(100))
+    # running | succeeded | failed | retried | interrupted (its runner died) | cancelled
+    outcome: Mapped[str] = mapped_column(String(16), default="running")
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class Image(Base):
     __tablename__ = "images"
-    __table_args__ = (Index("ix_images_character_created", "character_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_images_character_created", "character_id", "created_at", "id"),
+        # One stored image per requested image, whatever retries overlap.
+        Index("ux_images_job_position", "job_id", "position", unique=True),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)

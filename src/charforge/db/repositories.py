@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from charforge.db.models import ApiToken, Character, Image, Job, User
+from charforge.db.models import ApiToken, Character, Image, Job, JobAttempt, User, utcnow
+from charforge.errors import CharforgeError
 
 
 def user_by_name(session: Session, name: str) -> User | None:
@@ -88,24 +90,307 @@ def job_any_owner(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-def claim_job(session: Session, job_id: str, now: datetime) -> bool:
-    """queued -> running, atomically: of two workers racing for a job, one wins."""
+def claim_job(
+    session: Session,
+    job_id: str,
+    worker: str,
+    backend: str,
+    now: datetime,
+    lease_until: datetime,
+) -> int | None:
+    """queued -> running under a lease, atomically: of two workers racing for a job, one wins.
+    Returns the number of the attempt it starts (recorded in job_attempts), or None."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == "queued")
-        .values(state="running", attempts=Job.attempts + 1, started_at=now)
+        .values(
+            state="running",
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+            lease_owner=worker,
+            lease_until=lease_until,
+            backend=backend,
+            not_before=None,
+            progress=None,
+            step=None,
+            steps=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    number = int(session.scalar(select(Job.attempts).where(Job.id == job_id)) or 1)
+    session.add(
+        JobAttempt(job_id=job_id, number=number, backend=backend, worker=worker, started_at=now)
+    )
+    return number
+
+
+def _held(job_id: str, number: int, worker: str) -> Any:
+    return and_(
+        Job.id == job_id, Job.state == "running", Job.attempts == number, Job.lease_owner == worker
+    )
+
+
+def renew_lease(session: Session, job_id: str, number: int, worker: str, until: datetime) -> bool:
+    result = session.execute(
+        update(Job).where(_held(job_id, number, worker)).values(lease_until=until)
     )
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
-def job_ids_in_state(session: Session, state: str) -> Sequence[str]:
-    return session.scalars(select(Job.id).where(Job.state == state).order_by(Job.created_at)).all()
+def set_progress(
+    session: Session,
+    job_id: str,
+    number: int,
+    worker: str,
+    fraction: float,
+    step: int | None,
+    steps: int | None,
+) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(_held(job_id, number, worker))
+        .values(progress=fraction, step=step, steps=steps)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
 
 
-def requeue_running(session: Session) -> int:
-    """After a crash: jobs left running by a dead process go back to the queue."""
-    result = session.execute(update(Job).where(Job.state == "running").values(state="queued"))
-    return int(getattr(result, "rowcount", 0))
+def requeue_for_retry(
+    session: Session, job_id: str, number: int, worker: str, not_before: datetime
+) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(_held(job_id, number, worker))
+        .values(state="queued", lease_owner=None, lease_until=None, not_before=not_before)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def finish_succeeded(session: Session, job_id: str, number: int, worker: str, backend: str) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(_held(job_id, number, worker))
+        .values(
+            state="succeeded",
+            backend=backend,
+            finished_at=utcnow(),
+            lease_owner=None,
+            lease_until=None,
+            progress=1.0,
+            error_code=None,
+            error_message=None,
+            error_hint=None,
+            error_field=None,
+        )
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def finish_failed(
+    session: Session,
+    job_id: str,
+    error: CharforgeError,
+    *,
+    backend: str | None = None,
+    attempt: tuple[int, str] | None = None,
+) -> bool:
+    """Fail a job that is still running (by this attempt, when given) or still queued."""
+    if attempt is not None:
+        condition = _held(job_id, *attempt)
+    else:
+        condition = and_(Job.id == job_id, Job.state.in_(("queued", "running")))
+    values: dict[str, Any] = {
+        "state": "failed",
+        "finished_at": utcnow(),
+        "lease_owner": None,
+        "lease_until": None,
+        "error_code": error.code,
+        "error_message": error.message,
+        "error_hint": error.hint,
+        "error_field": error.field,
+    }
+    if backend is not None:
+        values["backend"] = backend
+    result = session.execute(update(Job).where(condition).values(**values))
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def finish_attempt(
+    session: Session,
+    job_id: str,
+    number: int,
+    outcome: str,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> None:
+    session.execute(
+        update(JobAttempt)
+        .where(
+            JobAttempt.job_id == job_id,
+            JobAttempt.number == number,
+            JobAttempt.outcome == "running",
+        )
+        .values(
+            outcome=outcome,
+            error_code=error_code,
+            error_message=error_message,
+            finished_at=utcnow(),
+        )
+    )
+
+
+def attempts_of(session: Session, job_id: str) -> Sequence[JobAttempt]:
+    return session.scalars(
+        select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.number)
+    ).all()
+
+
+def requeue_abandoned(
+    session: Session, now: datetime, *, only_expired: bool, max_attempts: int
+) -> tuple[list[str], list[str]]:
+    """Jobs whose runner died go back to the queue, their attempt marked interrupted.
+    ``only_expired``: only those whose lease lapsed (others may be alive elsewhere); else
+    every running job (one embedded server starting: nothing else can be running them).
+    A job interrupted ``max_attempts`` times fails instead of crashing workers forever.
+    Returns (re-queued ids, failed ids)."""
+    query = select(Job.id, Job.attempts).where(Job.state == "running")
+    if only_expired:
+        query = query.where(or_(Job.lease_until.is_(None), Job.lease_until < now))
+    requeued: list[str] = []
+    failed: list[str] = []
+    for job_id, attempts in session.execute(query).all():
+        condition = and_(Job.id == job_id, Job.state == "running", Job.attempts == attempts)
+        if only_expired:
+            condition = and_(condition, or_(Job.lease_until.is_(None), Job.lease_until < now))
+        if attempts >= max_attempts:
+            values: dict[str, Any] = {
+                "state": "failed",
+                "finished_at": now,
+                "error_code": "interrupted",
+                "error_message": (
+                    f"The job was interrupted {attempts} times (its worker stopped or "
+                    "crashed while running it) and was given up."
+                ),
+                "error_hint": "Check the worker logs for crashes; then submit it again.",
+            }
+        else:
+            values = {"state": "queued", "not_before": None}
+        values.update(lease_owner=None, lease_until=None)
+        result = session.execute(update(Job).where(condition).values(**values))
+        if getattr(result, "rowcount", 0) == 1:
+            finish_attempt(session, job_id, attempts, "interrupted", "interrupted")
+            (failed if attempts >= max_attempts else requeued).append(job_id)
+    return requeued, failed
+
+
+def cancel_job(session: Session, owner_id: int, job_id: str) -> tuple[str, str | None] | None:
+    """Cancel a queued or running job; returns (state it was in, its backend), or None when
+    it is no longer cancellable."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
+    if job is None or job.state not in ("queued", "running"):
+        return None
+    previous, backend = job.state, job.backend
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == previous)
+        .values(
+            state="cancelled",
+            finished_at=utcnow(),
+            lease_owner=None,
+            lease_until=None,
+            error_code="cancelled",
+            error_message="The job was cancelled.",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    if previous == "running":
+        session.execute(
+            update(JobAttempt)
+            .where(JobAttempt.job_id == job_id, JobAttempt.outcome == "running")
+            .values(outcome="cancelled", finished_at=utcnow())
+        )
+    return previous, backend
+
+
+def queued_jobs(session: Session) -> Sequence[Job]:
+    return session.scalars(
+        select(Job).where(Job.state == "queued").order_by(Job.created_at, Job.id)
+    ).all()
+
+
+def stale_queued(session: Session, before: datetime) -> Sequence[Job]:
+    """Queued jobs whose queue message was last sent before ``before``."""
+    return session.scalars(
+        select(Job).where(
+            Job.state == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < before)
+        )
+    ).all()
+
+
+def mark_enqueued(session: Session, job_ids: list[str], now: datetime) -> None:
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now))
+
+
+def jobs_page(
+    session: Session,
+    owner_id: int,
+    *,
+    states: list[str] | None,
+    limit: int,
+    after: tuple[datetime, str] | None,
+) -> Sequence[Job]:
+    """The user's jobs, newest first, keyset-paginated like image history."""
+    query = select(Job).where(Job.owner_id == owner_id)
+    if states:
+        query = query.where(Job.state.in_(states))
+    if after is not None:
+        created, last_id = after
+        query = query.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+        )
+    return session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)).all()
+
+
+def queue_position(session: Session, job: Job) -> int:
+    """How many queued jobs for the same checkpoint were created before this one."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.state == "queued",
+                Job.checkpoint == job.checkpoint,
+                or_(
+                    Job.created_at < job.created_at,
+                    and_(Job.created_at == job.created_at, Job.id < job.id),
+                ),
+            )
+        )
+        or 0
+    )
+
+
+def job_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {state: int(count) for state, count in rows}
+
+
+def queued_by_checkpoint(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(Job.checkpoint, func.count()).where(Job.state == "queued").group_by(Job.checkpoint)
+    ).all()
+    return {checkpoint: int(count) for checkpoint, count in rows}
+
+
+def running_on_backends(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(Job.backend, func.count()).where(Job.state == "running").group_by(Job.backend)
+    ).all()
+    return {str(backend): int(count) for backend, count in rows if backend}
 
 
 def images_of_job(session: Session, job_id: str) -> Sequence[Image]:

@@ -16,6 +16,7 @@ SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 2048, 8
 STEPS_MIN, STEPS_MAX = 1, 150
 CFG_MIN, CFG_MAX = 1.0, 30.0
 SEED_MAX = 2**32 - 1
+COUNT_MAX = 16  # images per job: one after the other on one backend, so it bounds a job's time
 # The largest image a request may produce, hires pass included (2048x2048): beyond it a
 # WebUI tends to run out of GPU memory after minutes of work instead of failing at once.
 OUTPUT_PIXELS_MAX = 2048 * 2048
@@ -63,6 +64,12 @@ class GenerateBody(BaseModel):
     def _blank_is_absent(cls, value: str | None) -> str | None:
         # The seed's page sends `model: null` or "" when the character has none.
         return value or None
+
+
+class JobBody(GenerateBody):
+    """``POST /api/jobs``: the generate body plus how many images to make."""
+
+    count: int = Field(default=1, ge=1, le=COUNT_MAX)
 
 
 @dataclass(frozen=True)

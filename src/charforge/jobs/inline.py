@@ -1,63 +1,119 @@
-"""Embedded mode's queue: worker threads inside the server process.
+"""Embedded mode's queue: a dispatcher thread inside the server process hands queued jobs to
+free backends (jobs/scheduler.py decides which), and a thread per backend slot runs them.
 
-The job row is the truth; this queue only says "job X is ready". On start, jobs a crashed
-process left running go back to queued, and every queued job is picked up again.
+The job row is the truth; this queue only holds ids. On start, jobs a crashed process left
+running go back to queued (with their attempt count), and every queued job is taken up again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from sqlalchemy.orm import Session
 
 from charforge.db import repositories as repo
-from charforge.db.engine import Database
+from charforge.db.models import utcnow
+from charforge.jobs.runner import Outcome, RunnerContext, run_attempt
+from charforge.jobs.scheduler import Fairness, FreeBackend, Policy, QueuedJob, plan
+from charforge.jobs.tickets import JobTicket
 
 log = logging.getLogger(__name__)
-_STOP = object()
+
+Planner = Callable[
+    [list[QueuedJob], list[FreeBackend], list[str | None], float], list[tuple[QueuedJob, str]]
+]
 
 
 class InlineJobQueue:
-    def __init__(self, run: Callable[[str], str], *, workers: int) -> None:
-        self._run = run
-        self._workers = workers
-        self._queue: queue.Queue[object] = queue.Queue()
+    def __init__(
+        self,
+        ctx: RunnerContext,
+        *,
+        policy: Policy | None = None,
+        planner: Planner | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._policy = policy or Policy()
+        self._fairness = Fairness()
+        self._planner = planner or self._plan
+        self._queued: dict[str, QueuedJob] = {}
+        self._running: set[str] = set()
         self._done: dict[str, threading.Event] = {}
         self._callbacks: dict[str, list[Callable[[], None]]] = {}
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._lock = threading.Condition()
         self._stopping = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+        slots = max(1, len(ctx.pool.backends))
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="charforge-job")
+        ctx.pool.on_change(self._wake)
+
+    # -- the JobQueue protocol ---------------------------------------------------------------
 
     def start(self) -> None:
-        for index in range(self._workers):
-            thread = threading.Thread(
-                target=self._loop, name=f"charforge-worker-{index}", daemon=True
+        self._stopping.clear()
+        self._dispatcher = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self._dispatcher.start()
+
+    def recover(self) -> int:
+        """Take up what an earlier process left behind; returns how many jobs are queued."""
+        with self._ctx.db.session() as session:
+            requeued, failed = repo.requeue_abandoned(
+                session,
+                utcnow(),
+                only_expired=False,
+                max_attempts=self._ctx.retry.max_attempts,
             )
-            thread.start()
-            self._threads.append(thread)
+        if requeued or failed:
+            log.warning(
+                "an earlier process left %d job(s) running: %d re-queued, %d given up",
+                len(requeued) + len(failed),
+                len(requeued),
+                len(failed),
+            )
+        with self._ctx.db.session() as session:
+            tickets = [JobTicket.of(job) for job in repo.queued_jobs(session)]
+            avoid = {t.id: _failed_on(session, t.id) for t in tickets}
+        for ticket in tickets:
+            self.submit(ticket, avoid=avoid[ticket.id])
+        return len(tickets)
 
-    def recover(self, db: Database) -> int:
-        """Re-queue what an earlier process left behind; returns how many jobs were sent."""
-        with db.session() as session:
-            requeued = repo.requeue_running(session)
-            pending = list(repo.job_ids_in_state(session, "queued"))
-        if requeued:
-            log.warning("re-queued %d job(s) left running by an earlier process", requeued)
-        for job_id in pending:
-            self.submit(job_id)
-        return len(pending)
-
-    def submit(self, job_id: str) -> None:
+    def submit(self, ticket: JobTicket, *, avoid: frozenset[str] = frozenset()) -> None:
         """Call only after the job's row is committed."""
+        route = self._ctx.table.route(ticket.style)
+        waited = max(0.0, (utcnow() - ticket.created_at).total_seconds())
+        job = QueuedJob(
+            ticket.id,
+            ticket.owner_id,
+            ticket.checkpoint,
+            tuple(route.backends),
+            queued_at=time.monotonic() - waited,
+            not_before=time.monotonic() + ticket.wait_seconds(),
+            avoid=avoid,
+        )
         with self._lock:
-            self._done.setdefault(job_id, threading.Event())
-        self._queue.put(job_id)
+            self._done.setdefault(ticket.id, threading.Event())
+            self._queued[ticket.id] = job
+            self._lock.notify_all()
+
+    def forget(self, job_id: str) -> None:
+        """A cancelled job: drop it if it has not started (the row already says cancelled)."""
+        with self._lock:
+            dropped = self._queued.pop(job_id, None)
+        if dropped is not None:
+            self._finished(job_id)
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._queued)
 
     def wait(self, job_id: str, timeout: float) -> bool:
-        """True once the job was run here (or is not this queue's); False on timeout."""
+        """True once the job ended here (or is not this queue's); False on timeout."""
         with self._lock:
             event = self._done.get(job_id)
         return True if event is None else event.wait(timeout)
@@ -84,40 +140,133 @@ class InlineJobQueue:
             return False
         return True
 
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP or self._stopping.is_set():
-                return  # a job not started stays queued in the database for the next start
-            job_id = str(item)
-            try:
-                self._run(job_id)
-            except Exception:  # the runner records failures itself; this is a last guard
-                log.exception("worker crashed on job %s", job_id)
-            finally:
-                with self._lock:
-                    event = self._done.pop(job_id, None)
-                    callbacks = self._callbacks.pop(job_id, [])
-                if event is not None:
-                    event.set()
-                for wake in callbacks:
-                    try:
-                        wake()
-                    except RuntimeError:  # the waiting request's event loop is gone
-                        log.debug("no one is waiting for job %s any more", job_id)
-
     def stop(self, timeout: float = 30.0) -> bool:
-        """Start no more jobs and let running ones finish; True when every worker ended.
+        """Start no more jobs and let running ones finish; True when all of them ended.
 
         A job still running after ``timeout`` stays ``running`` in the database and is
         re-queued at the next start, instead of being failed here.
         """
         self._stopping.set()
-        for _ in self._threads:
-            self._queue.put(_STOP)
+        self._wake()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout)
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        finished = not any(thread.is_alive() for thread in self._threads)
-        self._threads.clear()
-        return finished
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._running:
+                    break
+            time.sleep(0.05)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            return not self._running
+
+    # -- dispatching ---------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _plan(
+        self,
+        queued: list[QueuedJob],
+        free: list[FreeBackend],
+        busy_loaded: list[str | None],
+        now: float,
+    ) -> list[tuple[QueuedJob, str]]:
+        healthy = {s.name for s in self._ctx.pool.statuses() if s.healthy}
+        return plan(
+            queued,
+            free,
+            busy_loaded,
+            now=now,
+            fairness=self._fairness,
+            policy=self._policy,
+            healthy=healthy,
+        )
+
+    def _usable(self) -> tuple[list[FreeBackend], list[str | None]]:
+        """Healthy backends with a free slot, and what the busy ones have loaded. A route
+        whose backends are all down still gets them: its jobs then fail with the backend's
+        own error after their attempts instead of waiting for ever."""
+        statuses = {s.name: s for s in self._ctx.pool.statuses()}
+        routes = self._ctx.table.routes.values()
+        free: list[FreeBackend] = []
+        busy: list[str | None] = []
+        for name, status in statuses.items():
+            orphan = any(
+                name in r.backends and not any(statuses[n].healthy for n in r.backends)
+                for r in routes
+            )
+            if status.idle_slots and (status.healthy or orphan):
+                free.append(FreeBackend(name, status.idle_slots, status.loaded))
+            else:
+                busy.append(status.loaded)
+        return free, busy
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                queued = list(self._queued.values())
+            pause = 1.0
+            if queued:
+                free, busy = self._usable()
+                now = time.monotonic()
+                for job, backend in self._planner(queued, free, busy, now):
+                    self._launch(job, backend)
+                waiting = [j.not_before - now for j in queued if j.not_before > now]
+                pause = min([pause, *waiting]) if waiting else pause
+            with self._lock:
+                if not self._stopping.is_set():
+                    self._lock.wait(max(0.01, pause))
+
+    def _launch(self, job: QueuedJob, backend: str) -> None:
+        if not self._ctx.pool.try_acquire(backend):
+            self._fairness.running[job.owner_id] -= 1
+            return
+        with self._lock:
+            if self._queued.pop(job.id, None) is None:  # cancelled meanwhile
+                self._ctx.pool.release(backend)
+                self._fairness.running[job.owner_id] -= 1
+                return
+            self._running.add(job.id)
+        self._executor.submit(self._execute, job, backend)
+
+    def _execute(self, job: QueuedJob, backend: str) -> None:
+        outcome = Outcome("failed")
+        try:
+            outcome = run_attempt(self._ctx, job.id, backend)
+        except Exception:  # the runner records failures itself; this is a last guard
+            log.exception("worker crashed on job %s", job.id)
+        finally:
+            self._ctx.pool.release(backend)
+        again = outcome.state == "retry" and not self._stopping.is_set()
+        with self._lock:
+            self._running.discard(job.id)
+            self._fairness.running[job.owner_id] -= 1
+            if again:  # back in line after its backoff, steering clear of this backend
+                self._queued[job.id] = replace(
+                    job,
+                    not_before=time.monotonic() + outcome.retry_after,
+                    avoid=job.avoid | {backend},
+                )
+                self._lock.notify_all()
+        if not again:
+            self._finished(job.id)
+
+    def _finished(self, job_id: str) -> None:
+        with self._lock:
+            event = self._done.pop(job_id, None)
+            callbacks = self._callbacks.pop(job_id, [])
+        if event is not None:
+            event.set()
+        for wake in callbacks:
+            try:
+                wake()
+            except RuntimeError:  # the waiting request's event loop is gone
+                log.debug("no one is waiting for job %s any more", job_id)
+
+
+def _failed_on(session: Session, job_id: str) -> frozenset[str]:
+    return frozenset(
+        a.backend for a in repo.attempts_of(session, job_id) if a.outcome in ("retried", "failed")
+    )

@@ -1,17 +1,25 @@
-"""Run one job: claim -> pick backend -> generate -> verify checkpoint -> store -> finish.
+"""Run one attempt of a job on one backend: claim -> generate -> verify -> store -> finish.
 
-Idempotent: the claim is a conditional update, so a job runs at most once at a time, and a
-job that is no longer ``queued`` is left alone. Files are written before the rows that name
-them are committed, so a row never points at a missing file.
+Idempotent and safe against overlap: the claim is a conditional update that takes a lease
+(renewed while the attempt runs), and the images are stored only while this attempt still
+holds it, in the same transaction that marks the job succeeded; a unique (job, position)
+index makes a second copy of an image impossible even then. Files are written before the
+rows that name them are committed, so a row never points at a missing file.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.exc import IntegrityError
 
 from charforge import __version__
-from charforge.backends.base import BackendRequest, BackendResult
+from charforge.backends.base import BackendRequest, BackendResult, Progress
 from charforge.backends.pool import BackendPool
 from charforge.db import repositories as repo
 from charforge.db.engine import Database
@@ -22,10 +30,26 @@ from charforge.domain.infotext import build_infotext
 from charforge.domain.params import GenerationParams
 from charforge.domain.routes import RouteTable
 from charforge.errors import BackendBadResponse, CharforgeError
+from charforge.observability import logs
+from charforge.observability.metrics import Metrics
 from charforge.storage.files import ImageStore
 from charforge.storage.png import NotAnImage, embed_infotext
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    backoff: float = 1.0  # first pause; doubles per attempt, with jitter
+    backoff_max: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with "equal jitter": half fixed, half random, so retries of
+        many jobs that failed together do not hit the pool together again."""
+        ceiling = min(self.backoff_max, self.backoff * 2.0 ** max(0, attempt - 1))
+        jitter: float = random.uniform(0, ceiling / 2)  # noqa: S311 - not cryptographic
+        return ceiling / 2 + jitter
 
 
 @dataclass
@@ -34,97 +58,217 @@ class RunnerContext:
     pool: BackendPool
     table: RouteTable
     store: ImageStore
-    lease_wait: float  # how long a job may wait for a free backend of its route
+    metrics: Metrics
+    worker: str  # who holds the leases this process takes (host:pid)
+    lease: float = 60.0
+    retry: RetryPolicy = RetryPolicy()
 
 
-def run_job(ctx: RunnerContext, job_id: str) -> str:
-    """Run the job if it is still queued; returns the state it ends in."""
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # succeeded | failed | cancelled | retry | skipped (not ours to run)
+    retry_after: float = 0.0
+    backend: str | None = None
+    error: str | None = None
+
+
+def run_attempt(ctx: RunnerContext, job_id: str, backend: str) -> Outcome:
+    """Run the job on ``backend`` if it is still queued, holding a slot of that backend."""
+    token = logs.job_id.set(job_id)
+    try:
+        return _run_attempt(ctx, job_id, backend)
+    finally:
+        logs.job_id.reset(token)
+
+
+def _run_attempt(ctx: RunnerContext, job_id: str, backend: str) -> Outcome:
+    now = utcnow()
     with ctx.db.session() as session:
-        if not repo.claim_job(session, job_id, utcnow()):
-            job = repo.job_any_owner(session, job_id)
-            return job.state if job else "missing"
+        number = repo.claim_job(
+            session, job_id, ctx.worker, backend, now, now + timedelta(seconds=ctx.lease)
+        )
+        if number is None:
+            return Outcome("skipped")
         job = repo.job_any_owner(session, job_id)
         assert job is not None
-        snapshot = _Snapshot.of(job)
+        snapshot = _Snapshot.of(job, number)
 
+    keeper = _LeaseKeeper(ctx, snapshot, backend)
+    keeper.start()
+    started = time.monotonic()
     try:
-        written = _generate_and_store(ctx, snapshot)
-    except _FailedOn as failure:
-        error = failure.error
-        log.warning(
-            "job %s failed on %s: %s (%s)", job_id, failure.backend, error.code, error.message
-        )
-        _finish_failed(ctx, job_id, error, failure.backend)
-        return "failed"
+        written = _generate_and_store(ctx, snapshot, backend, keeper)
+    except CharforgeError as error:
+        return _after_failure(ctx, snapshot, backend, error, time.monotonic() - started)
     except Exception:  # a bug must fail the job visibly, not leave it running forever
         log.exception("job %s crashed", job_id)
-        _finish_failed(
-            ctx,
-            job_id,
-            CharforgeError(
-                "charforge hit an internal error while running this job.",
-                hint="The server log has the details; please report it.",
-            ),
+        internal = CharforgeError(
+            "charforge hit an internal error while running this job.",
+            hint="The server log has the details; please report it.",
         )
-        return "failed"
-    log.info("job %s succeeded with %d image(s)", job_id, written)
-    return "succeeded"
+        _finish_failed(ctx, snapshot, backend, internal)
+        return Outcome("failed", backend=backend, error=internal.code)
+    finally:
+        keeper.stop()
+    if written is None:
+        log.info("job %s was cancelled or taken over while on %s; nothing stored", job_id, backend)
+        return Outcome("cancelled", backend=backend)
+    ctx.metrics.jobs_finished.labels("succeeded").inc()
+    log.info("job %s succeeded on %s with %d image(s)", job_id, backend, written)
+    return Outcome("succeeded", backend=backend)
+
+
+def _after_failure(
+    ctx: RunnerContext, job: _Snapshot, backend: str, error: CharforgeError, seconds: float
+) -> Outcome:
+    if error.retriable:  # says something about the backend's health, not about the request
+        ctx.pool.record_failure(backend, error.message, seconds)
+    tried = _tried_backends(ctx, job.id) | {backend}
+    route = ctx.table.route(job.style)
+    untried = [name for name in route.backends if name not in tried]
+    again = job.number < ctx.retry.max_attempts and (
+        error.retriable or (error.backend_specific and bool(untried))
+    )
+    if again:
+        delay = ctx.retry.delay(job.number)
+        with ctx.db.session() as session:
+            requeued = repo.requeue_for_retry(
+                session, job.id, job.number, ctx.worker, utcnow() + timedelta(seconds=delay)
+            )
+            repo.finish_attempt(session, job.id, job.number, "retried", error.code, error.message)
+        if requeued:
+            ctx.metrics.retries.labels(error.code).inc()
+            log.warning(
+                "job %s attempt %d failed on %s (%s); retrying in %.1fs",
+                job.id,
+                job.number,
+                backend,
+                error.code,
+                delay,
+            )
+            return Outcome("retry", retry_after=delay, backend=backend, error=error.code)
+        return Outcome("cancelled", backend=backend)
+    log.warning("job %s failed on %s: %s (%s)", job.id, backend, error.code, error.message)
+    _finish_failed(ctx, job, backend, error)
+    return Outcome("failed", backend=backend, error=error.code)
+
+
+def _tried_backends(ctx: RunnerContext, job_id: str) -> set[str]:
+    with ctx.db.session() as session:
+        return {a.backend for a in repo.attempts_of(session, job_id)}
+
+
+class _LeaseKeeper:
+    """Renews the attempt's lease (and its backend slot) while it runs; when the lease is gone
+    (the job was cancelled, or a sweeper gave it away) it interrupts the backend's work."""
+
+    def __init__(self, ctx: RunnerContext, job: _Snapshot, backend: str) -> None:
+        self._ctx, self._job, self._backend = ctx, job, backend
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job.id[:8]}", daemon=True)
+        self.lost = False
+        self._last_progress = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._ctx.lease / 3):
+            try:
+                self.renew()
+            except Exception:  # a database hiccup: the next renewal may work
+                log.exception("could not renew the lease of job %s", self._job.id)
+
+    def renew(self) -> None:
+        until = utcnow() + timedelta(seconds=self._ctx.lease)
+        with self._ctx.db.session() as session:
+            held = repo.renew_lease(
+                session, self._job.id, self._job.number, self._ctx.worker, until
+            )
+        self._ctx.pool.renew(self._backend)
+        if not held and not self.lost:
+            self.lost = True
+            log.info(
+                "job %s lost its lease (cancelled?); interrupting %s", self._job.id, self._backend
+            )
+            self._ctx.pool.backends[self._backend].interrupt()
+
+    def progress(self, update: Progress) -> None:
+        with self._ctx.db.session() as session:
+            held = repo.set_progress(
+                session,
+                self._job.id,
+                self._job.number,
+                self._ctx.worker,
+                update.fraction,
+                update.step,
+                update.steps,
+            )
+        if not held and not self.lost:
+            self.renew()  # find out why, and interrupt if the job is no longer ours
 
 
 @dataclass(frozen=True)
 class _Snapshot:
     id: str
+    number: int  # this attempt
     owner_id: int
     character_id: str
     style: str
     checkpoint: str
     checkpoint_hash: str | None
     params: GenerationParams
+    count: int
 
     @classmethod
-    def of(cls, job: Job) -> _Snapshot:
+    def of(cls, job: Job, number: int) -> _Snapshot:
         return cls(
             job.id,
+            number,
             job.owner_id,
             job.character_id,
             job.art_style,
             job.checkpoint,
             job.checkpoint_hash,
             GenerationParams.from_json(job.params),
+            job.count or 1,
         )
 
 
-class _FailedOn(Exception):
-    """A job error together with the backend it happened on (recorded on the job)."""
-
-    def __init__(self, error: CharforgeError, backend: str | None) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.backend = backend
-
-
-def _generate_and_store(ctx: RunnerContext, job: _Snapshot) -> int:
-    def check(backend: str, reported: str | None, reported_hash: str | None) -> None:
+def _generate_and_store(
+    ctx: RunnerContext, job: _Snapshot, name: str, keeper: _LeaseKeeper
+) -> int | None:
+    def check(reported: str | None, reported_hash: str | None) -> None:
         verify_checkpoint_ran(
             expected=job.checkpoint,
             expected_hash=job.checkpoint_hash,
             reported=reported,
             reported_hash=reported_hash,
-            backend=backend,
+            backend=name,
         )
 
-    name: str | None = None  # no backend yet while waiting for a free one
-    try:
-        with ctx.pool.lease(ctx.table.route(job.style), wait=ctx.lease_wait) as backend:
-            name = backend.spec.name
-            listed = backend.find_checkpoint(job.checkpoint, style=job.style)
-            if job.checkpoint_hash and listed.hash:
-                check(name, listed.name, listed.hash)  # a replaced file, before GPU time is spent
-            result = backend.generate(BackendRequest(job.style, listed, job.params))
-        check(name, result.checkpoint, result.checkpoint_hash)
-        return _store(ctx, job, name, backend.spec.simulated, result, listed.hash)
-    except CharforgeError as exc:
-        raise _FailedOn(exc, name) from exc
+    backend = ctx.pool.backends[name]
+    listed = backend.find_checkpoint(job.checkpoint, style=job.style)
+    if job.checkpoint_hash and listed.hash:
+        check(listed.name, listed.hash)  # a replaced file, before GPU time is spent
+    started = time.monotonic()
+    ctx.pool.note_loaded(name, listed.name)  # A1111 switches to it before rendering
+    result = backend.generate(
+        BackendRequest(job.style, listed, job.params, job.count, on_progress=keeper.progress)
+    )
+    check(result.checkpoint, result.checkpoint_hash)
+    ctx.pool.record_success(name, time.monotonic() - started, listed.name)
+    if len(result.images) < job.count:
+        raise BackendBadResponse(
+            f"Backend '{name}' returned {len(result.images)} of the {job.count} images asked "
+            "for (was it interrupted?); nothing was stored.",
+            retriable=True,
+        )
+    return _store(ctx, job, name, backend.spec.simulated, result, listed.hash)
 
 
 def _store(
@@ -134,11 +278,13 @@ def _store(
     simulated: bool,
     result: BackendResult,
     listed_hash: str | None,
-) -> int:
+) -> int | None:
+    """The images and the job's success in one transaction, only while this attempt still
+    holds the job; None when it does not (cancelled, or re-queued after a lapsed lease)."""
     p = job.params
     model_hash = result.checkpoint_hash or listed_hash
     rows: list[Image] = []
-    for position, generated in enumerate(result.images):
+    for position, generated in enumerate(result.images[: job.count]):
         infotext = build_infotext(
             prompt=p.prompt,
             negative_prompt=p.negative_prompt,
@@ -192,15 +338,11 @@ def _store(
         )
     try:
         with ctx.db.session() as session:
-            stored = repo.job_any_owner(session, job.id)
-            if stored is None or stored.state != "running":
-                raise _Abandoned()  # cancelled or deleted meanwhile: keep nothing
+            if not repo.finish_succeeded(session, job.id, job.number, ctx.worker, backend):
+                raise _Abandoned()  # cancelled, deleted or taken over meanwhile: keep nothing
             session.add_all(rows)
-            stored.state = "succeeded"
-            stored.backend = backend
-            stored.finished_at = utcnow()
-            stored.error_code = stored.error_message = stored.error_hint = None
-            stored.error_field = None
+            session.flush()  # the unique (job, position) index refuses a second copy here
+            repo.finish_attempt(session, job.id, job.number, "succeeded")
             character = repo.character(session, job.owner_id, job.character_id)
             if character is not None:
                 if character.model is None:  # an older character's requested model worked
@@ -213,10 +355,12 @@ def _store(
                     and same_checkpoint(character.model, job.checkpoint)
                 ):
                     character.model_hash = model_hash
-    except _Abandoned:
+    except (_Abandoned, IntegrityError):
         for row in rows:
             ctx.store.delete(row.file_path)
-        return 0
+        with ctx.db.session() as session:
+            repo.finish_attempt(session, job.id, job.number, "cancelled")
+        return None
     except BaseException:
         for row in rows:  # the rows did not land, so their files must not linger
             ctx.store.delete(row.file_path)
@@ -228,17 +372,46 @@ class _Abandoned(Exception):
     pass
 
 
-def _finish_failed(
-    ctx: RunnerContext, job_id: str, error: CharforgeError, backend: str | None = None
-) -> None:
+def _finish_failed(ctx: RunnerContext, job: _Snapshot, backend: str, error: CharforgeError) -> None:
+    with ctx.db.session() as session:
+        repo.finish_attempt(session, job.id, job.number, "failed", error.code, error.message)
+        failed = repo.finish_failed(
+            session,
+            job.id,
+            error,
+            backend=backend,
+            attempt=(job.number, ctx.worker),
+        )
+    if failed:
+        ctx.metrics.jobs_finished.labels("failed").inc()
+
+
+def run_here(ctx: RunnerContext, job_id: str, *, wait: float) -> Outcome:
+    """One attempt of a job in this thread, on a backend the pool picks (no dispatcher: the
+    CLI and Celery workers). Returns "skipped" when the job is not queued or not yet due."""
     with ctx.db.session() as session:
         job = repo.job_any_owner(session, job_id)
-        if job is None or job.state != "running":
-            return
-        job.state = "failed"
-        job.backend = backend or job.backend
-        job.finished_at = utcnow()
-        job.error_code = error.code
-        job.error_message = error.message
-        job.error_hint = error.hint
-        job.error_field = error.field
+        if job is None or job.state != "queued":
+            return Outcome("skipped")
+        if job.not_before is not None and job.not_before > utcnow():
+            pause = (job.not_before - utcnow()).total_seconds()
+            return Outcome("retry", retry_after=pause)
+        avoid = {a.backend for a in repo.attempts_of(session, job_id) if a.outcome != "running"}
+        route, checkpoint = ctx.table.route(job.art_style), job.checkpoint
+    try:
+        with ctx.pool.lease(route, checkpoint, wait=wait, avoid=avoid) as backend:
+            return run_attempt(ctx, job_id, backend.spec.name)
+    except CharforgeError as exc:  # no backend free in time: the job stays queued
+        return Outcome("retry", retry_after=ctx.retry.delay(1), error=exc.code)
+
+
+def run_to_end(ctx: RunnerContext, job_id: str, *, wait: float) -> str:
+    """Attempt a job until it is final (retries included); returns the final state."""
+    while True:
+        outcome = run_here(ctx, job_id, wait=wait)
+        if outcome.state != "retry":
+            break
+        time.sleep(outcome.retry_after)
+    with ctx.db.session() as session:
+        job = repo.job_any_owner(session, job_id)
+        return job.state if job else "missing"

@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from charforge.config import GenerationDefaults
 from charforge.db import repositories as repo
-from charforge.db.models import Job, User
+from charforge.db.models import Job, User, utcnow
 from charforge.domain.checkpoints import same_checkpoint
 from charforge.domain.consistency import resolve
 from charforge.domain.params import GenerateBody, apply_defaults
@@ -22,6 +22,8 @@ def submit(
     body: GenerateBody,
     table: RouteTable,
     defaults: GenerationDefaults,
+    *,
+    count: int = 1,
 ) -> Job:
     character = characters.get(session, owner, body.character_id)
     requested_style = (
@@ -61,6 +63,8 @@ def submit(
         user_prompt=body.prompt,
         request=body.model_dump(mode="json", by_alias=True, exclude_none=True),
         attempts=0,
+        count=count,
+        created_at=utcnow(),
     )
     session.add(job)
     session.flush()

@@ -14,16 +14,19 @@ from charforge.db import repositories as repo
 from charforge.db.models import User
 from charforge.domain.params import GenerateBody
 from charforge.errors import NotFound, error_from_code
+from charforge.jobs.tickets import JobTicket
 from charforge.services import generation
 
 router = APIRouter(tags=["generation"])
 
 
-def submit_generation(c: Container, user: User, body: GenerateBody) -> str:
+def submit_generation(c: Container, user: User, body: GenerateBody, count: int = 1) -> JobTicket:
     with c.db.session() as session:
-        job = generation.submit(session, user, body, c.table, c.settings.defaults)
-        return job.id
+        job = generation.submit(session, user, body, c.table, c.settings.defaults, count=count)
+        ticket = JobTicket.of(job)
     # the with-block has committed: only now may a worker see the job
+    c.queue.submit(ticket)
+    return ticket
 
 
 def generation_outcome(c: Container, user: User, job_id: str) -> JSONResponse:
@@ -74,7 +77,6 @@ async def generate(body: GenerateBody, user: CurrentUser, c: ContainerDep) -> JS
 
 async def generate_and_wait(c: Container, user: User, body: GenerateBody) -> JSONResponse:
     """Shared by the API and the Generate page: the same job, the same answer."""
-    job_id = await run_in_threadpool(submit_generation, c, user, body)
-    c.queue.submit(job_id)
+    job_id = (await run_in_threadpool(submit_generation, c, user, body)).id
     await c.queue.wait_async(job_id, c.settings.generate_wait)
     return await run_in_threadpool(generation_outcome, c, user, job_id)

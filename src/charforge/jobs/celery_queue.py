@@ -1,0 +1,264 @@
+"""Distributed mode: servers enqueue job ids through Celery (Redis broker); `charforge worker`
+processes run them.
+
+- One queue per route checkpoint (``charforge.ckpt.<name>``) plus ``charforge.other`` for a
+  character's own model, so a worker started with ``--checkpoints`` keeps its model hot.
+- Acks late and prefetch 1: a worker killed mid-job leaves its message to be delivered again,
+  and never hoards messages another worker could run.
+- The job row is the truth and the message only wakes a worker: a sweeper in every process
+  re-queues jobs whose lease lapsed (a dead worker) and re-sends queued jobs whose message was
+  lost; a duplicate message is harmless because claiming a job is a conditional update.
+- Requests in flight per backend are limited across all workers by slots in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from redis import Redis
+
+from charforge.config import Settings
+from charforge.db import repositories as repo
+from charforge.db.models import utcnow
+from charforge.domain.checkpoints import model_name
+from charforge.domain.routes import RouteTable
+from charforge.jobs.runner import RunnerContext, run_to_end
+from charforge.jobs.tickets import JobTicket
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "charforge.run_job"
+OTHER_QUEUE = "charforge.other"
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def queue_for(checkpoint: str) -> str:
+    slug = re.sub(r"[^a-z0-9_-]+", "-", model_name(checkpoint).lower()).strip("-") or "unnamed"
+    return f"charforge.ckpt.{slug}"
+
+
+def route_queue(table: RouteTable, checkpoint: str) -> str:
+    """A route's checkpoint has its own queue; any other model goes to the shared one."""
+    routed = {model_name(r.checkpoint) for r in table.routes.values()}
+    return queue_for(checkpoint) if model_name(checkpoint) in routed else OTHER_QUEUE
+
+
+def worker_queues(table: RouteTable, checkpoints: Iterable[str] | None) -> list[str]:
+    """The queues a worker consumes: the named checkpoints', or all of them plus the shared
+    one."""
+    if checkpoints:
+        return sorted({queue_for(c) for c in checkpoints})
+    return [*sorted({queue_for(r.checkpoint) for r in table.routes.values()}), OTHER_QUEUE]
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("charforge", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=OTHER_QUEUE,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # A message is delivered again if unacknowledged this long; the lease sweeper usually
+        # re-queues a dead worker's job much sooner.
+        broker_transport_options={"visibility_timeout": max(3600, settings.backend_timeout * 4)},
+    )
+    return app
+
+
+class RedisSlots:
+    """Per-backend slots shared by every worker: keys with a TTL, renewed while a job runs, so
+    a killed worker's slot frees itself."""
+
+    # Only the holder may extend or free a slot (compare-and-act, atomically in Redis).
+    _RENEW = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+    )
+    _RELEASE = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('del', KEYS[1]) end return 0"
+    )
+
+    def __init__(self, url: str, ttl: float) -> None:
+        self._redis: Redis = Redis.from_url(url)
+        self._ttl_ms = int(ttl * 1000)
+
+    @staticmethod
+    def _key(backend: str, slot: int) -> str:
+        return f"charforge:slot:{backend}:{slot}"
+
+    def acquire(self, backend: str, limit: int) -> str | None:
+        token = uuid.uuid4().hex
+        for slot in range(limit):
+            if self._redis.set(self._key(backend, slot), token, nx=True, px=self._ttl_ms):
+                return f"{slot}:{token}"
+        return None
+
+    def renew(self, backend: str, token: str) -> None:
+        slot, value = token.split(":", 1)
+        self._redis.eval(self._RENEW, 1, self._key(backend, int(slot)), value, self._ttl_ms)
+
+    def release(self, backend: str, token: str) -> None:
+        slot, value = token.split(":", 1)
+        self._redis.eval(self._RELEASE, 1, self._key(backend, int(slot)), value)
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+class Sweeper:
+    """Re-queues jobs whose lease lapsed and re-sends queued jobs whose message went missing."""
+
+    def __init__(
+        self, settings: Settings, ctx: RunnerContext, send: Any, *, interval: float | None = None
+    ) -> None:
+        self._settings, self._ctx, self._send = settings, ctx, send
+        self._interval = interval or max(1.0, min(settings.job_lease / 2, 30.0))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.sweep()
+            except Exception:  # the database or broker may be briefly away; try again later
+                log.exception("sweep failed")
+
+    def sweep(self) -> tuple[int, int]:
+        now = utcnow()
+        with self._ctx.db.session() as session:
+            requeued, failed = repo.requeue_abandoned(
+                session, now, only_expired=True, max_attempts=self._ctx.retry.max_attempts
+            )
+        if requeued or failed:
+            log.warning(
+                "%d job(s) lost their worker: %d re-queued, %d given up",
+                len(requeued) + len(failed),
+                len(requeued),
+                len(failed),
+            )
+        stale_before = now - timedelta(seconds=self._settings.resend_after)
+        with self._ctx.db.session() as session:
+            tickets = [JobTicket.of(j) for j in repo.stale_queued(session, stale_before)]
+        for ticket in tickets:
+            self._send(ticket)
+        return len(requeued), len(tickets)
+
+
+class CeleryJobQueue:
+    """The server's side: send job ids to the checkpoint's queue, follow jobs in the database."""
+
+    def __init__(self, settings: Settings, ctx: RunnerContext) -> None:
+        self._settings, self._ctx = settings, ctx
+        self._app = make_celery(settings)
+        self._sweeper = Sweeper(settings, ctx, self.submit)
+
+    def start(self) -> None:
+        self._sweeper.start()
+
+    def recover(self) -> int:
+        # Other servers and workers may be alive: only lapsed leases are taken back (sweeper).
+        moved, resent = self._sweeper.sweep()
+        return moved + resent
+
+    def submit(self, ticket: JobTicket) -> None:
+        self._app.send_task(
+            TASK_NAME,
+            args=[ticket.id],
+            queue=route_queue(self._ctx.table, ticket.checkpoint),
+            countdown=ticket.wait_seconds() or None,
+        )
+        with self._ctx.db.session() as session:
+            repo.mark_enqueued(session, [ticket.id], utcnow())
+
+    def forget(self, job_id: str) -> None:
+        """Nothing to do: a worker that gets the message finds the job cancelled and skips."""
+
+    async def wait_async(self, job_id: str, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            state = await asyncio.to_thread(self._state, job_id)
+            if state is None or state in FINAL_STATES:
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(0.2, remaining))
+
+    def _state(self, job_id: str) -> str | None:
+        with self._ctx.db.session() as session:
+            job = repo.job_any_owner(session, job_id)
+            return job.state if job else None
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        self._sweeper.stop()
+        return True
+
+
+def run_worker(
+    settings: Settings,
+    ctx: RunnerContext,
+    *,
+    checkpoints: list[str] | None,
+    concurrency: int,
+) -> None:
+    """``charforge worker``: consume the checkpoint queues and run jobs until stopped."""
+    app = make_celery(settings)
+
+    def resend(ticket: JobTicket) -> None:
+        app.send_task(TASK_NAME, args=[ticket.id], queue=route_queue(ctx.table, ticket.checkpoint))
+        with ctx.db.session() as session:
+            repo.mark_enqueued(session, [ticket.id], utcnow())
+
+    @app.task(name=TASK_NAME)  # type: ignore[untyped-decorator]
+    def run_job_task(job_id: str) -> str:
+        # Retries (with backoff, on another backend) happen here, in the same task: the
+        # message stays unacknowledged until the job is final, so a crash re-delivers it.
+        return run_to_end(ctx, job_id, wait=settings.backend_timeout)
+
+    sweeper = Sweeper(settings, ctx, resend)
+    ctx.pool.start_monitor()
+    sweeper.start()
+    queues = worker_queues(ctx.table, checkpoints)
+    log.info("worker %s consuming %s", ctx.worker, ", ".join(queues))
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={concurrency}",
+                f"--queues={','.join(queues)}",
+                f"--hostname=charforge-{ctx.worker}@%h",
+                f"--loglevel={settings.log_level}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        sweeper.stop()
+        ctx.pool.close()
+        ctx.db.dispose()
