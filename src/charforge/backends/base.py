@@ -67,6 +67,10 @@ class ImageBackend(Protocol):
 
     def probe(self) -> ProbeResult: ...
 
+    def loaded_checkpoint(self) -> str | None:
+        """The checkpoint in memory now; None when the backend does not say."""
+        ...
+
     def interrupt(self) -> bool:
         """Stop the generation running now, where the backend can; True when it was asked."""
         ...

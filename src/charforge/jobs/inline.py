@@ -26,7 +26,8 @@ from charforge.jobs.tickets import JobTicket
 log = logging.getLogger(__name__)
 
 Planner = Callable[
-    [list[QueuedJob], list[FreeBackend], list[str | None], float], list[tuple[QueuedJob, str]]
+    [list[QueuedJob], list[FreeBackend], list[tuple[str, str | None]], float],
+    list[tuple[QueuedJob, str]],
 ]
 
 
@@ -170,28 +171,28 @@ class InlineJobQueue:
         self,
         queued: list[QueuedJob],
         free: list[FreeBackend],
-        busy_loaded: list[str | None],
+        busy: list[tuple[str, str | None]],
         now: float,
     ) -> list[tuple[QueuedJob, str]]:
         healthy = {s.name for s in self._ctx.pool.statuses() if s.healthy}
         return plan(
             queued,
             free,
-            busy_loaded,
+            busy,
             now=now,
             fairness=self._fairness,
             policy=self._policy,
             healthy=healthy,
         )
 
-    def _usable(self) -> tuple[list[FreeBackend], list[str | None]]:
+    def _usable(self) -> tuple[list[FreeBackend], list[tuple[str, str | None]]]:
         """Healthy backends with a free slot, and what the busy ones have loaded. A route
         whose backends are all down still gets them: its jobs then fail with the backend's
         own error after their attempts instead of waiting for ever."""
         statuses = {s.name: s for s in self._ctx.pool.statuses()}
         routes = self._ctx.table.routes.values()
         free: list[FreeBackend] = []
-        busy: list[str | None] = []
+        busy: list[tuple[str, str | None]] = []
         for name, status in statuses.items():
             orphan = any(
                 name in r.backends and not any(statuses[n].healthy for n in r.backends)
@@ -200,7 +201,7 @@ class InlineJobQueue:
             if status.idle_slots and (status.healthy or orphan):
                 free.append(FreeBackend(name, status.idle_slots, status.loaded))
             else:
-                busy.append(status.loaded)
+                busy.append((name, status.loaded))
         return free, busy
 
     def _loop(self) -> None:

@@ -9,6 +9,7 @@ rows that name them are committed, so a row never points at a missing file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -255,6 +256,10 @@ def _generate_and_store(
     listed = backend.find_checkpoint(job.checkpoint, style=job.style)
     if job.checkpoint_hash and listed.hash:
         check(listed.name, listed.hash)  # a replaced file, before GPU time is spent
+    if ctx.pool.status(name).loaded is None:
+        # Not probed yet: ask, so that the switch this job may cause is seen and counted.
+        with contextlib.suppress(CharforgeError):
+            ctx.pool.note_loaded(name, backend.loaded_checkpoint())
     started = time.monotonic()
     ctx.pool.note_loaded(name, listed.name)  # A1111 switches to it before rendering
     result = backend.generate(

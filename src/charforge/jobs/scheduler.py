@@ -65,45 +65,39 @@ class Fairness:
 def plan(
     queued: Iterable[QueuedJob],
     free: list[FreeBackend],
-    loaded_elsewhere: Iterable[str | None],
+    busy: Iterable[tuple[str, str | None]],
     *,
     now: float,
     fairness: Fairness,
     policy: Policy,
     healthy: set[str] | None = None,
 ) -> list[tuple[QueuedJob, str]]:
-    """Assignments for this moment. ``free`` are healthy backends with a free slot (mutated
-    as slots are handed out); ``loaded_elsewhere`` are the checkpoints of the busy ones;
-    ``healthy`` are all healthy backends (for "does the job have another one to try")."""
+    """Assignments for this moment. ``free`` are usable backends with a free slot (mutated as
+    slots are handed out); ``busy`` are (name, loaded checkpoint) of the others; ``healthy``
+    are all healthy backends (to know whether a job has another one to try)."""
     ready = sorted((j for j in queued if j.not_before <= now), key=lambda j: j.queued_at)
     if not ready or not any(b.free for b in free):
         return []
     up = healthy if healthy is not None else {b.name for b in free}
-    holders: dict[str, int] = defaultdict(int)  # backends on each checkpoint, busy or free
-    for loaded in loaded_elsewhere:
-        if loaded:
-            holders[model_name(loaded)] += 1
-    for backend in free:
-        if backend.key:
-            holders[backend.key] += 1
+    # What every backend has (or is about to have) loaded, busy or free.
+    on: dict[str, str | None] = {name: model_name(c) if c else None for name, c in busy}
+    on.update({b.name: b.key for b in free})
 
     assigned: list[tuple[QueuedJob, str]] = []
     taken: set[str] = set()
 
-    def allowed(job: QueuedJob, backend: FreeBackend) -> bool:
-        if backend.name not in job.backends or job.id in taken:
+    def allowed(job: QueuedJob, name: str) -> bool:
+        if name not in job.backends or job.id in taken:
             return False
-        if backend.name in job.avoid:
+        if name in job.avoid:
             # Only when every healthy backend of its pool already failed it.
-            return all(name in job.avoid for name in job.backends if name in up)
+            return all(n in job.avoid for n in job.backends if n in up)
         return True
 
     def give(job: QueuedJob, backend: FreeBackend) -> None:
         if backend.key != job.key:
-            if backend.key:
-                holders[backend.key] -= 1
-            holders[job.key] += 1
             backend.loaded = job.checkpoint
+            on[backend.name] = job.key
         backend.free -= 1
         taken.add(job.id)
         fairness.last_served[job.owner_id] = now
@@ -124,7 +118,7 @@ def plan(
     for job in ready:
         if now - job.queued_at < policy.max_wait:
             break
-        candidates = [b for b in free if b.free and allowed(job, b)]
+        candidates = [b for b in free if b.free and allowed(job, b.name)]
         if candidates:  # prefer one that has its checkpoint loaded
             give(job, min(candidates, key=lambda b: b.key != job.key))
 
@@ -135,31 +129,38 @@ def plan(
         for backend in free:
             if not backend.free:
                 continue
-            same = [j for j in ready if j.key == backend.key and allowed(j, backend)]
+            same = [j for j in ready if j.key == backend.key and allowed(j, backend.name)]
             if same:
                 give(fairest(same), backend)
                 progress = True
 
-    # 4. Still-free backends switch to where help is needed most: a checkpoint no backend is on,
-    #    or the one with the most queued jobs per backend on it, if that is over the bar.
+    # 4. Still-free backends switch to where help is needed most: a checkpoint no other
+    #    backend that may run its jobs is on, or the one with the most queued jobs per such
+    #    backend, if that is more than they get through soon.
     for backend in free:
         while backend.free:
             waiting: dict[str, list[QueuedJob]] = defaultdict(list)
             for job in ready:
-                if allowed(job, backend):
+                if allowed(job, backend.name):
                     waiting[job.key].append(job)
-            if not waiting:
+
+            def helpers(key: str, jobs: list[QueuedJob], me: str = backend.name) -> int:
+                return sum(
+                    1
+                    for name, loaded in on.items()
+                    if name != me and loaded == key and any(allowed(j, name) for j in jobs)
+                )
+
+            worth: list[tuple[float, float, list[QueuedJob]]] = []
+            for key, jobs in waiting.items():
+                others = helpers(key, jobs)
+                if others and len(jobs) <= others * policy.jobs_per_holder:
+                    continue  # the backends on it get there soon; a switch costs more
+                per_helper = len(jobs) / others if others else float("inf")
+                worth.append((per_helper, -jobs[0].queued_at, jobs))  # older work breaks ties
+            if not worth:
                 break
-
-            def need(item: tuple[str, list[QueuedJob]]) -> tuple[float, float]:
-                key, jobs = item
-                per_holder = len(jobs) / holders[key] if holders[key] else float("inf")
-                return (per_holder, -jobs[0].queued_at)  # older work breaks ties
-
-            key, jobs = max(waiting.items(), key=need)
-            if holders[key] and len(jobs) <= holders[key] * policy.jobs_per_holder:
-                break  # the backends on it will get there soon; a switch would cost more
-            give(fairest(jobs), backend)
+            give(fairest(max(worth, key=lambda w: (w[0], w[1]))[2]), backend)
     return assigned
 
 

@@ -1,16 +1,25 @@
-"""/generate-images: pick a character, see which style and checkpoint it will use, generate."""
+"""/generate-images: pick a character, see which style and checkpoint it will use, generate.
+
+The page's script submits a job (``POST /generate-images/jobs``), follows it as Server-Sent
+Events (``GET /generate-images/jobs/{id}/events``, or polls ``GET /generate-images/jobs/{id}``
+where the stream breaks) and may cancel it. These are the Jobs API's own functions behind the
+session cookie: writes need the CSRF header; the reads need only the session, because
+EventSource cannot send headers. Every job lookup is scoped to its owner (another user's job
+id is a 404). ``POST /generate-images/run`` stays: one request that waits for the image.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from charforge.api.routes.generate import generate_and_wait
+from charforge.api.routes.generate import generate_and_wait, submit_generation
+from charforge.api.routes.jobs import cancel_job, event_stream, job_out
 from charforge.db.models import User
-from charforge.domain.params import GenerateBody
+from charforge.domain.params import GenerateBody, JobBody
 from charforge.errors import Unauthorized
 from charforge.services import characters
 from charforge.services.styles import CONSISTENCY_NOTE
@@ -48,6 +57,7 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         "sampler": d.sampler,
         "scheduler": d.scheduler,
         "nsfw": False,
+        "count": 1,
     }
     for key in values:  # any default may be overridden by the link ("use these settings")
         if key in request.query_params:
@@ -62,7 +72,18 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         notice=notice,
         values=values,
         note=CONSISTENCY_NOTE,
+        simulated_backends=" ".join(
+            name for name, backend in c.pool.backends.items() if backend.spec.simulated
+        ),
     )
+
+
+async def page_user(request: Request) -> User:
+    """Signed in (session cookie); for the read-only JSON and event-stream endpoints."""
+    user = await run_in_threadpool(signed_in_user, request, container_of(request))
+    if user is None:
+        raise Unauthorized("Your session has ended.", hint="Sign in again.")
+    return user
 
 
 async def page_user_with_csrf(request: Request) -> User:
@@ -81,3 +102,50 @@ async def run_generation(
     """The page's script posts here (session cookie + CSRF header); answers as the API does."""
     response: JSONResponse = await generate_and_wait(container_of(request), user, body)
     return response
+
+
+def _job_json(job_id: str, request: Request, user: User, status: int = 200) -> JSONResponse:
+    out = job_out(container_of(request), user, job_id)
+    return JSONResponse(
+        out.model_dump(mode="json", by_alias=True),
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.post("/generate-images/jobs")
+async def create_page_job(
+    request: Request, user: Annotated[User, Depends(page_user_with_csrf)], body: JobBody
+) -> Response:
+    """Submit without waiting: 202 and the job, to follow at ``.../events``."""
+    c = container_of(request)
+    ticket = await run_in_threadpool(submit_generation, c, user, body, body.count)
+    response = await run_in_threadpool(_job_json, ticket.id, request, user, 202)
+    response.headers["Location"] = f"/generate-images/jobs/{ticket.id}"
+    return response
+
+
+@router.get("/generate-images/jobs/{job_id}")
+async def get_page_job(
+    job_id: str, request: Request, user: Annotated[User, Depends(page_user)]
+) -> Response:
+    """The job now: what the script polls when the event stream cannot be kept open."""
+    return await run_in_threadpool(_job_json, job_id, request, user)
+
+
+@router.get("/generate-images/jobs/{job_id}/events")
+async def page_job_events(
+    job_id: str, request: Request, user: Annotated[User, Depends(page_user)]
+) -> StreamingResponse:
+    """The API's event stream for the page's EventSource (cookie only: it sends no headers)."""
+    c = container_of(request)
+    first = await run_in_threadpool(job_out, c, user, job_id)  # 404 before the stream starts
+    return event_stream(c, user, first, request)
+
+
+@router.post("/generate-images/jobs/{job_id}/cancel")
+async def cancel_page_job(
+    job_id: str, request: Request, user: Annotated[User, Depends(page_user_with_csrf)]
+) -> Response:
+    out = await run_in_threadpool(cancel_job, container_of(request), user, job_id)
+    return JSONResponse(out.model_dump(mode="json", by_alias=True))

@@ -1,0 +1,91 @@
+"""A route served by a pool of two A1111 simulators, for failover and scheduling tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from charforge.simulator import A1111Simulator, Faults, SimulatorSettings
+from tests.conftest import Live
+
+
+@pytest.fixture(scope="session")
+def second_anime_sim() -> Iterator[A1111Simulator]:
+    sim = A1111Simulator(
+        SimulatorSettings(models=["diving.safetensors", "other.safetensors"], name="sim-pool-2")
+    )
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def pool(
+    sims: tuple[A1111Simulator, A1111Simulator], second_anime_sim: A1111Simulator
+) -> Iterator[tuple[A1111Simulator, A1111Simulator]]:
+    """The anime route's pool: (first, second); the first is tried first when both are idle."""
+    second_anime_sim.reset()
+    yield sims[1], second_anime_sim
+    second_anime_sim.faults = Faults()
+
+
+@pytest.fixture
+def pool_live(
+    live_factory: Any,
+    sims: tuple[A1111Simulator, A1111Simulator],
+    pool: tuple[A1111Simulator, A1111Simulator],
+) -> Any:
+    """A charforge whose anime route has both pool simulators (extra settings allowed)."""
+
+    def start(first_url: str | None = None, **extra: Any) -> Live:
+        urls = f"{first_url or pool[0].url},{pool[1].url}"
+        live: Live = live_factory(sims[0].url, urls, **extra)
+        return live
+
+    return start
+
+
+def job_of(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    response = client.get(f"/api/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def create_character(client: httpx.Client, name: str = "Sakura", style: str = "anime") -> str:
+    response = client.post(
+        "/api/characters",
+        json={"name": name, "appearance": "pink hair", "artStyle": {"primaryStyle": style}},
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def submit(client: httpx.Client, character_id: str, **extra: Any) -> dict[str, Any]:
+    body = {
+        "prompt": "in a garden",
+        "characterId": character_id,
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "hires": False,
+        **extra,
+    }
+    response = client.post("/api/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def wait_final(client: httpx.Client, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        job = job_of(client, job_id)
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s: {job}")
+        time.sleep(0.05)
