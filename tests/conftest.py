@@ -42,6 +42,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'charforge.db'}"
         return
+    yield from _fresh_pg_database(request)
+
+
+@pytest.fixture
+def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh PostgreSQL database only (for what SQLite cannot do: several machines)."""
+    yield from _fresh_pg_database(request)
+
+
+def _fresh_pg_database(request: pytest.FixtureRequest) -> Iterator[str]:
     if not request.getfixturevalue("pg_available"):
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is required in CI and is not reachable at {PG_ADMIN_URL}")
@@ -55,6 +65,30 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+REDIS_URL = os.environ.get("CHARFORGE_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """An emptied Redis database of its own (numbers 1-15, picked at random) as the broker."""
+    import random
+
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    url = f"{REDIS_URL}/{random.randint(1, 15)}"
+    client: Redis = Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.flushdb()
+    except RedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is required in CI and is not reachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL}")
+    yield url
+    client.flushdb()
+    client.close()
 
 
 @pytest.fixture(scope="session")

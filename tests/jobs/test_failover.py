@@ -30,7 +30,7 @@ def test_a_faulty_backend_hands_the_job_to_the_other(
     faulty, healthy = pool
     for key, value in FAULTS[fault].items():
         setattr(faulty.faults, key, value)
-    live = pool_live(backend_timeout=1.0)
+    live = pool_live(backend_timeout=2.0)
     client = live.user("alice")
     job = wait_final(client, submit(client, create_character(client))["id"])
 
@@ -156,7 +156,7 @@ def test_a_backend_marked_down_is_skipped_until_it_recovers(
 ) -> None:
     faulty = pool[0]
     faulty.faults.fail_status = 502
-    live = pool_live(health_failures=2, health_interval=0.3)
+    live = pool_live(health_failures=2, health_interval=2.0)
     client = live.user("alice")
     character = create_character(client)
     for _ in range(2):

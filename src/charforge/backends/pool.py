@@ -182,12 +182,21 @@ class BackendPool:
 
     @contextmanager
     def lease(
-        self, route: Route, checkpoint: str, *, wait: float, avoid: Iterable[str] = ()
+        self,
+        route: Route,
+        checkpoint: str,
+        *,
+        wait: float,
+        avoid: Iterable[str] = (),
+        waiting: Callable[[], None] | None = None,
     ) -> Iterator[ImageBackend]:
-        """A backend of the route picked by ``choose`` and held; waits up to ``wait`` seconds."""
+        """A backend of the route picked by ``choose`` and held; waits up to ``wait`` seconds
+        (calling ``waiting`` now and then meanwhile)."""
         deadline = time.monotonic() + wait
         avoided = tuple(avoid)
         while True:
+            if waiting is not None:
+                waiting()
             name = self.choose(route, checkpoint, avoided)
             if name is not None and self.try_acquire(name):
                 break
@@ -271,8 +280,13 @@ class BackendPool:
             status.checked = True
             changed = status.healthy != result.ok
             if result.ok:
-                status.healthy, status.failures, status.down_for = True, 0, 0.0
-                status.latency_ms, status.last_error = result.latency_ms, None
+                # Answering a probe revives a backend that was down; it does not erase the
+                # generation failures of one that is up (a WebUI can list its models and
+                # still fail every txt2img, e.g. out of GPU memory).
+                if not status.healthy:
+                    status.healthy, status.failures, status.down_for = True, 0, 0.0
+                    status.last_error = None
+                status.latency_ms = result.latency_ms
                 status.next_probe = now + self.health.interval
                 if result.loaded and status.in_flight == 0:
                     # Busy backends report what they are switching to themselves.

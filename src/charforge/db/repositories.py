@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from charforge.db.models import ApiToken, Character, Image, Job, JobAttempt, User, utcnow
@@ -102,7 +102,7 @@ def claim_job(
     Returns the number of the attempt it starts (recorded in job_attempts), or None."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == "queued")
+        .where(Job.id == job_id, Job.state == "queued", _free_or_mine(worker, now))
         .values(
             state="running",
             attempts=Job.attempts + 1,
@@ -124,6 +124,22 @@ def claim_job(
         JobAttempt(job_id=job_id, number=number, backend=backend, worker=worker, started_at=now)
     )
     return number
+
+
+def _free_or_mine(worker: str, now: datetime) -> Any:
+    """A queued job nobody has reserved, or whose reservation lapsed, or that is ours."""
+    return or_(Job.lease_owner.is_(None), Job.lease_owner == worker, Job.lease_until < now)
+
+
+def reserve_job(session: Session, job_id: str, worker: str, now: datetime, until: datetime) -> bool:
+    """Hold a queued job while waiting for a backend or a backoff (distributed mode): if the
+    worker dies meanwhile, the reservation lapses and the sweeper sends the job again."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "queued", _free_or_mine(worker, now))
+        .values(lease_owner=worker, lease_until=until)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
 
 
 def _held(job_id: str, number: int, worker: str) -> Any:
@@ -321,18 +337,27 @@ def queued_jobs(session: Session) -> Sequence[Job]:
     ).all()
 
 
-def stale_queued(session: Session, before: datetime) -> Sequence[Job]:
-    """Queued jobs whose queue message was last sent before ``before``."""
-    return session.scalars(
-        select(Job).where(
-            Job.state == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < before)
-        )
-    ).all()
+def stale_queued(session: Session, before: datetime, now: datetime) -> Sequence[Job]:
+    """Queued jobs to send again: reserved by a worker whose reservation lapsed (it died
+    holding the message), or never reserved and last sent before ``before``."""
+    lapsed = and_(Job.lease_owner.is_not(None), Job.lease_until < now)
+    unsent = and_(
+        Job.lease_owner.is_(None), or_(Job.enqueued_at.is_(None), Job.enqueued_at < before)
+    )
+    return session.scalars(select(Job).where(Job.state == "queued", or_(lapsed, unsent))).all()
 
 
 def mark_enqueued(session: Session, job_ids: list[str], now: datetime) -> None:
+    """The jobs' messages were (re)sent now; a lapsed reservation is dropped."""
     if job_ids:
-        session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now))
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.state == "queued")
+            .values(
+                enqueued_at=now,
+                lease_owner=case((Job.lease_until < now, None), else_=Job.lease_owner),
+            )
+        )
 
 
 def jobs_page(

@@ -71,6 +71,8 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # Our log handler writes to stderr; redirected into logging again it would loop.
+        worker_redirect_stdouts=False,
         # A message is delivered again if unacknowledged this long; the lease sweeper usually
         # re-queues a dead worker's job much sooner.
         broker_transport_options={"visibility_timeout": max(3600, settings.backend_timeout * 4)},
@@ -162,7 +164,7 @@ class Sweeper:
             )
         stale_before = now - timedelta(seconds=self._settings.resend_after)
         with self._ctx.db.session() as session:
-            tickets = [JobTicket.of(j) for j in repo.stale_queued(session, stale_before)]
+            tickets = [JobTicket.of(j) for j in repo.stale_queued(session, stale_before, now)]
         for ticket in tickets:
             self._send(ticket)
         return len(requeued), len(tickets)

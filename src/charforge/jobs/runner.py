@@ -393,7 +393,8 @@ def _finish_failed(ctx: RunnerContext, job: _Snapshot, backend: str, error: Char
 
 def run_here(ctx: RunnerContext, job_id: str, *, wait: float) -> Outcome:
     """One attempt of a job in this thread, on a backend the pool picks (no dispatcher: the
-    CLI and Celery workers). Returns "skipped" when the job is not queued or not yet due."""
+    CLI and Celery workers). Returns "skipped" when the job is not queued, or is reserved
+    by another worker; "retry" when it is not due yet or no backend was free in time."""
     with ctx.db.session() as session:
         job = repo.job_any_owner(session, job_id)
         if job is None or job.state != "queued":
@@ -403,18 +404,37 @@ def run_here(ctx: RunnerContext, job_id: str, *, wait: float) -> Outcome:
             return Outcome("retry", retry_after=pause)
         avoid = {a.backend for a in repo.attempts_of(session, job_id) if a.outcome != "running"}
         route, checkpoint = ctx.table.route(job.art_style), job.checkpoint
+    if not reserve(ctx, job_id, ctx.lease):
+        return Outcome("skipped")
+    last = time.monotonic()
+
+    def still_waiting() -> None:
+        nonlocal last
+        if time.monotonic() - last > ctx.lease / 3:
+            reserve(ctx, job_id, ctx.lease)
+            last = time.monotonic()
+
     try:
-        with ctx.pool.lease(route, checkpoint, wait=wait, avoid=avoid) as backend:
+        with ctx.pool.lease(
+            route, checkpoint, wait=wait, avoid=avoid, waiting=still_waiting
+        ) as backend:
             return run_attempt(ctx, job_id, backend.spec.name)
     except CharforgeError as exc:  # no backend free in time: the job stays queued
         return Outcome("retry", retry_after=ctx.retry.delay(1), error=exc.code)
 
 
+def reserve(ctx: RunnerContext, job_id: str, seconds: float) -> bool:
+    now = utcnow()
+    with ctx.db.session() as session:
+        return repo.reserve_job(session, job_id, ctx.worker, now, now + timedelta(seconds=seconds))
+
+
 def run_to_end(ctx: RunnerContext, job_id: str, *, wait: float) -> str:
-    """Attempt a job until it is final (retries included); returns the final state."""
+    """Attempt a job until it is final (retries included); returns the final state. Between
+    attempts the job stays reserved, so a worker dying during a backoff loses nothing."""
     while True:
         outcome = run_here(ctx, job_id, wait=wait)
-        if outcome.state != "retry":
+        if outcome.state != "retry" or not reserve(ctx, job_id, outcome.retry_after + ctx.lease):
             break
         time.sleep(outcome.retry_after)
     with ctx.db.session() as session:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -51,7 +52,8 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler()
+    # The real stderr, even where a framework (Celery) redirected sys.stderr into logging.
+    handler: logging.Handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -1,0 +1,146 @@
+"""Distributed mode for real: two `charforge serve` and two `charforge worker` processes on
+PostgreSQL and Redis (Celery), one worker killed with SIGKILL in the middle of the work."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from charforge.config import Settings
+from charforge.container import build_runner
+from charforge.db.migrate import upgrade
+from charforge.db.models import Image, JobAttempt
+from charforge.services import users
+from charforge.simulator import A1111Simulator
+from tests.helpers import free_port
+from tests.processes import Process, clean_env
+
+JOBS = 30
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.mark.timeout(300)
+def test_two_servers_and_two_workers_survive_a_killed_worker(
+    tmp_path: Path,
+    postgres_url: str,
+    redis_url: str,
+    sims: tuple[A1111Simulator, A1111Simulator],
+    pool: tuple[A1111Simulator, A1111Simulator],
+    processes: list[Process],
+) -> None:
+    for sim in (sims[0], *pool):
+        sim.faults.delay_seconds = 0.3
+    shared = tmp_path / "shared-images"  # the image store every process mounts
+    env = clean_env(
+        CHARFORGE_DATA_DIR=str(shared),
+        CHARFORGE_DATABASE_URL=postgres_url,
+        CHARFORGE_BROKER_URL=redis_url,
+        CHARFORGE_JOB_LEASE="3",
+        CHARFORGE_RETRY_BACKOFF="0.2",
+        RUNPOD_REALISTIC_URL=sims[0].url,
+        RUNPOD_ANIME_CARTOON_FANTASY_URL=f"{pool[0].url},{pool[1].url}",
+    )
+    runner = build_runner(Settings(data_dir=shared, database_url=postgres_url))
+    upgrade(runner.db.engine)
+    with runner.db.session() as session:
+        owner = users.create_user(session, "alice", "password-alice")
+        _, token = users.create_token(session, owner, "test")
+
+    ports = [free_port(), free_port()]
+    for index, port in enumerate(ports):
+        server = Process(f"server-{index}", ["serve", "--port", str(port)], env, tmp_path)
+        processes.append(server.start())
+    workers = [Process(f"worker-{i}", ["worker"], env, tmp_path).start() for i in range(2)]
+    processes.extend(workers)
+    for index, port in enumerate(ports):
+        processes[index].wait_http(f"http://127.0.0.1:{port}/healthz")
+    clients = [
+        httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        for port in ports
+    ]
+    ready = clients[0].get("/readyz").json()
+    assert ready["checks"]["broker"]["ok"] and ready["checks"]["database"]["ok"], ready
+
+    characters = [
+        clients[0]
+        .post("/api/characters", json={"name": name, "artStyle": {"primaryStyle": style}})
+        .json()["id"]
+        for name, style in (("Sakura", "anime"), ("Alex", "realistic"))
+    ]
+    wanted: dict[str, int] = {}
+    for index in range(JOBS):
+        client = clients[index % 2]  # both servers take work
+        count = 1 + index % 2
+        response = client.post(
+            "/api/jobs",
+            json={
+                "prompt": f"scene {index}",
+                "characterId": characters[index % 2],
+                "count": count,
+                "width": 64,
+                "height": 64,
+                "steps": 2,
+                "hires": False,
+            },
+        )
+        assert response.status_code == 202, response.text
+        wanted[response.json()["id"]] = count
+
+    def states() -> dict[str, int]:
+        result: dict[str, int] = {}
+        for job_id in wanted:
+            state = clients[1].get(f"/api/jobs/{job_id}").json()["state"]
+            result[state] = result.get(state, 0) + 1
+        return result
+
+    deadline = time.monotonic() + 60
+    while states().get("succeeded", 0) < 4:
+        assert time.monotonic() < deadline, (states(), workers[0].output()[-2000:])
+        time.sleep(0.1)
+    workers[0].kill9()
+
+    deadline = time.monotonic() + 120
+    while (now := states()).get("succeeded", 0) < JOBS:
+        assert not (set(now) - {"queued", "running", "succeeded"}), now
+        assert time.monotonic() < deadline, (now, workers[1].output()[-3000:])
+        time.sleep(0.3)
+
+    # The synchronous endpoint works through the queue too, on either server.
+    sync = clients[1].post(
+        "/api/image-generation/generate",
+        json={
+            "prompt": "a last one",
+            "characterId": characters[0],
+            "width": 64,
+            "height": 64,
+            "hires": False,
+        },
+    )
+    assert sync.status_code == 200, sync.text
+    for client in clients:
+        client.close()
+
+    with runner.db.session() as session:
+        for job_id, count in wanted.items():
+            rows = session.scalars(select(Image).where(Image.job_id == job_id)).all()
+            assert sorted(r.position for r in rows) == list(range(count)), job_id
+            assert all((shared / r.file_path).is_file() for r in rows)
+        ran_on = set(session.scalars(select(JobAttempt.worker)).all())
+    runner.db.dispose()
+    assert len(ran_on) == 2, ran_on  # both workers took jobs before one was killed
