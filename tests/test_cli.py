@@ -232,3 +232,23 @@ def test_serve_demo_is_a_working_sandbox(
         assert result.json()["simulated"] is True
         image = client.get(f"/api/images/{result.json()['images'][0]['id']}").json()
         assert image["simulated"] is True
+
+
+def test_backends_lists_health_and_loaded_checkpoint_and_fails_for_a_dead_route(
+    cli_env: dict[str, str], sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    result = run(["backends"], {**cli_env, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    lines = {
+        line.split("│")[3].strip(): line
+        for line in result.stdout.splitlines()
+        if "│" in line and "up" in line
+    }
+    assert "cyberrealistic.safetensors" in lines["realistic"]
+    assert "diving.safetensors" in lines["anime-cartoon-fantasy"]
+
+    dead = {**cli_env, "COLUMNS": "200", "RUNPOD_REALISTIC_URL": f"http://127.0.0.1:{free_port()}"}
+    result = run(["backends"], dead)
+    assert result.returncode == 1
+    assert "down" in result.stdout
+    assert "no healthy backend for: realistic" in result.stderr

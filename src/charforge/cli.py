@@ -165,6 +165,46 @@ def worker(
     )
 
 
+@app.command()
+def backends() -> None:
+    """Each route's backends: health, jobs running on it, loaded checkpoint. Exits 1 when a
+    route has no healthy backend."""
+    from rich.table import Table
+
+    from charforge.db import repositories as repo
+
+    with _opened() as container:
+        probes = container.pool.probe(list(container.pool.backends), max_age=0.0)
+        with container.db.session() as session:
+            running = repo.running_on_backends(session)  # every process's, from the database
+        table = Table("route", "checkpoint", "backend", "health", "latency", "running", "loaded")
+        broken: list[str] = []
+        for style, route in sorted(container.table.routes.items()):
+            healthy = 0
+            for name in route.backends:
+                probe = probes[name]
+                status = container.pool.status(name)
+                healthy += probe.ok
+                table.add_row(
+                    style,
+                    route.checkpoint,
+                    name,
+                    "[green]up[/]" if probe.ok else f"[red]down[/]: {probe.error}",
+                    f"{probe.latency_ms:.0f} ms" if probe.latency_ms is not None else "-",
+                    str(running.get(name, 0)),
+                    status.loaded or "-",
+                )
+            if not healthy:
+                broken.append(style)
+        out.print(table)
+        if broken:
+            raise _fail(
+                f"no healthy backend for: {', '.join(broken)}",
+                hint="Start the WebUI with --api, or fix the RUNPOD_*_URL / [backends] entry "
+                "the failing backend comes from.",
+            )
+
+
 def _demo_account(container: Any) -> None:
     """A first run in demo mode gets a 'demo' admin and a token, printed once."""
     import secrets
