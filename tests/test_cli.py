@@ -239,13 +239,14 @@ def test_backends_lists_health_and_loaded_checkpoint_and_fails_for_a_dead_route(
 ) -> None:
     result = run(["backends"], {**cli_env, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
-    lines = {
-        line.split("│")[3].strip(): line
+    rows = [
+        [cell.strip() for cell in line.split("│")[1:-1]]
         for line in result.stdout.splitlines()
-        if "│" in line and "up" in line
-    }
-    assert "cyberrealistic.safetensors" in lines["realistic"]
-    assert "diving.safetensors" in lines["anime-cartoon-fantasy"]
+        if "│" in line
+    ]
+    loaded = {row[2]: row[6] for row in rows if row[3] == "up"}  # backend -> loaded column
+    assert loaded["realistic"] == "cyberrealistic.safetensors"
+    assert loaded["anime-cartoon-fantasy"] == "diving.safetensors"
 
     dead = {**cli_env, "COLUMNS": "200", "RUNPOD_REALISTIC_URL": f"http://127.0.0.1:{free_port()}"}
     result = run(["backends"], dead)
