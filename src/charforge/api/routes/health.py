@@ -50,8 +50,8 @@ def readiness(c: Container) -> dict[str, dict[str, Any]]:
         }
     if c.settings.broker_url:
         checks["broker"] = _broker_check(c.settings.broker_url)
-    c.pool.probe(list(c.pool.backends))  # fresh enough (cached a few seconds)
-    healthy = {s.name for s in c.pool.statuses() if s.healthy}
+    probes = c.pool.probe(list(c.pool.backends))  # fresh enough (cached a few seconds)
+    healthy = {s.name for s in c.pool.statuses() if s.healthy and probes[s.name].ok}
     for style, route in sorted(c.table.routes.items()):
         up = [name for name in route.backends if name in healthy]
         check: dict[str, Any] = {"ok": bool(up), "healthy": up, "backends": list(route.backends)}
