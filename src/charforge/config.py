@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     probe_timeout: float = Field(default=3.0, gt=0)
     # How long POST /api/image-generation/generate waits before answering 202 with the job.
     generate_wait: float = Field(default=900.0, gt=0)
+    # Accepted so older config files keep loading; jobs now run one per backend slot.
     workers: int = Field(default=2, ge=1, le=64)
 
     # Jobs: attempts per job (first try included), backoff between them, the lease a running
