@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,12 @@ def pool_live(
     def start(first_url: str | None = None, **extra: Any) -> Live:
         urls = f"{first_url or pool[0].url},{pool[1].url}"
         live: Live = live_factory(sims[0].url, urls, **extra)
+        # Let the first health probe answer, so the scheduler knows what every backend has
+        # loaded and the order jobs are tried in is the pool's order, not a race.
+        deadline = time.monotonic() + 10
+        while not all(s.checked for s in live.container.pool.statuses()):
+            assert time.monotonic() < deadline, live.container.pool.statuses()
+            time.sleep(0.02)
         return live
 
     return start
@@ -79,8 +86,6 @@ def submit(client: httpx.Client, character_id: str, **extra: Any) -> dict[str, A
 
 
 def wait_final(client: httpx.Client, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         job = job_of(client, job_id)
@@ -89,3 +94,13 @@ def wait_final(client: httpx.Client, job_id: str, timeout: float = 30) -> dict[s
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s: {job}")
         time.sleep(0.05)
+
+
+@pytest.fixture
+def finalizers() -> Iterator[list[Any]]:
+    """Callables run after the test even when it fails (clients, engines left open would
+    surface as ResourceWarnings in whichever test runs next)."""
+    calls: list[Any] = []
+    yield calls
+    for call in reversed(calls):
+        call()

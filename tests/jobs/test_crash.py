@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -38,6 +39,7 @@ def test_kill_9_of_the_server_with_50_jobs_in_flight_loses_nothing(
     sims: tuple[A1111Simulator, A1111Simulator],
     pool: tuple[A1111Simulator, A1111Simulator],
     processes: list[Process],
+    finalizers: list[Any],
 ) -> None:
     for sim in (sims[0], *pool):
         sim.faults.delay_seconds = 0.15
@@ -50,6 +52,7 @@ def test_kill_9_of_the_server_with_50_jobs_in_flight_loses_nothing(
     )
     settings = Settings(data_dir=data_dir, database_url=database_url)
     container = build_container(settings)
+    finalizers.append(container.close)
     upgrade(container.db.engine)
     with container.db.session() as session:
         owner = users.create_user(session, "alice", "password-alice")
@@ -64,6 +67,7 @@ def test_kill_9_of_the_server_with_50_jobs_in_flight_loses_nothing(
     server.wait_http(f"{base}/healthz")
 
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    finalizers.append(client.close)
     characters = [
         client.post(
             "/api/characters", json={"name": name, "artStyle": {"primaryStyle": style}}

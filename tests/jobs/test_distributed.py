@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,6 +40,7 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
     sims: tuple[A1111Simulator, A1111Simulator],
     pool: tuple[A1111Simulator, A1111Simulator],
     processes: list[Process],
+    finalizers: list[Any],
 ) -> None:
     for sim in (sims[0], *pool):
         sim.faults.delay_seconds = 0.3
@@ -53,6 +55,7 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
         RUNPOD_ANIME_CARTOON_FANTASY_URL=f"{pool[0].url},{pool[1].url}",
     )
     runner = build_runner(Settings(data_dir=shared, database_url=postgres_url))
+    finalizers.extend((runner.db.dispose, runner.pool.close))
     upgrade(runner.db.engine)
     with runner.db.session() as session:
         owner = users.create_user(session, "alice", "password-alice")
@@ -74,6 +77,7 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
         )
         for port in ports
     ]
+    finalizers.extend(client.close for client in clients)
     ready = clients[0].get("/readyz").json()
     assert ready["checks"]["broker"]["ok"] and ready["checks"]["database"]["ok"], ready
 
@@ -133,8 +137,6 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
         },
     )
     assert sync.status_code == 200, sync.text
-    for client in clients:
-        client.close()
 
     with runner.db.session() as session:
         for job_id, count in wanted.items():

@@ -53,8 +53,9 @@ def test_a_refused_connection_fails_over(
     live = pool_live(first_url=f"http://127.0.0.1:{free_port()}")
     client = live.user("alice")
     job = wait_final(client, submit(client, create_character(client))["id"])
-    assert job["state"] == "succeeded"
-    assert job["attemptHistory"][0]["errorCode"] == "backend_unavailable"
+    assert job["state"] == "succeeded" and job["backend"] == "anime-cartoon-fantasy-2"
+    # Tried first only if the scheduler had not yet learnt (by probe) that it is dead.
+    assert all(a["errorCode"] == "backend_unavailable" for a in job["attemptHistory"][:-1])
     assert len(pool[1].txt2img_bodies()) == 1
 
 
@@ -85,10 +86,9 @@ def test_a_backend_that_ignores_the_checkpoint_never_yields_an_off_model_image(
 def test_a_slow_checkpoint_switch_still_succeeds_and_is_counted(
     pool_live: Any, pool: tuple[A1111Simulator, A1111Simulator]
 ) -> None:
-    first, _ = pool
-    httpx.post(f"{first.url}/sdapi/v1/options", json={"sd_model_checkpoint": "other.safetensors"})
-    first.faults.switch_delay_seconds = 0.5
-    pool[1].faults.switch_delay_seconds = 0.5
+    for sim in pool:  # neither has the checkpoint: a switch is unavoidable, and slow
+        httpx.post(f"{sim.url}/sdapi/v1/options", json={"sd_model_checkpoint": "other.safetensors"})
+        sim.faults.switch_delay_seconds = 0.5
     live = pool_live()
     client = live.user("alice")
     job = wait_final(client, submit(client, create_character(client))["id"])

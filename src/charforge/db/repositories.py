@@ -337,6 +337,12 @@ def queued_jobs(session: Session) -> Sequence[Job]:
     ).all()
 
 
+def jobs_by_ids(session: Session, job_ids: list[str]) -> Sequence[Job]:
+    if not job_ids:
+        return []
+    return session.scalars(select(Job).where(Job.id.in_(job_ids))).all()
+
+
 def stale_queued(session: Session, before: datetime, now: datetime) -> Sequence[Job]:
     """Queued jobs to send again: reserved by a worker whose reservation lapsed (it died
     holding the message), or never reserved and last sent before ``before``."""

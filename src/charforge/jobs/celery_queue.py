@@ -164,7 +164,10 @@ class Sweeper:
             )
         stale_before = now - timedelta(seconds=self._settings.resend_after)
         with self._ctx.db.session() as session:
-            tickets = [JobTicket.of(j) for j in repo.stale_queued(session, stale_before, now)]
+            # Re-queued jobs need a message again: their old one died with the worker.
+            jobs = {j.id: j for j in repo.jobs_by_ids(session, requeued) if j.state == "queued"}
+            jobs.update((j.id, j) for j in repo.stale_queued(session, stale_before, now))
+            tickets = [JobTicket.of(j) for j in jobs.values()]
         for ticket in tickets:
             self._send(ticket)
         return len(requeued), len(tickets)
