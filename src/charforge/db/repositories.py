@@ -262,6 +262,13 @@ def attempts_of(session: Session, job_id: str) -> Sequence[JobAttempt]:
     ).all()
 
 
+def failed_backends(session: Session, job_id: str) -> frozenset[str]:
+    """Backends an attempt of this job failed on: a retry steers clear of them."""
+    return frozenset(
+        a.backend for a in attempts_of(session, job_id) if a.outcome in ("retried", "failed")
+    )
+
+
 def requeue_abandoned(
     session: Session, now: datetime, *, only_expired: bool, max_attempts: int
 ) -> tuple[list[str], list[str]]:

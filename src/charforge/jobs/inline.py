@@ -15,8 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from sqlalchemy.orm import Session
-
 from charforge.db import repositories as repo
 from charforge.db.models import utcnow
 from charforge.jobs.runner import Outcome, RunnerContext, run_attempt
@@ -79,7 +77,7 @@ class InlineJobQueue:
             )
         with self._ctx.db.session() as session:
             tickets = [JobTicket.of(job) for job in repo.queued_jobs(session)]
-            avoid = {t.id: _failed_on(session, t.id) for t in tickets}
+            avoid = {t.id: repo.failed_backends(session, t.id) for t in tickets}
         for ticket in tickets:
             self.submit(ticket, avoid=avoid[ticket.id])
         return len(tickets)
@@ -108,10 +106,6 @@ class InlineJobQueue:
             dropped = self._queued.pop(job_id, None)
         if dropped is not None:
             self._finished(job_id)
-
-    def depth(self) -> int:
-        with self._lock:
-            return len(self._queued)
 
     def wait(self, job_id: str, timeout: float) -> bool:
         """True once the job ended here (or is not this queue's); False on timeout."""
@@ -265,9 +259,3 @@ class InlineJobQueue:
                 wake()
             except RuntimeError:  # the waiting request's event loop is gone
                 log.debug("no one is waiting for job %s any more", job_id)
-
-
-def _failed_on(session: Session, job_id: str) -> frozenset[str]:
-    return frozenset(
-        a.backend for a in repo.attempts_of(session, job_id) if a.outcome in ("retried", "failed")
-    )

@@ -402,7 +402,7 @@ def run_here(ctx: RunnerContext, job_id: str, *, wait: float) -> Outcome:
         if job.not_before is not None and job.not_before > utcnow():
             pause = (job.not_before - utcnow()).total_seconds()
             return Outcome("retry", retry_after=pause)
-        avoid = {a.backend for a in repo.attempts_of(session, job_id) if a.outcome != "running"}
+        avoid = repo.failed_backends(session, job_id)
         route, checkpoint = ctx.table.route(job.art_style), job.checkpoint
     if not reserve(ctx, job_id, ctx.lease):
         return Outcome("skipped")
