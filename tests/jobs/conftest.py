@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from charforge.db.models import Image
 from charforge.simulator import A1111Simulator, Faults, SimulatorSettings
 from tests.conftest import Live
+from tests.processes import Process
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +109,31 @@ def finalizers() -> Iterator[list[Any]]:
     yield calls
     for call in reversed(calls):
         call()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """charforge processes a test started; stopped after it."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def count_states(client: httpx.Client, job_ids: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job_id in job_ids:
+        state = job_of(client, job_id)["state"]
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def assert_exactly_the_images_asked_for(
+    session: Session, data_dir: Path, wanted: dict[str, int]
+) -> None:
+    """Every job has positions 0..count-1, once each, and every row's file exists."""
+    for job_id, count in wanted.items():
+        rows = session.scalars(select(Image).where(Image.job_id == job_id)).all()
+        assert sorted(r.position for r in rows) == list(range(count)), job_id
+        for row in rows:
+            assert (data_dir / row.file_path).is_file(), row.file_path

@@ -5,32 +5,23 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import func, select
 
 from charforge.config import Settings
 from charforge.container import build_container
 from charforge.db.migrate import upgrade
-from charforge.db.models import Image, Job
+from charforge.db.models import Job
 from charforge.services import users
 from charforge.simulator import A1111Simulator
 from tests.helpers import free_port
+from tests.jobs.conftest import assert_exactly_the_images_asked_for, count_states, submit
 from tests.processes import Process, clean_env
 
 JOBS = 50
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
 
 
 def test_kill_9_of_the_server_with_50_jobs_in_flight_loses_nothing(
@@ -78,31 +69,12 @@ def test_kill_9_of_the_server_with_50_jobs_in_flight_loses_nothing(
     wanted: dict[str, int] = {}
     for index in range(JOBS):
         count = rng.choice((1, 1, 2))
-        response = client.post(
-            "/api/jobs",
-            json={
-                "prompt": f"scene {index}",
-                "characterId": rng.choice(characters),
-                "count": count,
-                "width": 64,
-                "height": 64,
-                "steps": 2,
-                "hires": False,
-            },
-        )
-        assert response.status_code == 202, response.text
-        wanted[response.json()["id"]] = count
-
-    def states() -> dict[str, int]:
-        result: dict[str, int] = {}
-        for job_id in wanted:
-            state = client.get(f"/api/jobs/{job_id}").json()["state"]
-            result[state] = result.get(state, 0) + 1
-        return result
+        job = submit(client, rng.choice(characters), prompt=f"scene {index}", count=count)
+        wanted[job["id"]] = count
 
     deadline = time.monotonic() + 30
-    while states().get("succeeded", 0) < 5:
-        assert time.monotonic() < deadline, states()
+    while count_states(client, wanted).get("succeeded", 0) < 5:
+        assert time.monotonic() < deadline, count_states(client, wanted)
         time.sleep(0.1)
     server.kill9()
     with container.db.session() as session:
@@ -113,17 +85,13 @@ def test_kill_9_of_the_server_with_50_jobs_in_flight_loses_nothing(
     processes.append(restarted)
     restarted.wait_http(f"{base}/healthz")
     deadline = time.monotonic() + 90
-    while (now := states()).get("succeeded", 0) < JOBS:
+    while (now := count_states(client, wanted)).get("succeeded", 0) < JOBS:
         assert not (set(now) - {"queued", "running", "succeeded"}), now
         assert time.monotonic() < deadline, now
         time.sleep(0.2)
     client.close()
 
     with container.db.session() as session:
-        for job_id, count in wanted.items():
-            rows = session.scalars(select(Image).where(Image.job_id == job_id)).all()
-            assert sorted(r.position for r in rows) == list(range(count)), job_id
-            for row in rows:
-                assert (data_dir / row.file_path).is_file(), row.file_path
+        assert_exactly_the_images_asked_for(session, data_dir, wanted)
     container.db.dispose()
     assert "re-queued" in restarted.output() or at_crash.get("running", 0) == 0

@@ -4,7 +4,6 @@ PostgreSQL and Redis (Celery), one worker killed with SIGKILL in the middle of t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,14 @@ from sqlalchemy import select
 from charforge.config import Settings
 from charforge.container import build_runner
 from charforge.db.migrate import upgrade
-from charforge.db.models import Image, JobAttempt
+from charforge.db.models import JobAttempt
 from charforge.services import users
 from charforge.simulator import A1111Simulator
 from tests.helpers import free_port
+from tests.jobs.conftest import assert_exactly_the_images_asked_for, count_states, submit
 from tests.processes import Process, clean_env
 
 JOBS = 30
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
 
 
 @pytest.mark.timeout(300)
@@ -91,36 +83,20 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
     for index in range(JOBS):
         client = clients[index % 2]  # both servers take work
         count = 1 + index % 2
-        response = client.post(
-            "/api/jobs",
-            json={
-                "prompt": f"scene {index}",
-                "characterId": characters[index % 2],
-                "count": count,
-                "width": 64,
-                "height": 64,
-                "steps": 2,
-                "hires": False,
-            },
-        )
-        assert response.status_code == 202, response.text
-        wanted[response.json()["id"]] = count
-
-    def states() -> dict[str, int]:
-        result: dict[str, int] = {}
-        for job_id in wanted:
-            state = clients[1].get(f"/api/jobs/{job_id}").json()["state"]
-            result[state] = result.get(state, 0) + 1
-        return result
+        job = submit(client, characters[index % 2], prompt=f"scene {index}", count=count)
+        wanted[job["id"]] = count
 
     deadline = time.monotonic() + 60
-    while states().get("succeeded", 0) < 4:
-        assert time.monotonic() < deadline, (states(), workers[0].output()[-2000:])
+    while count_states(clients[1], wanted).get("succeeded", 0) < 4:
+        assert time.monotonic() < deadline, (
+            count_states(clients[1], wanted),
+            workers[0].output()[-2000:],
+        )
         time.sleep(0.1)
     workers[0].kill9()
 
     deadline = time.monotonic() + 120
-    while (now := states()).get("succeeded", 0) < JOBS:
+    while (now := count_states(clients[1], wanted)).get("succeeded", 0) < JOBS:
         assert not (set(now) - {"queued", "running", "succeeded"}), now
         assert time.monotonic() < deadline, (now, workers[1].output()[-3000:])
         time.sleep(0.3)
@@ -139,10 +115,7 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
     assert sync.status_code == 200, sync.text
 
     with runner.db.session() as session:
-        for job_id, count in wanted.items():
-            rows = session.scalars(select(Image).where(Image.job_id == job_id)).all()
-            assert sorted(r.position for r in rows) == list(range(count)), job_id
-            assert all((shared / r.file_path).is_file() for r in rows)
+        assert_exactly_the_images_asked_for(session, shared, wanted)
         ran_on = set(session.scalars(select(JobAttempt.worker)).all())
     runner.db.dispose()
     assert len(ran_on) == 2, ran_on  # both workers took jobs before one was killed
