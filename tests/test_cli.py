@@ -253,3 +253,4 @@ def test_backends_lists_health_and_loaded_checkpoint_and_fails_for_a_dead_route(
     assert result.returncode == 1
     assert "down" in result.stdout
     assert "no healthy backend for: realistic" in result.stderr
+    assert "RUNPOD_*_URL / [backends] entry" in " ".join(result.stderr.split())

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from charforge.config import Settings, SettingsError, load_settings
 from charforge.errors import CharforgeError
@@ -28,9 +29,10 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Messages carry brackets of their own ("[backends.x]", "name [hash]"): not markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     if hint:
-        err.print(f"[yellow]hint:[/] {hint}", highlight=False)
+        err.print(f"[yellow]hint:[/] {escape(hint)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -189,7 +191,7 @@ def backends() -> None:
                     style,
                     route.checkpoint,
                     name,
-                    "[green]up[/]" if probe.ok else f"[red]down[/]: {probe.error}",
+                    "[green]up[/]" if probe.ok else f"[red]down[/]: {escape(probe.error or '')}",
                     f"{probe.latency_ms:.0f} ms" if probe.latency_ms is not None else "-",
                     str(running.get(name, 0)),
                     status.loaded or "-",
