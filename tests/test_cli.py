@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -234,23 +235,61 @@ def test_serve_demo_is_a_working_sandbox(
         assert image["simulated"] is True
 
 
-def test_backends_lists_health_and_loaded_checkpoint_and_fails_for_a_dead_route(
+def _table_rows(stdout: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in re.split("[│┃]", line)[1:-1]]
+        for line in stdout.splitlines()
+        if "│" in line or "┃" in line
+    ]
+
+
+def test_backends_check_shows_kind_health_checkpoint_hash_and_loaded_model(
     cli_env: dict[str, str], sims: tuple[A1111Simulator, A1111Simulator]
 ) -> None:
-    result = run(["backends"], {**cli_env, "COLUMNS": "200"})
+    result = run(["backends", "check"], {**cli_env, "COLUMNS": "250"})
     assert result.returncode == 0, result.stderr
-    rows = [
-        [cell.strip() for cell in line.split("│")[1:-1]]
-        for line in result.stdout.splitlines()
-        if "│" in line
+    header, *rows = _table_rows(result.stdout)
+    assert header[:8] == [
+        "route",
+        "checkpoint",
+        "backend",
+        "kind",
+        "reachable",
+        "latency",
+        "present",
+        "hash",
     ]
-    loaded = {row[2]: row[6] for row in rows if row[3] == "up"}  # backend -> loaded column
-    assert loaded["realistic"] == "cyberrealistic.safetensors"
-    assert loaded["anime-cartoon-fantasy"] == "diving.safetensors"
+    by_backend = {row[2]: dict(zip(header, row, strict=True)) for row in rows}
+    realistic = by_backend["realistic"]
+    assert realistic["kind"] == "a1111"
+    assert realistic["reachable"] == "up"
+    assert realistic["present"] == "yes"
+    assert realistic["loaded"] == "cyberrealistic.safetensors"
+    listed = httpx.get(f"{sims[0].url}/sdapi/v1/sd-models").json()
+    expected_hash = next(m["hash"] for m in listed if m["title"].startswith("cyberrealistic"))
+    assert realistic["hash"] == expected_hash
+    assert by_backend["anime-cartoon-fantasy"]["loaded"] == "diving.safetensors"
 
-    dead = {**cli_env, "COLUMNS": "200", "RUNPOD_REALISTIC_URL": f"http://127.0.0.1:{free_port()}"}
-    result = run(["backends"], dead)
+
+def test_backends_check_exits_1_for_a_dead_route_and_for_a_missing_checkpoint(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    dead = {**cli_env, "COLUMNS": "250", "RUNPOD_REALISTIC_URL": f"http://127.0.0.1:{free_port()}"}
+    result = run(["backends"], dead)  # the bare command still runs the check
     assert result.returncode == 1
     assert "down" in result.stdout
-    assert "no healthy backend for: realistic" in result.stderr
+    assert "no working backend for: realistic" in result.stderr
     assert "RUNPOD_*_URL / [backends] entry" in " ".join(result.stderr.split())
+
+    config = tmp_path / "charforge.toml"
+    config.write_text('[routes.anime]\ncheckpoint = "nothere.safetensors"\n')
+    result = run(["backends", "check", "--json"], {**cli_env, "CHARFORGE_CONFIG": str(config)})
+    assert result.returncode == 1
+    assert "no working backend for: anime" in result.stderr
+    report = {entry["route"]: entry for entry in json.loads(result.stdout)}
+    assert report["anime"]["working"] is False
+    (anime,) = report["anime"]["backends"]
+    assert anime["reachable"] is True
+    assert anime["checkpoint_present"] is False
+    assert report["realistic"]["working"] is True
+    assert report["realistic"]["backends"][0]["checkpoint_present"] is True

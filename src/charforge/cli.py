@@ -167,44 +167,95 @@ def worker(
     )
 
 
-@app.command()
-def backends() -> None:
-    """Each route's backends: health, jobs running on it, loaded checkpoint. Exits 1 when a
-    route has no healthy backend."""
+backends_app = typer.Typer(
+    invoke_without_command=True,
+    help="Check the backends of every route (plain `charforge backends` runs the check).",
+)
+app.add_typer(backends_app, name="backends")
+
+
+@backends_app.callback()
+def backends(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        check_backends(as_json=False)
+
+
+@backends_app.command("check")
+def check_backends(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """For every route, each backend's kind, reachability, latency, whether the route's
+    checkpoint is there (and its hash), jobs running and the loaded checkpoint. Exits 1 when
+    a route has no working backend."""
+    import json as json_module
+    from dataclasses import asdict
+
     from rich.table import Table
 
     from charforge.db import repositories as repo
+    from charforge.services.backend_checks import check_routes
 
     with _opened() as container:
-        probes = container.pool.probe(list(container.pool.backends), max_age=0.0)
+        checks = check_routes(container.table, container.pool, max_age=0.0)
         with container.db.session() as session:
             running = repo.running_on_backends(session)  # every process's, from the database
-        table = Table("route", "checkpoint", "backend", "health", "latency", "running", "loaded")
-        broken: list[str] = []
-        for style, route in sorted(container.table.routes.items()):
-            healthy = 0
-            for name in route.backends:
-                probe = probes[name]
-                status = container.pool.status(name)
-                healthy += probe.ok
-                table.add_row(
-                    style,
-                    route.checkpoint,
-                    name,
-                    "[green]up[/]" if probe.ok else f"[red]down[/]: {escape(probe.error or '')}",
-                    f"{probe.latency_ms:.0f} ms" if probe.latency_ms is not None else "-",
-                    str(running.get(name, 0)),
-                    status.loaded or "-",
-                )
-            if not healthy:
-                broken.append(style)
-        out.print(table)
+        broken = [c.route.style for c in checks if not c.working]
+        if as_json:
+            report = [
+                {
+                    "route": c.route.style,
+                    "checkpoint": c.route.checkpoint,
+                    "working": c.working,
+                    "backends": [
+                        {**asdict(b), "working": b.working, "running": running.get(b.name, 0)}
+                        for b in c.backends
+                    ],
+                }
+                for c in checks
+            ]
+            out.print_json(json_module.dumps(report))
+        else:
+            out.print(_check_table(Table, checks, running))
         if broken:
             raise _fail(
-                f"no healthy backend for: {', '.join(broken)}",
-                hint="Start the WebUI with --api, or fix the RUNPOD_*_URL / [backends] entry "
-                "the failing backend comes from.",
+                f"no working backend for: {', '.join(broken)}",
+                hint="Start the backend (A1111/Forge with --api, ComfyUI, the RunPod endpoint), "
+                "put the checkpoint where it looks for models, or fix the RUNPOD_*_URL / "
+                "[backends] entry the failing backend comes from.",
             )
+
+
+def _check_table(table_class: Any, checks: list[Any], running: dict[str, int]) -> Any:
+    table = table_class(
+        "route",
+        "checkpoint",
+        "backend",
+        "kind",
+        "reachable",
+        "latency",
+        "present",
+        "hash",
+        "running",
+        "loaded",
+    )
+    for check in sorted(checks, key=lambda c: c.route.style):
+        for b in check.backends:
+            present = {True: "[green]yes[/]", False: "[red]missing[/]", None: "?"}[
+                b.checkpoint_present
+            ]
+            table.add_row(
+                check.route.style,
+                escape(check.route.checkpoint),
+                b.name,
+                escape(b.kind),
+                "[green]up[/]" if b.reachable else f"[red]down[/]: {escape(b.error or '')}",
+                f"{b.latency_ms:.0f} ms" if b.latency_ms is not None else "-",
+                present,
+                b.checkpoint_hash or "-",
+                str(running.get(b.name, 0)),
+                escape(b.loaded or "-"),
+            )
+    return table
 
 
 def _demo_account(container: Any) -> None:

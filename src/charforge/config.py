@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,17 +29,56 @@ from pydantic_settings import (
 CONFIG_ENV_VAR = "CHARFORGE_CONFIG"
 
 
+BackendKind = Literal["a1111", "comfyui", "runpod", "local"]
+
+# Which keys each kind takes besides kind, timeout_seconds and simulated.
+_KIND_KEYS: dict[str, set[str]] = {
+    "a1111": {"url", "auth"},
+    "comfyui": {"url", "auth", "workflow"},
+    "runpod": {"url", "worker", "api_key_env", "workflow"},
+    "local": {"models_dir", "device", "single_file_config"},
+}
+
+
 class BackendConfig(BaseModel):
     """One backend as written in the TOML file under ``[backends.NAME]``."""
 
     model_config = {"extra": "forbid"}
 
-    kind: Literal["a1111"] = "a1111"
-    url: str
-    # "user:password", as given to A1111's --api-auth. Never echoed back or logged.
+    kind: BackendKind = "a1111"
+    # a1111, comfyui: the server's base URL; runpod: https://api.runpod.ai/v2/ENDPOINT_ID.
+    url: str | None = None
+    # "user:password": A1111's --api-auth, or a proxy's Basic auth in front of ComfyUI.
+    # Never echoed back or logged.
     auth: SecretStr | None = None
     timeout_seconds: float | None = Field(default=None, gt=0)
     simulated: bool = False
+    # comfyui, runpod (ComfyUI worker): an API-format workflow JSON with {{placeholders}}.
+    workflow: Path | None = None
+    # runpod: which worker image the endpoint runs, and the env var holding the API key
+    # (the key itself never goes into a file).
+    worker: Literal["a1111", "comfyui"] | None = None
+    api_key_env: str | None = None
+    # local: checkpoints folder (default CHARFORGE_MODELS_DIR), device, and the folder with
+    # the model's config and tokenizer files that single-file checkpoints need offline.
+    models_dir: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    single_file_config: Path | None = None
+
+    @model_validator(mode="after")
+    def _keys_fit_kind(self) -> BackendConfig:
+        allowed = _KIND_KEYS[self.kind] | {"kind", "timeout_seconds", "simulated"}
+        stray = sorted(self.model_fields_set - allowed)
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} cannot be set for a backend of kind '{self.kind}' "
+                f"(it takes: {', '.join(sorted(_KIND_KEYS[self.kind]))})"
+            )
+        if self.kind != "local" and not self.url:
+            raise ValueError(f"a backend of kind '{self.kind}' needs a url")
+        if self.workflow is not None and self.kind == "runpod" and self.worker != "comfyui":
+            raise ValueError('workflow needs worker = "comfyui" on a runpod backend')
+        return self
 
 
 class RouteConfig(BaseModel):
@@ -73,6 +119,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("./data")
     database_url: str | None = None
+    # Checkpoints of the local engine (backends of kind "local"): single .safetensors files
+    # and diffusers folders.
+    models_dir: Path = Path("./models")
 
     runpod_realistic_url: str = Field(
         default="http://127.0.0.1:7860/",

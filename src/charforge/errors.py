@@ -6,6 +6,7 @@ Every failure a client can see is a ``CharforgeError`` and renders as one JSON e
 
     CharforgeError                      500 internal_error
     ├── InvalidInput                    422 validation_error   (names the field)
+    │   └── UnsupportedCapability       422 unsupported_capability (names backends + capability)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden
     ├── NotFound                        404 not_found
@@ -68,6 +69,12 @@ class CharforgeError(Exception):
 class InvalidInput(CharforgeError):
     code = "validation_error"
     status = 422
+
+
+class UnsupportedCapability(InvalidInput):
+    """The request asks for something no backend of its route can do."""
+
+    code = "unsupported_capability"
 
 
 class Unauthorized(CharforgeError):

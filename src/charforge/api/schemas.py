@@ -270,6 +270,8 @@ class GenerateOut(Wire):
 
 class BackendHealth(Wire):
     name: str
+    kind: str
+    capabilities: list[str]
     available: bool
     latency_ms: float | None
     error: str | None
@@ -283,6 +285,7 @@ class StyleOut(Wire):
     checkpoint: str
     backend: str
     backends: list[BackendHealth]
+    capabilities: list[str]
     available: bool
     indicator: str
     note: str

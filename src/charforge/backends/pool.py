@@ -18,16 +18,20 @@ from typing import Protocol
 
 from charforge.backends.a1111 import A1111Backend
 from charforge.backends.base import ImageBackend, ProbeResult
+from charforge.domain.capabilities import Capability
 from charforge.domain.checkpoints import same_checkpoint, strip_hash
+from charforge.domain.requirements import capable_backends
 from charforge.domain.routes import BackendSpec, Route, RouteTable
 from charforge.errors import BackendTimeout
 from charforge.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
-_PROBE_CACHE_SECONDS = 5.0
+PROBE_CACHE_SECONDS = 5.0
 
 
 def build_backend(spec: BackendSpec, probe_timeout: float) -> ImageBackend:
+    # Imported on use: a process only loads the adapters its configuration names (the
+    # local engine's module imports torch only when it first generates).
     if spec.kind == "a1111":
         return A1111Backend(spec, probe_timeout=probe_timeout)
     raise ValueError(f"backend '{spec.name}': unknown kind '{spec.kind}'")
@@ -159,14 +163,22 @@ class BackendPool:
         self.metrics.in_flight.labels(name).set(self.in_flight(name))
         self._notify()
 
-    def choose(self, route: Route, checkpoint: str, avoid: Iterable[str] = ()) -> str | None:
+    def choose(
+        self,
+        route: Route,
+        checkpoint: str,
+        avoid: Iterable[str] = (),
+        needs: frozenset[Capability] = frozenset(),
+    ) -> str | None:
         """Where a job should go when there is no scheduler to ask: a healthy backend with a
-        free slot, preferring one that has the checkpoint loaded and one not tried before."""
+        free slot that can do what the job needs, preferring one that has the checkpoint
+        loaded and one not tried before."""
         avoided = set(avoid)
+        names = capable_backends(route, self.table, needs)
         with self._changed:
             candidates = [
                 self._status[n]
-                for n in route.backends
+                for n in names
                 if self._status[n].healthy and self._status[n].idle_slots > 0
             ]
         if not candidates:
@@ -188,6 +200,7 @@ class BackendPool:
         *,
         wait: float,
         avoid: Iterable[str] = (),
+        needs: frozenset[Capability] = frozenset(),
         waiting: Callable[[], None] | None = None,
     ) -> Iterator[ImageBackend]:
         """A backend of the route picked by ``choose`` and held; waits up to ``wait`` seconds
@@ -197,7 +210,7 @@ class BackendPool:
         while True:
             if waiting is not None:
                 waiting()
-            name = self.choose(route, checkpoint, avoided)
+            name = self.choose(route, checkpoint, avoided, needs)
             if name is not None and self.try_acquire(name):
                 break
             remaining = deadline - time.monotonic()
@@ -316,7 +329,7 @@ class BackendPool:
             self._notify()
 
     def probe(
-        self, names: list[str], *, max_age: float = _PROBE_CACHE_SECONDS
+        self, names: list[str], *, max_age: float = PROBE_CACHE_SECONDS
     ) -> dict[str, ProbeResult]:
         """Health of the named backends, probed concurrently, reused for ``max_age`` seconds."""
         now = time.monotonic()

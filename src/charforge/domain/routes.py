@@ -8,10 +8,13 @@ The default table is the original system's (DESIGN.md section 2):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from charforge.config import Settings
+from charforge.config import BackendConfig, Settings
+from charforge.domain.capabilities import KIND_CAPABILITIES, Capability, capabilities_for
 from charforge.domain.checkpoints import same_checkpoint
 from charforge.errors import InvalidInput
 
@@ -24,16 +27,35 @@ ANIME_URL_VAR = "RUNPOD_ANIME_CARTOON_FANTASY_URL"
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    kind: str
-    url: str  # without credentials: safe to show and log
+    kind: str  # a1111 | comfyui | runpod | local
+    url: str  # without credentials: safe to show and log (local: "local:" + models folder)
     auth: tuple[str, str] | None
     timeout: float
     connect_timeout: float
     source: str  # the env var or config key that defines it, for error hints
     simulated: bool = False
+    capabilities: frozenset[Capability] = KIND_CAPABILITIES["a1111"]
+    workflow: Path | None = None  # comfyui / runpod-comfyui: the user's own workflow
+    worker: str | None = None  # runpod: the worker image's API (a1111 | comfyui)
+    api_key_env: str | None = None  # runpod: the env var that holds the API key
+    models_dir: Path | None = None  # local
+    device: str = "auto"  # local: auto | cpu | cuda
+    single_file_config: Path | None = None  # local
 
     def __repr__(self) -> str:  # never let credentials reach a log line
         return f"BackendSpec(name={self.name!r}, kind={self.kind!r}, url={self.url!r})"
+
+    @property
+    def label(self) -> str:
+        """The kind as a user reads it: "comfyui (custom workflow)", "runpod (a1111 worker)"."""
+        if self.kind == "runpod":
+            return f"runpod ({self.worker or 'a1111'} worker)"
+        if self.workflow is not None:
+            return f"{self.kind} (custom workflow)"
+        return self.kind
+
+    def can(self, needs: Iterable[Capability]) -> bool:
+        return set(needs) <= self.capabilities
 
 
 @dataclass(frozen=True)
@@ -193,26 +215,8 @@ def build_route_table(settings: Settings) -> RouteTable:
 
     config_name = settings.config_file or "the TOML file"
     for name, cfg in settings.backends.items():
-        key = f"[backends.{name}] in {config_name}"
-        try:
-            url, auth = split_credentials(cfg.url)
-        except ValueError as exc:
-            raise ValueError(f"{key}: url {exc}") from exc
-        if cfg.auth is not None:
-            auth = parse_auth(cfg.auth.get_secret_value(), source=f"{key} auth")
-        backends[name] = BackendSpec(
-            name=name,
-            kind=cfg.kind,
-            url=url,
-            auth=auth,
-            timeout=_timeout_for(
-                url,
-                cfg.timeout_seconds or settings.backend_timeout,
-                cfg.timeout_seconds is not None or "backend_timeout" in settings.model_fields_set,
-            ),
-            connect_timeout=settings.backend_connect_timeout,
-            source=key,
-            simulated=cfg.simulated or settings.demo,
+        backends[name] = _configured_backend(
+            name, cfg, settings, f"[backends.{name}] in {config_name}"
         )
 
     routes: dict[str, Route] = {}
@@ -240,3 +244,45 @@ def build_route_table(settings: Settings) -> RouteTable:
             backends=names,
         )
     return RouteTable(routes=routes, backends=backends)
+
+
+def _configured_backend(name: str, cfg: BackendConfig, settings: Settings, key: str) -> BackendSpec:
+    if cfg.kind == "local":
+        models_dir = (cfg.models_dir or settings.models_dir).expanduser()
+        url, auth = f"local:{models_dir}", None
+    else:
+        try:
+            url, auth = split_credentials(cfg.url or "")
+        except ValueError as exc:
+            raise ValueError(f"{key}: url {exc}") from exc
+        models_dir = None
+    if cfg.auth is not None:
+        auth = parse_auth(cfg.auth.get_secret_value(), source=f"{key} auth")
+    if cfg.workflow is not None and not cfg.workflow.is_file():
+        raise ValueError(f"{key}: workflow file {cfg.workflow} does not exist")
+    if cfg.single_file_config is not None and not cfg.single_file_config.is_dir():
+        raise ValueError(f"{key}: single_file_config {cfg.single_file_config} is not a folder")
+    worker = (cfg.worker or "a1111") if cfg.kind == "runpod" else None
+    return BackendSpec(
+        name=name,
+        kind=cfg.kind,
+        url=url,
+        auth=auth,
+        timeout=_timeout_for(
+            url,
+            cfg.timeout_seconds or settings.backend_timeout,
+            cfg.timeout_seconds is not None or "backend_timeout" in settings.model_fields_set,
+        ),
+        connect_timeout=settings.backend_connect_timeout,
+        source=key,
+        simulated=cfg.simulated or settings.demo,
+        capabilities=capabilities_for(
+            cfg.kind, worker=worker, custom_workflow=cfg.workflow is not None
+        ),
+        workflow=cfg.workflow,
+        worker=worker,
+        api_key_env=(cfg.api_key_env or "RUNPOD_API_KEY") if cfg.kind == "runpod" else None,
+        models_dir=models_dir,
+        device=cfg.device or "auto",
+        single_file_config=cfg.single_file_config,
+    )

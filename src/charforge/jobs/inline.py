@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from charforge.db import repositories as repo
 from charforge.db.models import utcnow
+from charforge.domain.requirements import capable_backends
 from charforge.jobs.runner import Outcome, RunnerContext, run_attempt
 from charforge.jobs.scheduler import Fairness, FreeBackend, Policy, QueuedJob, plan
 from charforge.jobs.tickets import JobTicket
@@ -90,7 +91,7 @@ class InlineJobQueue:
             ticket.id,
             ticket.owner_id,
             ticket.checkpoint,
-            tuple(route.backends),
+            capable_backends(route, self._ctx.table, ticket.needs),
             queued_at=time.monotonic() - waited,
             not_before=time.monotonic() + ticket.wait_seconds(),
             avoid=avoid,

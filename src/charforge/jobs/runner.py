@@ -29,6 +29,7 @@ from charforge.domain.checkpoints import file_stem, same_checkpoint
 from charforge.domain.consistency import verify_checkpoint_ran
 from charforge.domain.infotext import build_infotext
 from charforge.domain.params import GenerationParams
+from charforge.domain.requirements import capable_backends, needs_of
 from charforge.domain.routes import RouteTable
 from charforge.errors import BackendBadResponse, CharforgeError
 from charforge.observability import logs
@@ -126,7 +127,8 @@ def _after_failure(
         ctx.pool.record_failure(backend, error.message, seconds)
     tried = _tried_backends(ctx, job.id) | {backend}
     route = ctx.table.route(job.style)
-    untried = [name for name in route.backends if name not in tried]
+    eligible = capable_backends(route, ctx.table, needs_of(job.params))
+    untried = [name for name in eligible if name not in tried]
     again = job.number < ctx.retry.max_attempts and (
         error.retriable or (error.backend_specific and bool(untried))
     )
@@ -404,6 +406,7 @@ def run_here(ctx: RunnerContext, job_id: str, *, wait: float) -> Outcome:
             return Outcome("retry", retry_after=pause)
         avoid = repo.failed_backends(session, job_id)
         route, checkpoint = ctx.table.route(job.art_style), job.checkpoint
+        needs = needs_of(GenerationParams.from_json(job.params))
     if not reserve(ctx, job_id, ctx.lease):
         return Outcome("skipped")
     last = time.monotonic()
@@ -416,7 +419,7 @@ def run_here(ctx: RunnerContext, job_id: str, *, wait: float) -> Outcome:
 
     try:
         with ctx.pool.lease(
-            route, checkpoint, wait=wait, avoid=avoid, waiting=still_waiting
+            route, checkpoint, wait=wait, avoid=avoid, needs=needs, waiting=still_waiting
         ) as backend:
             return run_attempt(ctx, job_id, backend.spec.name)
     except CharforgeError as exc:  # no backend free in time: the job stays queued

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from charforge.db.models import Job, utcnow
+from charforge.domain.capabilities import Capability
+from charforge.domain.params import GenerationParams
+from charforge.domain.requirements import needs_of
 
 
 @dataclass(frozen=True)
@@ -16,11 +19,18 @@ class JobTicket:
     checkpoint: str
     created_at: datetime
     not_before: datetime | None = None
+    needs: frozenset[Capability] = frozenset()  # what its backend must be able to do
 
     @classmethod
     def of(cls, job: Job) -> JobTicket:
         return cls(
-            job.id, job.owner_id, job.art_style, job.checkpoint, job.created_at, job.not_before
+            job.id,
+            job.owner_id,
+            job.art_style,
+            job.checkpoint,
+            job.created_at,
+            job.not_before,
+            needs_of(GenerationParams.from_json(job.params)),
         )
 
     def wait_seconds(self) -> float:

@@ -11,6 +11,7 @@ from charforge.domain.checkpoints import same_checkpoint
 from charforge.domain.consistency import resolve
 from charforge.domain.params import GenerateBody, apply_defaults
 from charforge.domain.prompt import compose_negative, compose_prompt
+from charforge.domain.requirements import fit_to_route
 from charforge.domain.routes import RouteTable
 from charforge.services import characters
 from charforge.services.characters import look_of
@@ -37,6 +38,9 @@ def submit(
         negative=compose_negative(body.negative_prompt, nsfw=body.nsfw),
     )
     resolution = resolve(look_of(character), requested_style, body.model, table)
+    fitted = fit_to_route(
+        params, hires_asked=body.hires is not None, route=resolution.route, table=table
+    )
     # An older character keeps what it was first resolved to, for every later image. A model
     # named only by the request is written back by the runner once it has really worked, so a
     # typo cannot bind the character to a checkpoint that does not exist.
@@ -51,6 +55,9 @@ def submit(
         session.refresh(character)
         if not won:  # another request decided first: follow what is stored now
             resolution = resolve(look_of(character), requested_style, body.model, table)
+            fitted = fit_to_route(
+                params, hires_asked=body.hires is not None, route=resolution.route, table=table
+            )
 
     job = Job(
         owner_id=owner.id,
@@ -59,7 +66,7 @@ def submit(
         art_style=resolution.style,
         checkpoint=resolution.checkpoint,
         checkpoint_hash=character.model_hash,
-        params=params.to_json(),
+        params=fitted.to_json(),
         user_prompt=body.prompt,
         request=body.model_dump(mode="json", by_alias=True, exclude_none=True),
         attempts=0,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from charforge.backends.pool import BackendPool
-from charforge.domain.checkpoints import same_checkpoint
+from charforge.backends.pool import PROBE_CACHE_SECONDS, BackendPool
 from charforge.domain.routes import RouteTable
+from charforge.services.backend_checks import check_routes
 
 CONSISTENCY_NOTE = "Images will be generated using the same model as the original character"
 
@@ -14,6 +14,8 @@ CONSISTENCY_NOTE = "Images will be generated using the same model as the origina
 @dataclass(frozen=True)
 class BackendHealth:
     name: str
+    kind: str  # "a1111", "comfyui (custom workflow)", "runpod (comfyui worker)", "local"
+    capabilities: list[str]
     available: bool
     latency_ms: float | None
     error: str | None
@@ -28,6 +30,7 @@ class StyleStatus:
     checkpoint: str
     backend: str
     backends: list[BackendHealth]
+    capabilities: list[str]  # what at least one backend of the route can do
     available: bool
     indicator: str
     note: str
@@ -35,27 +38,21 @@ class StyleStatus:
 
 
 def describe_styles(table: RouteTable, pool: BackendPool) -> list[StyleStatus]:
-    names = sorted({name for route in table.routes.values() for name in route.backends})
-    probes = pool.probe(names)
     out = []
-    for route in table.routes.values():
-        health = []
-        for name in route.backends:
-            probe = probes[name]
-            present = (
-                any(same_checkpoint(route.checkpoint, cp.name) for cp in probe.checkpoints)
-                if probe.ok
-                else None
+    for check in check_routes(table, pool, max_age=PROBE_CACHE_SECONDS):
+        route = check.route
+        health = [
+            BackendHealth(
+                name=b.name,
+                kind=b.kind,
+                capabilities=b.capabilities,
+                available=b.reachable,
+                latency_ms=b.latency_ms,
+                error=b.error,
+                checkpoint_present=b.checkpoint_present,
             )
-            health.append(
-                BackendHealth(
-                    name=name,
-                    available=probe.ok,
-                    latency_ms=round(probe.latency_ms, 1) if probe.latency_ms is not None else None,
-                    error=probe.error,
-                    checkpoint_present=present,
-                )
-            )
+            for b in check.backends
+        ]
         out.append(
             StyleStatus(
                 style=route.style,
@@ -64,6 +61,7 @@ def describe_styles(table: RouteTable, pool: BackendPool) -> list[StyleStatus]:
                 checkpoint=route.checkpoint,
                 backend=route.backends[0],
                 backends=health,
+                capabilities=sorted({c for h in health for c in h.capabilities}),
                 available=any(h.available for h in health),
                 indicator=route.indicator,
                 note=CONSISTENCY_NOTE,

@@ -19,11 +19,12 @@ from starlette.concurrency import run_in_threadpool
 from charforge.api.routes.generate import generate_and_wait, submit_generation
 from charforge.api.routes.jobs import cancel_job, event_stream, job_out
 from charforge.db.models import User
+from charforge.domain.capabilities import Capability
 from charforge.domain.params import GenerateBody, JobBody
 from charforge.errors import Unauthorized
 from charforge.services import characters
 from charforge.services.styles import CONSISTENCY_NOTE
-from charforge.web.render import container_of, indicator, page
+from charforge.web.render import container_of, indicator, page, route_can
 from charforge.web.session import check_csrf, require_user, signed_in_user
 
 router = APIRouter(include_in_schema=False)
@@ -36,7 +37,15 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
     user = require_user(request, c)
     with c.db.session() as session:
         roster = list(characters.list_for(session, user))
-    options = [{"id": ch.id, "name": ch.name, "indicator": indicator(ch, c)} for ch in roster]
+    options = [
+        {
+            "id": ch.id,
+            "name": ch.name,
+            "indicator": indicator(ch, c),
+            "hires": route_can(ch, c, Capability.HIRES),
+        }
+        for ch in roster
+    ]
     selected = next((o for o in options if o["id"] == characterId), None)
     notice = None
     if characterId and selected is None:

@@ -12,6 +12,7 @@ from fastapi.templating import Jinja2Templates
 from charforge import __version__
 from charforge.container import Container
 from charforge.db.models import Character, User
+from charforge.domain.capabilities import Capability
 from charforge.domain.consistency import resolve
 from charforge.domain.routes import Route
 from charforge.services.characters import look_of
@@ -55,6 +56,12 @@ def route_of(character: Character, container: Container) -> tuple[Route, str]:
     """The route and checkpoint the character's next image will really use (no write-back)."""
     resolution = resolve(look_of(character), None, None, container.table)
     return resolution.route, resolution.checkpoint
+
+
+def route_can(character: Character, container: Container, capability: Capability) -> bool:
+    """Whether any backend of the character's route can do ``capability``."""
+    route, _ = route_of(character, container)
+    return any(capability in container.table.backends[n].capabilities for n in route.backends)
 
 
 def indicator(character: Character, container: Container) -> str:

@@ -23,14 +23,26 @@
   const POLL_GIVE_UP = 15; // failed polls in a row before telling the user
   let current = null; // the job being followed
 
+  const hires = document.getElementById("hires");
+  const hiresNote = document.getElementById("hires-note");
+  let hiresWanted = hires.checked; // the user's choice, restored for a route that has it
+  hires.addEventListener("change", () => { hiresWanted = hires.checked; });
+
   function showIndicator() {
     const option = select.options[select.selectedIndex];
     const text = option ? option.getAttribute("data-indicator") : "";
     indicator.textContent = text || "";
     note.hidden = !text;
+    // A route whose backends have no second pass would refuse hires=true (422): offer only
+    // what the character's backends can do.
+    const canHires = !option || option.getAttribute("data-hires") !== "0";
+    hires.disabled = !canHires;
+    hires.checked = canHires && hiresWanted;
+    hiresNote.hidden = canHires;
   }
   select.addEventListener("change", showIndicator);
   select.addEventListener("input", showIndicator);
+  showIndicator();
 
   function clearErrors() {
     errorBox.hidden = true;

@@ -1,0 +1,66 @@
+"""Fit a request to what the backends of its route can do (see domain.capabilities)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from charforge.domain.capabilities import DESCRIPTIONS, FIELDS, Capability, needed
+from charforge.domain.params import GenerationParams
+from charforge.domain.routes import BackendSpec, Route, RouteTable
+from charforge.errors import UnsupportedCapability
+
+# What to tell a user who asked for a capability their route cannot give.
+_ADVICE: dict[Capability, str] = {
+    Capability.HIRES: "Send hires=false",
+    Capability.LORA: "Remove the <lora:...> tags from the prompt and the character's description",
+}
+
+
+def needs_of(params: GenerationParams) -> frozenset[Capability]:
+    return needed(hires=params.hires, prompt=params.prompt)
+
+
+def capable_backends(
+    route: Route, table: RouteTable, needs: frozenset[Capability]
+) -> tuple[str, ...]:
+    """The backends of the route's pool that can run a job with these needs."""
+    return tuple(name for name in route.backends if table.backends[name].can(needs))
+
+
+def fit_to_route(
+    params: GenerationParams, *, hires_asked: bool, route: Route, table: RouteTable
+) -> GenerationParams:
+    """``params`` as the route can run them: a default high-resolution pass is dropped where
+    no backend of the route has one (and the job records that); anything asked for that no
+    backend can do is a 422 naming the backends and the capability."""
+    specs = [table.backends[name] for name in route.backends]
+    if params.hires and not hires_asked and not any(s.can({Capability.HIRES}) for s in specs):
+        params = replace(params, hires=False)
+    needs = needs_of(params)
+    if any(spec.can(needs) for spec in specs):
+        return params
+    raise _unsupported(route, specs, needs)
+
+
+def _unsupported(
+    route: Route, specs: list[BackendSpec], needs: frozenset[Capability]
+) -> UnsupportedCapability:
+    lacking = [c for c in sorted(needs) if not any(c in s.capabilities for s in specs)]
+    if not lacking:  # each capability exists in the pool, but never all on one backend
+        names = ", ".join(sorted(needs))
+        return UnsupportedCapability(
+            f"No single backend of the {route.style} style can do all of {names} together.",
+            field=FIELDS.get(sorted(needs)[0]),
+            hint="Ask for fewer of them, or add a backend that has them all to "
+            f"[routes.{route.style}] backends.",
+        )
+    capability = lacking[0]
+    without = ", ".join(f"'{s.name}' ({s.label})" for s in specs)
+    return UnsupportedCapability(
+        f"The {route.style} style's backends cannot do {DESCRIPTIONS[capability]} "
+        f"({capability.value}), which this request asks for: {without} lack it.",
+        field=FIELDS.get(capability),
+        hint=f"{_ADVICE.get(capability, 'Leave it out')}, or add a backend that has it to "
+        f"[routes.{route.style}] backends in CHARFORGE_CONFIG.",
+        extra={"capability": capability.value, "backends": [s.name for s in specs]},
+    )
