@@ -32,6 +32,7 @@ from charforge.backends.base import (
     ProbeResult,
     Progress,
 )
+from charforge.backends.transport import Hints, capitalized, read_json, send, timeout_of
 from charforge.domain.checkpoints import same_checkpoint, strip_hash
 from charforge.domain.routes import BackendSpec
 from charforge.errors import (
@@ -108,38 +109,23 @@ class A1111Backend:
         timeout: float | None = None,
     ) -> httpx.Response:
         where = self._where(style)
-        kwargs: dict[str, Any] = {"json": json_body}
-        if timeout is not None:
-            kwargs["timeout"] = httpx.Timeout(
-                timeout, connect=min(timeout, self.spec.connect_timeout)
-            )
-        try:
-            response = self._client.request(method, path, **kwargs)
-        except httpx.ConnectTimeout as exc:
-            raise BackendUnavailable(
-                f"Could not connect to {where}: no answer within {self.spec.connect_timeout:g}s.",
-                hint=self._reach_hint(),
-            ) from exc
-        except httpx.TimeoutException as exc:
-            limit = timeout or self.spec.timeout
-            raise BackendTimeout(
-                f"{where[0].upper()}{where[1:]} did not answer {path} within {limit:g}s.",
-                hint=(
+        response = send(
+            self._client,
+            method,
+            path,
+            where=where,
+            connect_timeout=self.spec.connect_timeout,
+            limit=timeout or self.spec.timeout,
+            hints=Hints(
+                reach=self._reach_hint(),
+                stuck=(
                     f"Check that the WebUI behind {self.spec.source} is not stuck; for slow GPUs "
                     "raise CHARFORGE_BACKEND_TIMEOUT (or timeout_seconds of the backend)."
                 ),
-            ) from exc
-        except httpx.ConnectError as exc:
-            raise BackendUnavailable(
-                f"Could not connect to {where}: {exc or 'connection refused'}.",
-                hint=self._reach_hint(),
-            ) from exc
-        except httpx.TransportError as exc:
-            raise BackendUnavailable(
-                f"{where[0].upper()}{where[1:]} dropped the connection on {path}: "
-                f"{exc or type(exc).__name__}.",
-                hint=self._reach_hint(),
-            ) from exc
+            ),
+            json=json_body,
+            timeout=timeout_of(timeout, self.spec.connect_timeout) or httpx.USE_CLIENT_DEFAULT,
+        )
         self._raise_for_status(response, where, path)
         return response
 
@@ -155,7 +141,7 @@ class A1111Backend:
             return
         if status == 401:
             raise BackendAuthFailed(
-                f"{where[0].upper()}{where[1:]} refused charforge's credentials (HTTP 401).",
+                f"{capitalized(where)} refused charforge's credentials (HTTP 401).",
                 hint=f"Set {auth_setting(self.spec)} to the user:password given to --api-auth.",
             )
         if status == 524:
@@ -172,24 +158,18 @@ class A1111Backend:
             )
         if status == 404 and path.startswith("/sdapi"):
             raise BackendRejected(
-                f"{where[0].upper()}{where[1:]} has no API route {path} (HTTP 404).",
+                f"{capitalized(where)} has no API route {path} (HTTP 404).",
                 hint="Start the WebUI with the --api flag.",
             )
         raise BackendRejected(
-            f"{where[0].upper()}{where[1:]} failed (HTTP {status}): {error_message(response)}",
+            f"{capitalized(where)} failed (HTTP {status}): {error_message(response)}",
             hint="This is the WebUI's own error message; its console shows the details.",
             retriable=status >= 500,  # a server fault may pass, or another backend may do it
         )
 
     @staticmethod
-    def _json(response: httpx.Response, what: str) -> Any:
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise BackendBadResponse(
-                f"{what} answered HTTP {response.status_code} with a body that is not JSON.",
-                hint="Something other than the A1111 API may be listening on that URL.",
-            ) from exc
+    def _json(response: httpx.Response, where: str) -> Any:
+        return read_json(response, where, expected="the A1111 API")
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -271,36 +251,6 @@ class A1111Backend:
 
     # -- generation ------------------------------------------------------------------------
 
-    def payload(self, request: BackendRequest) -> dict[str, Any]:
-        p = request.params
-        return {
-            "prompt": p.prompt,
-            "negative_prompt": p.negative_prompt,
-            "seed": p.seed,
-            "subseed": -1,
-            "sampler_name": p.sampler,
-            "scheduler": p.scheduler,
-            "steps": p.steps,
-            "cfg_scale": p.cfg_scale,
-            "width": p.width,
-            "height": p.height,
-            "batch_size": 1,
-            # One image after the other: several in one batch would multiply GPU memory.
-            "n_iter": request.count,
-            "enable_hr": p.hires,
-            "hr_scale": p.hires_scale,
-            "hr_upscaler": p.hires_upscaler,
-            "hr_second_pass_steps": 0,
-            "denoising_strength": p.denoising_strength,
-            # Forge's hires pass fails with a TypeError without it; A1111 ignores it.
-            "hr_additional_modules": ["Use same choices"],
-            "override_settings": {"sd_model_checkpoint": request.checkpoint.title},
-            # Keep the model loaded: restoring would reload weights on every request.
-            "override_settings_restore_afterwards": False,
-            "send_images": True,
-            "save_images": False,
-        }
-
     def generate(self, request: BackendRequest) -> BackendResult:
         self._check_name(request.params.sampler, "/sdapi/v1/samplers", "sampler", request.style)
         self._check_name(
@@ -319,7 +269,7 @@ class A1111Backend:
             watcher.start()
         try:
             response = self._call(
-                "POST", "/sdapi/v1/txt2img", style=request.style, json_body=self.payload(request)
+                "POST", "/sdapi/v1/txt2img", style=request.style, json_body=txt2img_payload(request)
             )
         except BackendTimeout:
             # Ours or the proxy's (524): the WebUI goes on otherwise, and the next job (or this
@@ -387,6 +337,38 @@ class A1111Backend:
         return ProbeResult(True, latency, None, checkpoints, loaded)
 
 
+def txt2img_payload(request: BackendRequest) -> dict[str, Any]:
+    """The txt2img body for a request (also what RunPod's A1111 worker takes as input)."""
+    p = request.params
+    return {
+        "prompt": p.prompt,
+        "negative_prompt": p.negative_prompt,
+        "seed": p.seed,
+        "subseed": -1,
+        "sampler_name": p.sampler,
+        "scheduler": p.scheduler,
+        "steps": p.steps,
+        "cfg_scale": p.cfg_scale,
+        "width": p.width,
+        "height": p.height,
+        "batch_size": 1,
+        # One image after the other: several in one batch would multiply GPU memory.
+        "n_iter": request.count,
+        "enable_hr": p.hires,
+        "hr_scale": p.hires_scale,
+        "hr_upscaler": p.hires_upscaler,
+        "hr_second_pass_steps": 0,
+        "denoising_strength": p.denoising_strength,
+        # Forge's hires pass fails with a TypeError without it; A1111 ignores it.
+        "hr_additional_modules": ["Use same choices"],
+        "override_settings": {"sd_model_checkpoint": request.checkpoint.title},
+        # Keep the model loaded: restoring would reload weights on every request.
+        "override_settings_restore_afterwards": False,
+        "send_images": True,
+        "save_images": False,
+    }
+
+
 def _match(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:
     for info in available:
         if info.name == strip_hash(name) or info.title == name:
@@ -400,7 +382,7 @@ def _match(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:
 def parse_txt2img(body: Any, where: str) -> BackendResult:
     """Images, seeds and the model that ran, from A1111's ``{images, parameters, info}``."""
     if not isinstance(body, dict) or not isinstance(body.get("images"), list):
-        raise BackendBadResponse(f"{where[0].upper()}{where[1:]} sent no image list.")
+        raise BackendBadResponse(f"{capitalized(where)} sent no image list.")
     raw_info = body.get("info")
     try:
         info = json.loads(raw_info) if isinstance(raw_info, str) else raw_info
@@ -413,7 +395,7 @@ def parse_txt2img(body: Any, where: str) -> BackendResult:
     # Extensions (ControlNet maps, ...) append extra images after the generated ones.
     encoded = body["images"][first : first + len(seeds)]
     if not encoded:
-        raise BackendBadResponse(f"{where[0].upper()}{where[1:]} returned no image.")
+        raise BackendBadResponse(f"{capitalized(where)} returned no image.")
     images = []
     for index, item in enumerate(encoded):
         if not isinstance(item, str):

@@ -34,6 +34,14 @@ def build_backend(spec: BackendSpec, probe_timeout: float) -> ImageBackend:
     # local engine's module imports torch only when it first generates).
     if spec.kind == "a1111":
         return A1111Backend(spec, probe_timeout=probe_timeout)
+    if spec.kind == "comfyui":
+        from charforge.backends.comfyui import ComfyUIBackend
+
+        return ComfyUIBackend(spec, probe_timeout=probe_timeout)
+    if spec.kind == "runpod":
+        from charforge.backends.runpod import RunPodBackend
+
+        return RunPodBackend(spec, probe_timeout=probe_timeout)
     raise ValueError(f"backend '{spec.name}': unknown kind '{spec.kind}'")
 
 

@@ -1,0 +1,77 @@
+"""HTTP faults of any backend, mapped to charforge's errors in one place.
+
+Connect failures mean the backend is not there (BackendUnavailable: retried, elsewhere when
+the pool allows); a read timeout means it is there but stuck or slow (BackendTimeout). Each
+adapter keeps its own mapping of HTTP statuses, whose bodies and meanings differ per backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from charforge.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
+
+
+def capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+@dataclass(frozen=True)
+class Hints:
+    reach: str  # what to check when it cannot be reached
+    stuck: str  # what to check when it does not answer in time
+
+
+def send(
+    client: httpx.Client,
+    method: str,
+    path: str,
+    *,
+    where: str,
+    connect_timeout: float,
+    limit: float,
+    hints: Hints,
+    **kwargs: Any,
+) -> httpx.Response:
+    """One request; ``where`` names the backend for messages (never its URL, which may be a
+    credential), ``limit`` is the read timeout in force, for the message."""
+    try:
+        return client.request(method, path, **kwargs)
+    except httpx.ConnectTimeout as exc:
+        raise BackendUnavailable(
+            f"Could not connect to {where}: no answer within {connect_timeout:g}s.",
+            hint=hints.reach,
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout(
+            f"{capitalized(where)} did not answer {path} within {limit:g}s.", hint=hints.stuck
+        ) from exc
+    except httpx.ConnectError as exc:
+        raise BackendUnavailable(
+            f"Could not connect to {where}: {exc or 'connection refused'}.", hint=hints.reach
+        ) from exc
+    except httpx.TransportError as exc:
+        raise BackendUnavailable(
+            f"{capitalized(where)} dropped the connection on {path}: {exc or type(exc).__name__}.",
+            hint=hints.reach,
+        ) from exc
+
+
+def read_json(response: httpx.Response, where: str, *, expected: str) -> Any:
+    """The body as JSON, or BackendBadResponse (retried: a proxy page, a half-sent body)."""
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise BackendBadResponse(
+            f"{capitalized(where)} answered HTTP {response.status_code} with a body that is "
+            "not JSON.",
+            hint=f"Something other than {expected} may be listening on that URL.",
+        ) from exc
+
+
+def timeout_of(limit: float | None, connect: float) -> httpx.Timeout | None:
+    """A per-call timeout whose connect part never exceeds the whole."""
+    return None if limit is None else httpx.Timeout(limit, connect=min(limit, connect))

@@ -1,0 +1,367 @@
+"""A RunPod serverless endpoint on 127.0.0.1, speaking the real queue API under /v2/{id}.
+
+Routes: POST /run, /runsync; GET /status/{job}; POST /cancel/{job}; GET /health. The bearer key
+is checked on each (401 otherwise). A job answers IN_QUEUE, then IN_PROGRESS, then its end
+(COMPLETED by default) over a few polls. The worker behind it is one of:
+
+- ``a1111``: runpod-workers/worker-a1111, which hands ``input`` to A1111's txt2img as is; here
+  the A1111 simulator's engine renders it (an unknown checkpoint silently keeps the model in
+  memory, and ``info.sd_model_name`` says which);
+- ``comfyui``: runpod-workers/worker-comfyui 5.x, ``{"workflow": graph}`` in, ``{"images":
+  [{filename, type, data}]}`` out (base64 or an S3 link this server serves itself, or the
+  pre-5.0 ``{"status": "success", "message": ...}``); an unknown ``ckpt_name`` fails the job
+  with ComfyUI's validation error as the worker words it.
+
+Every request is recorded (method, path, lower-case headers, JSON body) so tests can assert
+what was really sent; ``faults`` injects 429s, 500s and FAILED / TIMED_OUT / CANCELLED /
+stuck jobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from charforge.simulator.app import error_body
+from charforge.simulator.config import SimulatorSettings
+from charforge.simulator.engine import SimulatorEngine
+from charforge.simulator.render import Placeholder, png_bytes, render_placeholder
+from charforge.simulator.txt2img import Txt2ImgRequest
+from tests.helpers import LiveServer
+
+Worker = Literal["a1111", "comfyui"]
+ComfyOutput = Literal["base64", "s3_url", "legacy"]
+Ending = Literal["COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED", "stuck"]
+
+
+@dataclass
+class RunPodFaults:
+    """Mutable at any time; everything off by default."""
+
+    rate_limit: int = 0  # answer 429 to this many of the next requests ...
+    retry_after: str | None = None  # ... with this Retry-After header, when set
+    server_error: int = 0  # answer 500 to this many of the next requests
+    only: str = "/"  # ... whose path starts with this (e.g. "/status/")
+    ending: Ending = "COMPLETED"  # how jobs submitted from now on end ("stuck": never)
+    error: str = "simulated worker failure"  # the handler's exception message when FAILED
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    path: str  # after /v2/{endpoint}, e.g. "/run", "/status/abc-u1"
+    headers: dict[str, str]
+    body: Any
+    status: int  # the HTTP status answered
+    state: str | None = None  # the job status answered by /run, /status and /cancel
+
+
+@dataclass
+class _Job:
+    id: str
+    input: Any
+    ending: Ending
+    error: str
+    polls: int = 0
+    state: str = "IN_QUEUE"
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+class RunPodFake:
+    def __init__(
+        self,
+        *,
+        worker: Worker = "comfyui",
+        models: tuple[str, ...] = ("cyberrealistic.safetensors", "other.safetensors"),
+        api_key: str = "rp-test-key",
+        endpoint_id: str = "ep-test",
+        queue_polls: int = 1,
+        progress_polls: int = 1,
+        comfy_output: ComfyOutput = "base64",
+    ) -> None:
+        self.worker, self.models, self.api_key = worker, list(models), api_key
+        self.endpoint_id = endpoint_id
+        self.queue_polls, self.progress_polls = queue_polls, progress_polls
+        self.comfy_output: ComfyOutput = comfy_output
+        self.faults = RunPodFaults()
+        self._engine = SimulatorEngine(SimulatorSettings(models=list(models), name="rp-a1111"))
+        self._jobs: dict[str, _Job] = {}
+        self._seen: list[Seen] = []
+        self._s3: dict[str, bytes] = {}
+        self._files = itertools.count(1)
+        self._lock = threading.Lock()
+        self._server = LiveServer(self._app())
+
+    # -- lifecycle and what happened -------------------------------------------------------
+
+    def start(self) -> RunPodFake:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self) -> RunPodFake:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    @property
+    def url_for_endpoint(self) -> str:
+        """What a user configures: https://api.runpod.ai/v2/ENDPOINT_ID, here on loopback."""
+        return f"{self.url}/v2/{self.endpoint_id}"
+
+    @property
+    def a1111(self) -> SimulatorEngine:
+        """The A1111 behind the a1111 worker (its ``faults`` make txt2img fail)."""
+        return self._engine
+
+    @property
+    def requests(self) -> list[Seen]:
+        with self._lock:
+            return list(self._seen)
+
+    def inputs(self) -> list[Any]:
+        """The ``input`` of every accepted /run, in order."""
+        return [r.body["input"] for r in self.requests if r.path == "/run" and r.status == 200]
+
+    def states(self) -> list[str]:
+        """The job states answered to /status polls, in order."""
+        return [r.state for r in self.requests if r.path.startswith("/status/") and r.state]
+
+    def cancelled(self) -> list[str]:
+        return [r.path.rsplit("/", 1)[1] for r in self.requests if r.path.startswith("/cancel/")]
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.api_route("/v2/{endpoint}/{rest:path}", methods=["GET", "POST"])
+        async def endpoint(endpoint: str, rest: str, request: Request) -> Response:
+            raw = await request.body()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+            with self._lock:
+                key = request.headers.get("authorization", "")
+                status, answer, extra = self._handle(
+                    request.method, endpoint, f"/{rest}", body, key
+                )
+                state = answer.get("status") if isinstance(answer, dict) else None
+                headers = {k.lower(): v for k, v in request.headers.items()}
+                self._seen.append(Seen(request.method, f"/{rest}", headers, body, status, state))
+            if isinstance(answer, str):
+                return Response(answer, status_code=status, headers=extra)
+            return JSONResponse(answer, status_code=status, headers=extra)
+
+        @app.get("/_s3/{job}/{name}")
+        async def bucket(job: str, name: str, request: Request) -> Response:
+            data = self._s3.get(f"{job}/{name}")
+            with self._lock:
+                headers = {k.lower(): v for k, v in request.headers.items()}
+                self._seen.append(
+                    Seen("GET", request.url.path, headers, None, 200 if data else 404)
+                )
+            if data is None:
+                return Response("<Error><Code>NoSuchKey</Code></Error>", status_code=404)
+            return Response(data, media_type="image/png")
+
+        return app
+
+    def _handle(
+        self, method: str, endpoint: str, path: str, body: Any, key: str
+    ) -> tuple[int, Any, dict[str, str]]:
+        if key not in (f"Bearer {self.api_key}", self.api_key):  # RunPod takes both
+            return 401, "Unauthorized", {}
+        hit = path.startswith(self.faults.only)
+        if hit and self.faults.rate_limit > 0:
+            self.faults.rate_limit -= 1
+            after = self.faults.retry_after
+            return 429, {"error": "Too Many Requests"}, {"Retry-After": after} if after else {}
+        if hit and self.faults.server_error > 0:
+            self.faults.server_error -= 1
+            return 500, {"error": "Internal Server Error"}, {}
+        if endpoint != self.endpoint_id:
+            return 404, {"error": "endpoint not found"}, {}
+        action, _, job_id = path.strip("/").partition("/")
+        if method == "POST" and action in ("run", "runsync") and not job_id:
+            return self._submit(body, sync=action == "runsync")
+        if method == "GET" and action == "health" and not job_id:
+            return 200, self._health(), {}
+        job = self._jobs.get(job_id)
+        if job is None or action not in ("status", "cancel"):
+            return 404, {"error": "request does not exist"}, {}
+        if method == "GET" and action == "status":
+            return 200, self._poll(job), {}
+        if method == "POST" and action == "cancel":
+            if job.state not in ("COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED"):
+                job.state, job.final = "CANCELLED", {}
+            return 200, {"id": job.id, "status": job.state}, {}
+        return 405, {"error": "Method Not Allowed"}, {}
+
+    def _submit(self, body: Any, *, sync: bool) -> tuple[int, Any, dict[str, str]]:
+        if not isinstance(body, dict) or "input" not in body:
+            return 400, {"error": "the request body needs an 'input' object"}, {}
+        job = _Job(f"{uuid.uuid4()}-u1", body["input"], self.faults.ending, self.faults.error)
+        self._jobs[job.id] = job
+        if sync:
+            while job.state not in ("COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED"):
+                self._poll(job)
+                if job.ending == "stuck":
+                    break
+            return 200, self._answer(job), {}
+        return 200, {"id": job.id, "status": "IN_QUEUE"}, {}
+
+    def _poll(self, job: _Job) -> dict[str, Any]:
+        job.polls += 1
+        if job.state == "IN_QUEUE" and job.polls > self.queue_polls:
+            job.state = "IN_PROGRESS"
+        if (
+            job.state == "IN_PROGRESS"
+            and job.ending != "stuck"
+            and job.polls > self.queue_polls + self.progress_polls
+        ):
+            self._finish(job)
+        return self._answer(job)
+
+    def _answer(self, job: _Job) -> dict[str, Any]:
+        answer: dict[str, Any] = {"id": job.id, "status": job.state}
+        if job.state == "IN_PROGRESS":
+            answer.update(delayTime=812, workerId="fake-worker-1")
+            if self.worker == "comfyui":  # worker-comfyui forwards ComfyUI's step progress
+                answer["output"] = {"type": "progress", "value": 12, "max": 25, "percent": 48.0}
+        answer.update(job.final)
+        return answer
+
+    def _health(self) -> dict[str, Any]:
+        states = [job.state for job in self._jobs.values()]
+        running = states.count("IN_PROGRESS")
+        return {
+            "jobs": {
+                "completed": states.count("COMPLETED"),
+                "failed": states.count("FAILED"),
+                "inProgress": running,
+                "inQueue": states.count("IN_QUEUE"),
+                "retried": 0,
+            },
+            "workers": {"idle": 1 - min(running, 1), "running": min(running, 1)},
+        }
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def _finish(self, job: _Job) -> None:
+        timing = {"delayTime": 812, "executionTime": 2345, "workerId": "fake-worker-1"}
+        if job.ending in ("TIMED_OUT", "CANCELLED"):
+            job.state, job.final = job.ending, {}
+            return
+        if job.ending == "FAILED":
+            # runpod-python's wrapping of an exception raised by the handler
+            wrapped = {
+                "error_type": "<class 'RuntimeError'>",
+                "error_message": job.error,
+                "error_traceback": "Traceback (most recent call last):\n  ...\nRuntimeError",
+                "hostname": "fake-worker-1",
+                "worker_id": "fake-worker-1",
+                "runpod_version": "1.7.9",
+            }
+            job.state, job.final = "FAILED", {**timing, "error": json.dumps(wrapped)}
+            return
+        returned = self._a1111(job.input) if self.worker == "a1111" else self._comfy(job)
+        # runpod-python: an "error" key in the handler's dict makes the job FAILED.
+        error = returned.pop("error", None)
+        job.state = "FAILED" if error else "COMPLETED"
+        job.final = {**timing, **({"error": error} if error else {})}
+        if returned:
+            job.final["output"] = returned
+
+    def _a1111(self, job_input: Any) -> dict[str, Any]:
+        outcome = self._engine.txt2img(Txt2ImgRequest.model_validate(job_input))
+        if outcome.body is not None:
+            return dict(outcome.body)
+        error = outcome.error
+        assert error is not None, outcome.kind
+        return error_body("a1111", error.error, error.message)  # what A1111 answered
+
+    def _comfy(self, job: _Job) -> dict[str, Any]:
+        graph = job.input.get("workflow") if isinstance(job.input, dict) else None
+        if not isinstance(graph, dict):
+            return {"error": "Missing 'workflow' parameter"}
+        unknown = self._validation_error(graph)
+        if unknown:
+            return {"error": unknown}
+        name = f"ComfyUI_{next(self._files):05d}_.png"
+        data = _render_graph(graph)
+        if self.comfy_output == "legacy":
+            return {"status": "success", "message": base64.b64encode(data).decode()}
+        if self.comfy_output == "s3_url":
+            self._s3[f"{job.id}/{name}"] = data
+            link = f"{self.url}/_s3/{job.id}/{name}?X-Amz-Signature=fake"
+            return {"images": [{"filename": name, "type": "s3_url", "data": link}]}
+        encoded = base64.b64encode(data).decode()
+        return {"images": [{"filename": name, "type": "base64", "data": encoded}]}
+
+    def _validation_error(self, graph: dict[str, Any]) -> str | None:
+        """ComfyUI's /prompt 400 for a ckpt_name it does not have, formatted as
+        worker-comfyui's queue_workflow words it."""
+        lines = []
+        for node_id, node in graph.items():
+            wanted = node.get("inputs", {}).get("ckpt_name")
+            if wanted is None or wanted in self.models:
+                continue
+            error = {
+                "type": "value_not_in_list",
+                "message": "Value not in list",
+                "details": f"ckpt_name: '{wanted}' not in {self.models}",
+                "extra_info": {"input_name": "ckpt_name", "received_value": wanted},
+            }
+            node_errors = {"errors": [error], "dependent_outputs": ["9"]}
+            node_errors["class_type"] = node.get("class_type")
+            lines += [f"• Node {node_id} ({kind}): {msg}" for kind, msg in node_errors.items()]
+        if not lines:
+            return None
+        return (
+            "Workflow validation failed:\n"
+            + "\n".join(lines)
+            + f"\n\nAvailable checkpoint models: {', '.join(self.models)}"
+        )
+
+
+def _render_graph(graph: dict[str, Any]) -> bytes:
+    """A placeholder of the size the graph would produce (its LatentUpscaleBy included)."""
+
+    def first(kind: str) -> dict[str, Any]:
+        found = [n["inputs"] for n in graph.values() if n.get("class_type") == kind]
+        return found[0] if found else {}
+
+    latent, sampler = first("EmptyLatentImage"), first("KSampler")
+    width, height = int(latent.get("width", 512)), int(latent.get("height", 512))
+    scale = float(first("LatentUpscaleBy").get("scale_by", 1.0))
+    out_w, out_h = round(width / 8 * scale) * 8, round(height / 8 * scale) * 8
+    loader = first("CheckpointLoaderSimple")
+    spec = Placeholder(
+        width=out_w,
+        height=out_h,
+        seed=int(sampler.get("seed", 0)),
+        checkpoint=str(loader.get("ckpt_name", "?")),
+        sampler=str(sampler.get("sampler_name", "?")),
+        steps=int(sampler.get("steps", 20)),
+        cfg_scale=float(sampler.get("cfg", 7.0)),
+        prompt=str(first("CLIPTextEncode").get("text", "")),
+        first_pass=(width, height) if scale != 1.0 else None,
+    )
+    return png_bytes(render_placeholder(spec), None)
