@@ -14,5 +14,7 @@ if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "em
 fi
 
 python3 -m venv .venv
-.venv/bin/pip install -q -e '.[dev]'
+# The local extra brings the local engine's torch/diffusers, so its tests run instead of being
+# skipped; it pins torch==2.13.0, the CPU build that pip takes from this machine's disk.
+.venv/bin/pip install -q -e '.[dev,local]'
 exec .venv/bin/pytest "$@"

@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from charforge.simulator import A1111Simulator
+from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.runpod import RunPodFake
 from tests.helpers import free_port
 
 CHARFORGE = [sys.executable, "-m", "charforge"]
@@ -293,3 +295,48 @@ def test_backends_check_exits_1_for_a_dead_route_and_for_a_missing_checkpoint(
     assert anime["checkpoint_present"] is False
     assert report["realistic"]["working"] is True
     assert report["realistic"]["backends"][0]["checkpoint_present"] is True
+
+
+def test_backends_check_covers_comfyui_and_runpod_backends(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    with FakeComfyUI(["anime/diving.safetensors"]) as comfy, RunPodFake(api_key="k-1") as runpod:
+        config = tmp_path / "charforge.toml"
+        config.write_text(
+            f"""
+[backends.comfy]
+kind = "comfyui"
+url = "{comfy.url}"
+
+[backends.rp]
+kind = "runpod"
+url = "{runpod.url_for_endpoint}"
+worker = "comfyui"
+api_key_env = "CF_TEST_RUNPOD_KEY"
+
+[routes.anime]
+backends = ["comfy"]
+
+[routes.realistic]
+backends = ["rp"]
+"""
+        )
+        env = {**cli_env, "CHARFORGE_CONFIG": str(config), "CF_TEST_RUNPOD_KEY": "k-1"}
+        result = run(["backends", "check", "--json"], env)
+        assert result.returncode == 0, result.stderr
+        report = {entry["route"]: entry for entry in json.loads(result.stdout)}
+        (comfy_row,) = report["anime"]["backends"]
+        assert comfy_row["kind"] == "comfyui" and comfy_row["reachable"] is True
+        assert comfy_row["checkpoint_present"] is True and comfy_row["latency_ms"] is not None
+        (rp_row,) = report["realistic"]["backends"]
+        assert rp_row["kind"] == "runpod (comfyui worker)" and rp_row["reachable"] is True
+        # RunPod cannot list a worker's models: unknown, not missing, so the route works.
+        assert rp_row["checkpoint_present"] is None and report["realistic"]["working"] is True
+        assert any(seen.path.endswith("/health") for seen in runpod.requests)
+
+        result = run(["backends", "check", "--json"], {**env, "CF_TEST_RUNPOD_KEY": "wrong"})
+        assert result.returncode == 1
+        assert "no working backend for: realistic" in result.stderr
+        report = {entry["route"]: entry for entry in json.loads(result.stdout)}
+        (rp_row,) = report["realistic"]["backends"]
+        assert rp_row["reachable"] is False and "CF_TEST_RUNPOD_KEY" in rp_row["error"]

@@ -152,6 +152,12 @@ class FakeComfyUI:
         self._server.stop()
         self._worker.join(5)
 
+    def __enter__(self) -> FakeComfyUI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     @property
     def url(self) -> str:
         return self._server.url

@@ -33,7 +33,7 @@ from charforge.backends.base import (
     Progress,
 )
 from charforge.backends.transport import Hints, capitalized, read_json, send, timeout_of
-from charforge.domain.checkpoints import same_checkpoint, strip_hash
+from charforge.domain.checkpoints import find_checkpoint_named, strip_hash
 from charforge.domain.routes import BackendSpec
 from charforge.errors import (
     BackendAuthFailed,
@@ -370,13 +370,8 @@ def txt2img_payload(request: BackendRequest) -> dict[str, Any]:
 
 
 def _match(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:
-    for info in available:
-        if info.name == strip_hash(name) or info.title == name:
-            return info
-    for info in available:
-        if same_checkpoint(info.name, name):
-            return info
-    return None
+    exact = next((info for info in available if info.title == name), None)
+    return exact or find_checkpoint_named(name, available, lambda info: info.name)
 
 
 def parse_txt2img(body: Any, where: str) -> BackendResult:

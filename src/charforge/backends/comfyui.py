@@ -57,7 +57,7 @@ from charforge.backends.comfyui_graph import (
     placeholders_in,
 )
 from charforge.backends.transport import Hints, capitalized, read_json, send, timeout_of
-from charforge.domain.checkpoints import file_stem, same_checkpoint
+from charforge.domain.checkpoints import find_checkpoint_named
 from charforge.domain.params import SEED_MAX
 from charforge.domain.routes import BackendSpec
 from charforge.errors import (
@@ -112,15 +112,7 @@ def combo_options(info: Any, node: str, name: str) -> list[str] | None:
 
 def match_checkpoint(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:
     """``name`` among ComfyUI's checkpoints, which may be in subfolders (``sd15/x.safetensors``)."""
-    for rule in (
-        lambda info: info.name == name,
-        lambda info: same_checkpoint(info.name, name),
-        lambda info: file_stem(info.name) == file_stem(name),
-    ):
-        for info in available:
-            if rule(info):
-                return info
-    return None
+    return find_checkpoint_named(name, available, lambda info: info.name)
 
 
 def _validation_errors(body: Any) -> Iterator[tuple[str, dict[str, Any]]]:

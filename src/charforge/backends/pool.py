@@ -42,6 +42,10 @@ def build_backend(spec: BackendSpec, probe_timeout: float) -> ImageBackend:
         from charforge.backends.runpod import RunPodBackend
 
         return RunPodBackend(spec, probe_timeout=probe_timeout)
+    if spec.kind == "local":
+        from charforge.backends.local import LocalBackend
+
+        return LocalBackend(spec, probe_timeout=probe_timeout)
     raise ValueError(f"backend '{spec.name}': unknown kind '{spec.kind}'")
 
 

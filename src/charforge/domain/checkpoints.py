@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
 _EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
@@ -43,3 +45,26 @@ def same_hash(a: str, b: str) -> bool:
     """A 10-hex short hash matches the sha256 it was cut from."""
     a, b = a.lower(), b.lower()
     return a.startswith(b) or b.startswith(a)
+
+
+T = TypeVar("T")
+
+
+def find_checkpoint_named(
+    name: str, available: Iterable[T], name_of: Callable[[T], str]
+) -> T | None:
+    """``name`` among a backend's checkpoints: the exact name first, then A1111's model name
+    (``sd15/x.safetensors`` is ``sd15_x``), then the base name alone, since ComfyUI and model
+    folders keep checkpoints in subfolders a route's config need not repeat."""
+    items = list(available)
+    wanted = strip_hash(name)
+    rules: list[Callable[[str], bool]] = [
+        lambda n: strip_hash(n) == wanted,
+        lambda n: same_checkpoint(n, wanted),
+        lambda n: file_stem(n) == file_stem(wanted),
+    ]
+    for rule in rules:
+        for item in items:
+            if rule(name_of(item)):
+                return item
+    return None

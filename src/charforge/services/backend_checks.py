@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from charforge.backends.pool import BackendPool
 from charforge.domain.capabilities import Capability
-from charforge.domain.checkpoints import same_checkpoint
+from charforge.domain.checkpoints import find_checkpoint_named
 from charforge.domain.routes import Route, RouteTable
 
 
@@ -49,10 +49,7 @@ def check_routes(table: RouteTable, pool: BackendPool, *, max_age: float = 5.0) 
         rows = []
         for name in route.backends:
             probe, spec = probes[name], table.backends[name]
-            match = next(
-                (cp for cp in probe.checkpoints if same_checkpoint(route.checkpoint, cp.name)),
-                None,
-            )
+            match = find_checkpoint_named(route.checkpoint, probe.checkpoints, lambda c: c.name)
             listed = probe.ok and Capability.CHECKPOINT_LIST in spec.capabilities
             rows.append(
                 BackendCheck(

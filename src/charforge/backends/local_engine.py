@@ -1,0 +1,252 @@
+"""The part of the local engine that imports torch and diffusers (a worker process only).
+
+``charforge.backends.local`` imports this module the first time it generates; nothing else
+does, so a web process that lists or probes a local backend never loads torch.
+
+Facts it is built on (DESIGN.md section 5, checked on this project's machines): a diffusers
+folder loads with ``local_files_only=True``; the high-resolution pass shares the loaded
+components through ``AutoPipelineForImage2Image.from_pipe`` (no second load); the img2img
+pipeline takes latents (4 channels) as its image, which is A1111's "Latent" upscaler;
+``from_single_file`` works offline only with ``config=`` a local folder of configs; diffusers
+0.42 takes ``dtype=`` (``torch_dtype=`` is deprecated).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Never reach a model hub: every file comes from the models folder or from charforge itself.
+# Set before huggingface_hub is imported, which reads them once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Their warnings about optional packages (torchvision, which must not be installed beside a CPU
+# build of torch from PyPI) would only mislead; real errors still raise.
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import gc
+import inspect
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import huggingface_hub.constants
+import torch
+from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Also when huggingface_hub was imported before the variables above were set.
+huggingface_hub.constants.HF_HUB_OFFLINE = True
+diffusers.utils.logging.disable_progress_bar()
+
+
+class Interrupted(Exception):
+    """Raised inside the step callback to stop a generation at once."""
+
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    class_name: str  # a diffusers scheduler class
+    options: dict[str, Any]  # from_config overrides (algorithm, sigma schedule)
+    sigmas: str | None = None  # "karras" | "exponential" | "beta": asked of the scheduler
+
+
+@dataclass(frozen=True)
+class Upscale:
+    latent: bool  # upscale the latents (A1111 "Latent*") or the decoded image
+    mode: str  # torch interpolate mode, or a PIL filter name
+    antialias: bool = False
+
+
+@dataclass(frozen=True)
+class RenderParams:
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    hires: bool
+    out_width: int
+    out_height: int
+    denoising_strength: float
+
+
+StepCallback = Callable[[int, int, int], None]  # (pass index, step done, steps of that pass)
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a pickled ``.ckpt`` (loaded memory-mapped, weights only)."""
+    try:
+        data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    state = data.get("state_dict", data) if isinstance(data, dict) else {}
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def resolve_device(wanted: str) -> str:
+    if wanted == "cpu":
+        return "cpu"
+    available = torch.cuda.is_available()
+    if wanted == "cuda" and not available:
+        raise RuntimeError(
+            "device = 'cuda' but torch sees no CUDA GPU (a CPU build of torch, or no driver)"
+        )
+    return "cuda" if available else "cpu"
+
+
+class DiffusersEngine:
+    """One loaded pipeline (and its img2img twin), switched only when the checkpoint changes."""
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.loaded: str | None = None
+        self.loads = 0  # how many times a checkpoint was read from disk
+        self._pipe: Any = None
+        self._img2img: Any = None
+        self._scheduler_config: Any = None
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def unload(self) -> None:
+        self._pipe = self._img2img = self._scheduler_config = None
+        self.loaded = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def load(self, name: str, path: Path, *, single_file_config: Path | None) -> bool:
+        """Make ``name`` the loaded checkpoint; False when it already was."""
+        if self.loaded == name and self._pipe is not None:
+            return False
+        self.unload()  # free the old weights before reading the new ones
+        if path.is_dir():
+            kwargs = _safety_off(path / "model_index.json")
+            pipe = DiffusionPipeline.from_pretrained(
+                str(path), local_files_only=True, dtype=self.dtype, **kwargs
+            )
+        else:
+            if single_file_config is None:
+                raise ValueError("a single-file checkpoint needs a config folder")
+            index = json.loads((single_file_config / "model_index.json").read_text("utf-8"))
+            pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+            if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
+                raise ValueError(
+                    f"model_index.json in {single_file_config} names "
+                    f"{index.get('_class_name')!r}, which diffusers cannot load from one file"
+                )
+            pipe = pipeline_class.from_single_file(
+                str(path),
+                config=str(single_file_config),
+                local_files_only=True,
+                dtype=self.dtype,
+                **_safety_off(single_file_config / "model_index.json"),
+            )
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self._pipe = pipe
+        self._img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+        self._img2img.set_progress_bar_config(disable=True)
+        self._scheduler_config = pipe.scheduler.config
+        self.loaded = name
+        self.loads += 1
+        return True
+
+    def _scheduler(self, choice: SchedulerChoice) -> tuple[Any, str | None]:
+        cls = getattr(diffusers, choice.class_name)
+        options = dict(choice.options)
+        applied = None
+        if choice.sigmas:
+            flag = f"use_{choice.sigmas}_sigmas"
+            if flag in inspect.signature(cls.__init__).parameters:
+                options[flag] = True
+                applied = choice.sigmas
+        return cls.from_config(self._scheduler_config, **options), applied
+
+    def render(
+        self,
+        params: RenderParams,
+        seed: int,
+        scheduler: SchedulerChoice,
+        upscale: Upscale | None,
+        on_step: StepCallback,
+    ) -> tuple[bytes, dict[str, Any]]:
+        """One image as PNG bytes; raises Interrupted when on_step does."""
+        if self._pipe is None:
+            raise RuntimeError("no checkpoint loaded")
+        pipe, img2img = self._pipe, self._img2img
+        pipe.scheduler, sigmas = self._scheduler(scheduler)
+        generator = torch.Generator(self.device).manual_seed(seed)
+
+        def callback(pass_index: int) -> Callable[..., dict[str, Any]]:
+            def step_end(
+                p: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
+            ) -> dict[str, Any]:
+                on_step(pass_index, step + 1, int(getattr(p, "num_timesteps", 0) or 0))
+                return kwargs
+
+            return step_end
+
+        common = {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt or None,
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.cfg_scale,
+            "generator": generator,
+        }
+        hires = params.hires and upscale is not None
+        first = pipe(
+            **common,
+            width=params.width,
+            height=params.height,
+            output_type="latent" if hires and upscale and upscale.latent else "pil",
+            callback_on_step_end=callback(0),
+        ).images
+        image: Image.Image
+        if hires and upscale is not None:
+            img2img.scheduler, _ = self._scheduler(scheduler)
+            if upscale.latent:
+                factor = int(getattr(pipe, "vae_scale_factor", 8))
+                size = (params.out_height // factor, params.out_width // factor)
+                init: Any = torch.nn.functional.interpolate(
+                    first, size=size, mode=upscale.mode, antialias=upscale.antialias
+                )
+            else:
+                resample = getattr(Image.Resampling, upscale.mode.upper())
+                init = first[0].resize((params.out_width, params.out_height), resample)
+            image = img2img(
+                **common,
+                image=init,
+                strength=params.denoising_strength,
+                callback_on_step_end=callback(1),
+            ).images[0]
+        else:
+            image = first[0]
+        if image.size != (params.out_width, params.out_height):
+            image = image.resize((params.out_width, params.out_height), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue(), {"sigmas": sigmas}
+
+
+def _safety_off(model_index: Path) -> dict[str, Any]:
+    """No safety checker (A1111 has none; charforge filters on its own), where one is listed."""
+    try:
+        index = json.loads(model_index.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if "safety_checker" in index:
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
