@@ -297,9 +297,12 @@ def test_backends_check_exits_1_for_a_dead_route_and_for_a_missing_checkpoint(
     assert report["realistic"]["backends"][0]["checkpoint_present"] is True
 
 
-def test_backends_check_covers_comfyui_and_runpod_backends(
+def test_backends_check_covers_comfyui_runpod_and_local_backends(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:
+    models = tmp_path / "models"
+    (models / "sd15").mkdir(parents=True)
+    (models / "sd15" / "fae.safetensors").write_bytes(b"{}")  # listed by name; never loaded
     with FakeComfyUI(["anime/diving.safetensors"]) as comfy, RunPodFake(api_key="k-1") as runpod:
         config = tmp_path / "charforge.toml"
         config.write_text(
@@ -314,8 +317,16 @@ url = "{runpod.url_for_endpoint}"
 worker = "comfyui"
 api_key_env = "CF_TEST_RUNPOD_KEY"
 
+[backends.loc]
+kind = "local"
+models_dir = "{models}"
+
 [routes.anime]
 backends = ["comfy"]
+
+[routes.fantasy]
+checkpoint = "fae.safetensors"
+backends = ["loc"]
 
 [routes.realistic]
 backends = ["rp"]
@@ -333,6 +344,9 @@ backends = ["rp"]
         # RunPod cannot list a worker's models: unknown, not missing, so the route works.
         assert rp_row["checkpoint_present"] is None and report["realistic"]["working"] is True
         assert any(seen.path.endswith("/health") for seen in runpod.requests)
+        (local_row,) = report["fantasy"]["backends"]
+        assert local_row["kind"] == "local" and local_row["reachable"] is True
+        assert local_row["checkpoint_present"] is True
 
         result = run(["backends", "check", "--json"], {**env, "CF_TEST_RUNPOD_KEY": "wrong"})
         assert result.returncode == 1
@@ -340,3 +354,8 @@ backends = ["rp"]
         report = {entry["route"]: entry for entry in json.loads(result.stdout)}
         (rp_row,) = report["realistic"]["backends"]
         assert rp_row["reachable"] is False and "CF_TEST_RUNPOD_KEY" in rp_row["error"]
+
+        (models / "sd15" / "fae.safetensors").unlink()
+        result = run(["backends", "check", "--json"], env)
+        assert result.returncode == 1
+        assert "no working backend for: fantasy" in result.stderr

@@ -56,6 +56,41 @@ RETURNS: dict[str, tuple[str, ...]] = {
 _VALUE_TYPES = {"INT", "FLOAT", "STRING", "COMBO"}
 
 
+# A user's own API-format workflow: one pass, charforge fills the placeholders.
+USER_WORKFLOW: dict[str, Any] = {
+    "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "{{checkpoint}}"}},
+    "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "{{prompt}}", "clip": ["ckpt", 1]}},
+    "neg": {
+        "class_type": "CLIPTextEncode",
+        "inputs": {"text": "{{negative_prompt}}", "clip": ["ckpt", 1]},
+    },
+    "latent": {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": "{{width}}", "height": "{{height}}", "batch_size": 1},
+    },
+    "sample": {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": ["ckpt", 0],
+            "seed": "{{seed}}",
+            "steps": "{{steps}}",
+            "cfg": "{{cfg}}",
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "positive": ["pos", 0],
+            "negative": ["neg", 0],
+            "latent_image": ["latent", 0],
+            "denoise": 1.0,
+        },
+    },
+    "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+    "save": {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["decode", 0], "filename_prefix": "mine"},
+    },
+}
+
+
 @dataclass
 class ComfyFaults:
     prompt_status: int | None = None  # answer POST /prompt with this HTTP status

@@ -19,44 +19,10 @@ from charforge.config import BackendConfig, RouteConfig
 from charforge.domain.capabilities import Capability
 from charforge.simulator import A1111Simulator
 from tests.conftest import Live
-from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.comfyui import USER_WORKFLOW, FakeComfyUI
 from tests.jobs.conftest import create_character, submit, wait_final
 
 A1111 = "anime-cartoon-fantasy"  # the A1111 simulator behind RUNPOD_ANIME_CARTOON_FANTASY_URL
-
-# A user's own API-format workflow: one pass, charforge fills the placeholders.
-WORKFLOW = {
-    "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "{{checkpoint}}"}},
-    "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "{{prompt}}", "clip": ["ckpt", 1]}},
-    "neg": {
-        "class_type": "CLIPTextEncode",
-        "inputs": {"text": "{{negative_prompt}}", "clip": ["ckpt", 1]},
-    },
-    "latent": {
-        "class_type": "EmptyLatentImage",
-        "inputs": {"width": "{{width}}", "height": "{{height}}", "batch_size": 1},
-    },
-    "sample": {
-        "class_type": "KSampler",
-        "inputs": {
-            "model": ["ckpt", 0],
-            "seed": "{{seed}}",
-            "steps": "{{steps}}",
-            "cfg": "{{cfg}}",
-            "sampler_name": "euler",
-            "scheduler": "normal",
-            "positive": ["pos", 0],
-            "negative": ["neg", 0],
-            "latent_image": ["latent", 0],
-            "denoise": 1.0,
-        },
-    },
-    "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-    "save": {
-        "class_type": "SaveImage",
-        "inputs": {"images": ["decode", 0], "filename_prefix": "mine"},
-    },
-}
 
 
 @pytest.fixture
@@ -115,7 +81,7 @@ def test_a_job_needing_hires_never_goes_to_a_backend_without_it(
     anime = sims[1]
     anime.faults.fail_status = 500
     workflow = tmp_path / "workflow.json"
-    workflow.write_text(json.dumps(WORKFLOW))
+    workflow.write_text(json.dumps(USER_WORKFLOW))
     live = _start(
         live_factory,
         sims,
@@ -145,7 +111,7 @@ def test_the_styles_endpoint_shows_each_backends_kind_and_capabilities(
     tmp_path: Path,
 ) -> None:
     workflow = tmp_path / "workflow.json"
-    workflow.write_text(json.dumps(WORKFLOW))
+    workflow.write_text(json.dumps(USER_WORKFLOW))
     live = _start(
         live_factory,
         sims,
