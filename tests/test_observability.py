@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -92,3 +94,26 @@ def test_json_logs_carry_the_job_and_request_ids(caplog: pytest.LogCaptureFixtur
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "job j1 failed" and entry["level"] == "warning"
     assert entry["job_id"] == "j1" and entry["request_id"] == "r1"
+
+
+def test_client_libraries_never_log_urls_or_headers_even_at_debug() -> None:
+    """httpx logs every URL at INFO (a RunPod result's pre-signed S3 link is a credential) and
+    websockets logs request headers at DEBUG (the Basic auth sent to a ComfyUI proxy)."""
+    script = """
+import http.server, threading, httpx, logging
+from charforge.observability.logs import configure_logging
+configure_logging("text", "DEBUG")
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the test server's own access log is not under test
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+url = f"http://127.0.0.1:{server.server_port}/missing?X-Amz-Signature=SECRET1"
+httpx.get(url, headers={"Authorization": "Basic SECRET2"})
+logging.getLogger("charforge.test").debug("still logged")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "still logged" in result.stderr
+    assert "SECRET" not in result.stderr

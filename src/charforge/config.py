@@ -31,11 +31,12 @@ CONFIG_ENV_VAR = "CHARFORGE_CONFIG"
 
 BackendKind = Literal["a1111", "comfyui", "runpod", "local"]
 
-# Which keys each kind takes besides kind, timeout_seconds and simulated.
+# Which keys each kind takes besides kind and simulated.
 _KIND_KEYS: dict[str, set[str]] = {
-    "a1111": {"url", "auth"},
-    "comfyui": {"url", "auth", "workflow"},
-    "runpod": {"url", "worker", "api_key_env", "workflow"},
+    "a1111": {"url", "auth", "timeout_seconds"},
+    "comfyui": {"url", "auth", "workflow", "timeout_seconds"},
+    "runpod": {"url", "worker", "api_key_env", "workflow", "timeout_seconds"},
+    # No timeout: a generation on this machine is not a network call that may hang.
     "local": {"models_dir", "device", "single_file_config"},
 }
 
@@ -67,7 +68,7 @@ class BackendConfig(BaseModel):
 
     @model_validator(mode="after")
     def _keys_fit_kind(self) -> BackendConfig:
-        allowed = _KIND_KEYS[self.kind] | {"kind", "timeout_seconds", "simulated"}
+        allowed = _KIND_KEYS[self.kind] | {"kind", "simulated"}
         stray = sorted(self.model_fields_set - allowed)
         if stray:
             raise ValueError(

@@ -452,6 +452,20 @@ def test_unknown_sampler_is_refused_before_generating(
     assert generate(client, sakura, sampler="Euler a").status_code == 200
 
 
+def test_names_are_sent_as_a1111_spells_them(
+    live: Live, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    """txt2img looks a sampler up by its exact name (anything else silently becomes the
+    default), a scheduler by name or label: an alias or another case is translated."""
+    client = live.user("alice")
+    sakura = create(client, "Sakura", "anime")
+    response = generate(client, sakura, sampler="k_dpmpp_sde", scheduler="exponential")
+    assert response.status_code == 200, response.text
+    generate(client, sakura, sampler="euler A", scheduler="KARRAS")
+    sent = [(b["sampler_name"], b["scheduler"]) for b in sims[1].txt2img_bodies()]
+    assert sent == [("DPM++ SDE", "Exponential"), ("Euler a", "Karras")]
+
+
 def test_checkpoint_drift_is_caught(
     live: Live, sims: tuple[A1111Simulator, A1111Simulator]
 ) -> None:

@@ -15,12 +15,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from charforge.backends.base import BackendRequest, BackendResult, CheckpointInfo, Progress
+from charforge.backends import comfyui
+from charforge.backends.base import BackendRequest, CheckpointInfo, Progress
 from charforge.backends.comfyui import ComfyUIBackend
-from charforge.backends.comfyui_graph import build_graph
+from charforge.backends.comfyui_graph import HiresUpscale, build_graph, hires_upscale
 from charforge.config import BackendConfig, RouteConfig
 from charforge.domain.capabilities import capabilities_for
-from charforge.domain.params import GenerationParams
+from charforge.domain.params import SEED_MAX, GenerationParams
 from charforge.domain.routes import BackendSpec
 from charforge.errors import (
     BackendAuthFailed,
@@ -30,6 +31,7 @@ from charforge.errors import (
     BackendUnavailable,
     CheckpointMissing,
     InvalidInput,
+    UnsupportedCapability,
 )
 from charforge.simulator import A1111Simulator
 from tests.fakes.comfyui import FakeComfyUI
@@ -37,6 +39,9 @@ from tests.jobs.conftest import create_character
 
 SOURCE = "[backends.comfy] in charforge.toml"
 DIVING = CheckpointInfo("diving.safetensors", "diving.safetensors", None)
+# How long a test waits for something the fake does in the background. Generous: a loaded
+# 2-core CI machine runs the fake's server, its worker thread and the test side by side.
+WAIT = 30.0
 
 
 @pytest.fixture
@@ -52,7 +57,7 @@ def spec_for(url: str, **changes: Any) -> BackendSpec:
         kind="comfyui",
         url=url,
         auth=None,
-        timeout=10.0,
+        timeout=WAIT,
         connect_timeout=2.0,
         source=SOURCE,
         capabilities=capabilities_for("comfyui"),
@@ -94,6 +99,44 @@ def request(count: int = 1, checkpoint: CheckpointInfo = DIVING, **changes: Any)
 def size_of(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as png:
         return png.size
+
+
+def wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {WAIT:g}s for {what}"
+        time.sleep(0.02)
+
+
+def queue_of(fake: FakeComfyUI) -> tuple[list[str], list[str]]:
+    """The prompt ids running and pending, read from GET /queue as a client would."""
+    body = httpx.get(f"{fake.url}/queue").json()
+    return [item[1] for item in body["queue_running"]], [item[1] for item in body["queue_pending"]]
+
+
+def history_reads(fake: FakeComfyUI) -> int:
+    return len([r for r in fake.requests if r.path.startswith("/history/")])
+
+
+def in_background(call: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run ``call`` in a thread; its result or exception lands in the list."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    return worker, outcome
+
+
+def finished(worker: threading.Thread, outcome: list[Any]) -> Any:
+    worker.join(WAIT)
+    assert not worker.is_alive(), "the generation did not end"
+    return outcome[0]
 
 
 # -- the graph and what comes back -------------------------------------------------------------
@@ -157,6 +200,8 @@ def test_default_request_sends_comfyuis_txt2img_graph_with_the_hires_pass(
     assert [image.seed for image in result.images] == [1234, 1235]
     assert [size_of(image.data) for image in result.images] == [(768, 1152)] * 2
     assert result.checkpoint == "diving.safetensors" and result.checkpoint_hash is None
+    assert result.info["hires_upscaler_used"] == "bilinear (latent)"
+    assert result.info["hires_upscaler_asked"] == "Latent"
     with Image.open(io.BytesIO(result.images[0].data)) as png:
         assert json.loads(png.info["prompt"])["3"]["inputs"]["seed"] == 1234
 
@@ -172,10 +217,74 @@ def test_random_seed_is_chosen_once_and_counted_up(
     result = backend.generate(request(count=2, seed=-1, hires=False))
 
     seeds = [graph["3"]["inputs"]["seed"] for graph in fake.prompts()]
-    assert seeds[1] == seeds[0] + 1 and 0 <= seeds[0] < 2**32
+    assert seeds[1] == (seeds[0] + 1) % (SEED_MAX + 1) and 0 <= seeds[0] <= SEED_MAX
     assert [image.seed for image in result.images] == seeds
     assert size_of(result.images[0].data) == (512, 768)
     assert "10" not in fake.prompts()[0]  # no second pass without hires
+    assert "hires_upscaler_used" not in result.info
+
+
+def test_seeds_counted_up_from_the_largest_wrap_around_to_zero(
+    fake: FakeComfyUI, backend: ComfyUIBackend
+) -> None:
+    result = backend.generate(request(count=2, seed=SEED_MAX, hires=False))
+
+    assert [graph["3"]["inputs"]["seed"] for graph in fake.prompts()] == [4294967295, 0]
+    assert [image.seed for image in result.images] == [4294967295, 0]
+    assert result.info["seeds"] == [4294967295, 0]
+
+
+@pytest.mark.parametrize(
+    ("upscaler", "method"), [("R-ESRGAN 4x+", "lanczos"), ("Lanczos", "lanczos")]
+)
+def test_a_pixel_upscaler_runs_the_hires_pass_in_pixel_space(
+    fake: FakeComfyUI, backend: ComfyUIBackend, upscaler: str, method: str
+) -> None:
+    result = backend.generate(request(hires_upscaler=upscaler))
+
+    graph = fake.prompts()[0]
+    assert graph["12"] == {
+        "class_type": "VAEDecode",
+        "inputs": {"samples": ["3", 0], "vae": ["4", 2]},
+    }
+    assert graph["10"] == {
+        "class_type": "ImageScaleBy",
+        "inputs": {"image": ["12", 0], "upscale_method": method, "scale_by": 1.5},
+    }
+    assert graph["13"] == {
+        "class_type": "VAEEncode",
+        "inputs": {"pixels": ["10", 0], "vae": ["4", 2]},
+    }
+    second = graph["11"]["inputs"]
+    assert (second["latent_image"], second["denoise"]) == (["13", 0], 0.5)
+    assert graph["8"]["inputs"]["samples"] == ["11", 0]
+    assert "LatentUpscaleBy" not in {node["class_type"] for node in graph.values()}
+    assert size_of(result.images[0].data) == (768, 1152)  # the first pass x 1.5
+    assert result.info["hires_upscaler_used"] == f"{method} (pixel)"
+    assert result.info["hires_upscaler_asked"] == upscaler
+
+
+@pytest.mark.parametrize(
+    ("upscaler", "expected"),
+    [
+        ("Latent", HiresUpscale("latent", "bilinear")),
+        ("Latent (nearest-exact)", HiresUpscale("latent", "nearest-exact")),
+        ("latent (something new)", HiresUpscale("latent", "bislerp")),
+        ("ESRGAN_4x", HiresUpscale("pixel", "lanczos")),
+        ("SwinIR 4x", HiresUpscale("pixel", "lanczos")),
+        ("None", HiresUpscale("pixel", "lanczos")),
+        ("Nearest", HiresUpscale("pixel", "nearest-exact")),
+        ("bicubic", HiresUpscale("pixel", "bicubic")),
+    ],
+)
+def test_hires_upscaler_names_map_to_a_latent_or_a_pixel_pass(
+    upscaler: str, expected: HiresUpscale
+) -> None:
+    assert hires_upscale(upscaler) == expected
+    graph = build_graph(params(hires_upscaler=upscaler), "x.safetensors", 1)
+    kind = "LatentUpscaleBy" if expected.space == "latent" else "ImageScaleBy"
+    assert graph["10"]["class_type"] == kind
+    assert graph["10"]["inputs"]["upscale_method"] == expected.method
 
 
 def test_lora_tags_become_loader_nodes_and_leave_the_prompt(
@@ -366,47 +475,137 @@ def test_websocket_refused_is_followed_by_polling(
 
 def test_prompt_that_never_finishes_times_out_and_is_interrupted(fake: FakeComfyUI) -> None:
     fake.faults.hang = True
-    adapter = ComfyUIBackend(spec_for(fake.url, timeout=1.0))
+    # The whole budget: long enough that queueing always happens before the deadline.
+    adapter = ComfyUIBackend(spec_for(fake.url, timeout=3.0))
     try:
         with pytest.raises(BackendTimeout) as timed_out:
             adapter.generate(request(hires=False))
     finally:
         adapter.close()
 
-    assert timed_out.value.retriable and "1s" in timed_out.value.message
+    assert timed_out.value.retriable and "3s" in timed_out.value.message
     [interrupt] = fake.posted("/interrupt")
     prompt_id = interrupt["prompt_id"]
-    assert fake.posted("/queue") == [{"delete": [prompt_id]}]
-    deadline = time.monotonic() + 5
-    while prompt_id not in fake.history:  # the interrupted prompt ends in the history
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert fake.posted("/queue") == []  # it ran: nothing to delete from the queue
+    # The interrupted prompt ends in the history.
+    wait_for(lambda: prompt_id in fake.history, "the interrupted prompt's history")
     assert fake.history[prompt_id]["status"]["status_str"] == "error"
 
 
 def test_interrupt_stops_the_running_generation(fake: FakeComfyUI, backend: ComfyUIBackend) -> None:
     fake.faults.hang = True
-    outcome: list[BaseException | BackendResult] = []
-
-    def run() -> None:
-        try:
-            outcome.append(backend.generate(request(count=3, hires=False)))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    deadline = time.monotonic() + 5
-    while not fake.posted("/prompt"):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    worker, outcome = in_background(lambda: backend.generate(request(count=3, hires=False)))
+    wait_for(lambda: queue_of(fake)[0], "the prompt to run")
+    (running,) = queue_of(fake)[0]
     assert backend.interrupt() is True
-    worker.join(5)
+    failed = finished(worker, outcome)
 
-    assert isinstance(outcome[0], BackendRejected) and outcome[0].retriable
-    assert "interrupted" in outcome[0].message
+    assert isinstance(failed, BackendRejected) and failed.retriable
+    assert "interrupted" in failed.message
     assert len(fake.posted("/prompt")) == 1  # the other two images were never queued
+    assert fake.posted("/interrupt") == [{"prompt_id": running}]
+    assert fake.posted("/queue") == []  # it ran: nothing to delete from the queue
     assert backend.interrupt() is False  # nothing of ours runs any more
+
+
+def test_a_prompt_still_queued_is_deleted_and_nothing_else_interrupted(
+    fake: FakeComfyUI, backend: ComfyUIBackend
+) -> None:
+    fake.faults.hang = True
+    fake.faults.interrupt_ignores_prompt_id = True  # a ComfyUI from before 2025
+    graph = build_graph(params(hires=False), "diving.safetensors", 5)
+    queued = httpx.post(f"{fake.url}/prompt", json={"prompt": graph, "client_id": "someone"})
+    other = queued.json()["prompt_id"]  # another client's prompt runs
+    wait_for(lambda: queue_of(fake)[0] == [other], "the other client's prompt to run")
+    worker, outcome = in_background(lambda: backend.generate(request(hires=False)))
+    wait_for(lambda: len(queue_of(fake)[1]) == 1, "charforge's prompt to wait in the queue")
+    (ours,) = queue_of(fake)[1]
+
+    assert backend.interrupt() is True
+    failed = finished(worker, outcome)
+
+    assert isinstance(failed, BackendRejected) and "interrupted" in failed.message
+    assert fake.posted("/queue") == [{"delete": [ours]}]
+    assert fake.posted("/interrupt") == []  # it would have stopped the other client's prompt
+    assert queue_of(fake) == ([other], [])
+    assert other not in fake.history
+
+
+@pytest.mark.parametrize("refused", ["interrupt", "queue"])
+def test_interrupt_says_false_when_comfyui_refuses_to_stop(
+    fake: FakeComfyUI, backend: ComfyUIBackend, refused: str
+) -> None:
+    fake.faults.hang = True
+    worker, outcome = in_background(lambda: backend.generate(request(hires=False)))
+    wait_for(lambda: queue_of(fake)[0], "the prompt to run")
+    if refused == "interrupt":
+        fake.faults.interrupt_status = 500
+    else:
+        fake.faults.queue_status = 503
+
+    assert backend.interrupt() is False
+    failed = finished(worker, outcome)  # charforge gives up on it all the same
+
+    assert isinstance(failed, BackendRejected) and "interrupted" in failed.message
+    fake.faults.interrupt_status = fake.faults.queue_status = None
+    assert queue_of(fake)[0]  # ComfyUI's refusal left it running
+
+
+@pytest.mark.parametrize("failure", ["500", "json"])
+def test_a_few_failed_history_reads_in_a_row_are_ridden_out(
+    fake: FakeComfyUI, backend: ComfyUIBackend, failure: str
+) -> None:
+    fake.faults.history_failures = 4
+    fake.faults.history_failure = failure
+
+    result = backend.generate(request(hires=False))
+
+    assert len(result.images) == 1 and size_of(result.images[0].data) == (512, 768)
+    assert fake.faults.history_failures == 0 and history_reads(fake) >= 5  # 4 failed in a row
+    assert fake.posted("/interrupt") == [] and fake.posted("/queue") == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"), [("500", BackendRejected), ("json", BackendBadResponse)]
+)
+def test_history_that_keeps_failing_gives_up_and_stops_the_prompt(
+    fake: FakeComfyUI, backend: ComfyUIBackend, failure: str, error: type[Exception]
+) -> None:
+    fake.faults.hang = True
+    fake.faults.refuse_websocket = True  # polling only
+    fake.faults.history_failures = 10**6
+    fake.faults.history_failure = failure
+
+    with pytest.raises(error) as failed:
+        backend.generate(request(hires=False))
+
+    assert isinstance(failed.value, BackendRejected | BackendBadResponse)
+    assert failed.value.retriable and fake.url not in failed.value.message
+    assert history_reads(fake) == 5
+    [interrupt] = fake.posted("/interrupt")  # else it would hang on, the next prompt behind it
+    prompt_id = interrupt["prompt_id"]
+    wait_for(lambda: prompt_id in fake.history, "the interrupted prompt's history")
+    assert fake.history[prompt_id]["status"]["status_str"] == "error"
+
+
+def test_an_error_in_charforge_while_it_waits_stops_the_prompt(
+    fake: FakeComfyUI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.faults.hang = True
+    adapter = ComfyUIBackend(spec_for(fake.url), quiet_seconds=0.1)
+
+    def broken(self: ComfyUIBackend, prompt_id: str, style: str) -> None:
+        raise RuntimeError("a bug while reading the history")
+
+    monkeypatch.setattr(comfyui.ComfyUIBackend, "_history", broken)
+    try:
+        with pytest.raises(RuntimeError, match="a bug"):
+            adapter.generate(request(hires=False))
+    finally:
+        adapter.close()
+
+    [interrupt] = fake.posted("/interrupt")
+    wait_for(lambda: interrupt["prompt_id"] in fake.history, "the interrupted prompt's history")
 
 
 def test_server_faults_map_to_retriable_errors(fake: FakeComfyUI, backend: ComfyUIBackend) -> None:
@@ -432,11 +631,16 @@ def test_server_faults_map_to_retriable_errors(fake: FakeComfyUI, backend: Comfy
 def test_basic_auth_goes_with_http_and_the_websocket() -> None:
     server = FakeComfyUI(auth=("comfy", "s3cret")).start()
     anonymous = ComfyUIBackend(spec_for(server.url))
-    signed = ComfyUIBackend(spec_for(server.url, auth=("comfy", "s3cret")))
+    # A long quiet period: no look at the history while the websocket is silent (a slow
+    # machine may pause longer than the default between events).
+    signed = ComfyUIBackend(spec_for(server.url, auth=("comfy", "s3cret")), quiet_seconds=WAIT)
+    seen: list[Progress] = []
     try:
         with pytest.raises(BackendAuthFailed) as refused:
             anonymous.find_checkpoint("diving.safetensors", style="anime")
-        result = signed.generate(request(hires=False))
+        result = signed.generate(
+            BackendRequest("anime", DIVING, params(hires=False), 1, on_progress=seen.append)
+        )
     finally:
         anonymous.close()
         signed.close()
@@ -446,7 +650,9 @@ def test_basic_auth_goes_with_http_and_the_websocket() -> None:
     assert len(result.images) == 1
     sockets = [r for r in server.requests if r.method == "WS"]
     assert sockets and all(r.headers["authorization"].startswith("Basic ") for r in sockets)
-    # The websocket was used, not refused: no history polling was needed before the end.
+    # The websocket was used, not refused: its step events came, and the history was read
+    # only once, at the end.
+    assert {(p.step, p.steps) for p in seen if p.step is not None} == {(1, 3), (2, 3), (3, 3)}
     assert len([r for r in server.requests if r.path.startswith("/history/")]) == 1
 
 
@@ -492,11 +698,9 @@ WORKFLOW: dict[str, Any] = {
 def test_workflow_placeholders_are_filled_with_the_right_types(
     fake: FakeComfyUI, tmp_path: Path
 ) -> None:
-    path = tmp_path / "workflow.json"
-    path.write_text(json.dumps(WORKFLOW))
-    adapter = ComfyUIBackend(spec_for(fake.url, workflow=path))
+    adapter = workflow_backend(fake, tmp_path)
     try:
-        result = adapter.generate(request(seed=99, width=576, height=704))
+        result = adapter.generate(request(seed=99, width=576, height=704, hires=False))
     finally:
         adapter.close()
 
@@ -509,11 +713,44 @@ def test_workflow_placeholders_are_filled_with_the_right_types(
     assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (99, 3, 8.0)
     assert isinstance(sampler["cfg"], float) and isinstance(sampler["seed"], int)
     assert (sampler["sampler_name"], sampler["scheduler"]) == ("dpmpp_2m", "karras")
-    assert size_of(result.images[0].data) == (576, 704)  # the workflow has no hires pass
+    assert size_of(result.images[0].data) == (576, 704)
+    assert "hires_upscaler_used" not in result.info
     assert result.checkpoint == "diving.safetensors"
     assert [r.query for r in fake.requests if r.path == "/view"] == [
         {"filename": "char_00001_.png", "subfolder": "mine", "type": "output"}
     ]
+
+
+def workflow_backend(fake: FakeComfyUI, tmp_path: Path) -> ComfyUIBackend:
+    """A backend of WORKFLOW, with the capabilities charforge's config gives it."""
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(WORKFLOW))
+    caps = capabilities_for("comfyui", custom_workflow=True)
+    return ComfyUIBackend(spec_for(fake.url, workflow=path, capabilities=caps))
+
+
+@pytest.mark.parametrize(
+    ("changes", "capability", "field"),
+    [
+        ({"hires": True}, "hires", "hires"),
+        ({"hires": False, "prompt": "<lora:detail:0.7> Sakura"}, "lora", "prompt"),
+    ],
+)
+def test_workflow_backend_refuses_what_its_workflow_cannot_do_before_queueing(
+    fake: FakeComfyUI, tmp_path: Path, changes: dict[str, Any], capability: str, field: str
+) -> None:
+    adapter = workflow_backend(fake, tmp_path)
+    try:
+        with pytest.raises(UnsupportedCapability) as refused:
+            adapter.generate(request(**changes))
+    finally:
+        adapter.close()
+
+    error = refused.value
+    assert "'comfy'" in error.message and f"({capability})" in error.message
+    assert error.field == field and error.retriable is False
+    assert error.extra == {"capability": capability, "backends": ["comfy"]}
+    assert fake.posted("/prompt") == []  # never run without the pass or the LoRA
 
 
 def test_workflow_without_placeholders_fails_at_construction(tmp_path: Path) -> None:

@@ -10,14 +10,17 @@ where the ``local`` extra (torch, diffusers, transformers) is not installed.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,13 +33,17 @@ from PIL import Image
 import charforge.backends
 from charforge.backends.base import BackendRequest, CheckpointInfo, Progress
 from charforge.backends.local import (
+    ENGINE_PACKAGES,
     SAMPLERS,
     LocalBackend,
     LocalCheckpointUnusable,
     LocalEngineUnavailable,
+    _Stopped,
     hires_size,
     match_checkpoint,
+    missing_engine_packages,
     plan_sampler,
+    plan_seeds,
     plan_upscaler,
     scan_models,
 )
@@ -53,7 +60,7 @@ from charforge.backends.local_configs import (
 from charforge.config import BackendConfig, RouteConfig
 from charforge.domain.params import GenerationParams
 from charforge.domain.routes import BackendSpec
-from charforge.errors import CheckpointMissing, InvalidInput
+from charforge.errors import CheckpointMissing, InvalidInput, UnsupportedCapability
 from charforge.simulator import A1111Simulator
 from tests.conftest import Live
 
@@ -281,6 +288,19 @@ def test_hashes_are_cached_per_size_and_mtime_and_kept_on_disk(fake_models: Path
     write_safetensors_header(path, {**SD1_KEYS, "extra": (2,)})
     changed = LocalBackend(spec_for(fake_models)).find_checkpoint("diving", style="anime").hash
     assert changed == hashlib.sha256(path.read_bytes()).hexdigest()[:10] != first
+    # ... also when it was replaced by one of the same size with the old mtime (`cp -p`).
+    before = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"extra", b"EXTRA"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    replaced = LocalBackend(spec_for(fake_models)).find_checkpoint("diving", style="anime").hash
+    assert replaced == hashlib.sha256(path.read_bytes()).hexdigest()[:10] != changed
+
+    # Hashing stops when the generate call it serves is interrupted.
+    backend = LocalBackend(spec_for(fake_models))
+    with pytest.raises(_Stopped):
+        backend.hashes.sha256(backend._locate("old.ckpt", style="anime"), stopped=lambda: True)
+    assert backend.hashes.cached(backend._locate("old.ckpt", style="anime")) is None
 
 
 def test_read_only_models_folder_keeps_its_cache_elsewhere(
@@ -366,6 +386,78 @@ def test_without_the_extra_generation_says_how_to_install_it(
     assert backend.loaded_checkpoint() is None
 
 
+def test_lora_tags_are_refused_before_anything_is_loaded(fake_models: Path) -> None:
+    backend = LocalBackend(spec_for(fake_models))
+    with pytest.raises(UnsupportedCapability) as caught:
+        backend.generate(request("tiny-a", prompt="a red fox, <lora:foxy:0.8>"))
+    error = caught.value
+    assert "'loc'" in error.message and "(lora)" in error.message
+    assert error.field == "prompt" and error.status == 422
+    assert error.extra == {"capability": "lora", "backends": ["loc"]}
+    assert backend.loads == 0 and backend._engine is None
+
+
+def test_seeds_count_up_and_wrap_within_the_seed_range() -> None:
+    assert plan_seeds(4294967295, 2) == [4294967295, 0]
+    assert plan_seeds(40, 3) == [40, 41, 42]
+    assert plan_seeds(7, 0) == [7]
+    first, second = plan_seeds(-1, 2)
+    assert 0 <= first < 2**32 and second == (first + 1) % 2**32
+
+
+def test_out_of_memory_is_told_by_its_type_or_its_text(fake_models: Path) -> None:
+    backend = LocalBackend(spec_for(fake_models))
+    checkpoint = backend._locate("tiny-a", style="anime")
+
+    class OutOfMemoryError(RuntimeError):  # torch.OutOfMemoryError, by its name
+        pass
+
+    for exc in (
+        OutOfMemoryError(""),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("torch.OutOfMemoryError: tried to allocate"),
+        RuntimeError("Allocation on device 0 would exceed allowed memory"),
+    ):
+        assert "ran out of memory" in backend._render_error(checkpoint, exc).message, exc
+        assert "ran out of memory" in backend._load_error(checkpoint, exc, None).message, exc
+    other = backend._render_error(checkpoint, RuntimeError("mat1 and mat2 shapes differ"))
+    assert "ran out of memory" not in other.message and "mat1" in other.message
+
+
+def test_probe_reports_down_without_torch_diffusers_or_transformers(
+    fake_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    hidden: set[str] = set(ENGINE_PACKAGES)
+    seen: list[str] = []
+
+    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(name)
+        if name in hidden:
+            return None
+        if name in ENGINE_PACKAGES:
+            return object()  # "installed", whether it is here or not
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    backend = LocalBackend(spec_for(fake_models))
+    probe = backend.probe()
+    assert not probe.ok and probe.error is not None
+    assert "torch, diffusers, transformers are not installed" in probe.error
+    assert "pip install 'charforge[local]'" in probe.error and "'loc'" in probe.error
+    hidden = {"diffusers"}
+    probe = backend.probe()
+    assert not probe.ok and probe.error is not None
+    assert "diffusers is not installed" in probe.error and "torch" not in probe.error
+    hidden = set()
+    assert backend.probe().ok
+    assert set(ENGINE_PACKAGES) <= set(seen)
+
+
+def test_interrupt_says_false_when_nothing_runs(fake_models: Path) -> None:
+    assert LocalBackend(spec_for(fake_models)).interrupt() is False
+
+
 def test_bad_names_are_refused_before_anything_is_loaded(fake_models: Path) -> None:
     backend = LocalBackend(spec_for(fake_models))
     with pytest.raises(InvalidInput, match="Unknown sampler"):
@@ -430,7 +522,9 @@ def test_web_process_lists_and_probes_without_importing_torch(
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["imported"] == []
-    assert seen["probe_ok"] and seen["listed"] == ["anime/diving.safetensors", "old.ckpt", "tiny-a"]
+    # Up where the local extra is installed (found without importing it), down elsewhere.
+    assert seen["probe_ok"] is (not missing_engine_packages())
+    assert seen["listed"] == ["anime/diving.safetensors", "old.ckpt", "tiny-a"]
     assert seen["found"] == "tiny-a" and seen["hash"] and seen["anime"] == "tiny-a"
 
 
@@ -530,6 +624,10 @@ def test_count_uses_consecutive_seeds_each_reproducible(engine: LocalBackend) ->
     alone = engine.generate(request("tiny-a", seed=41, hires=False)).images[0]
     assert pixels(both.images[1].data) == pixels(alone.data)
     assert pixels(both.images[0].data) != pixels(both.images[1].data)
+    # After the last seed comes 0, a seed that can be asked for again.
+    wrapped = engine.generate(request("tiny-a", seed=2**32 - 1, count=2, hires=False))
+    assert [i.seed for i in wrapped.images] == [2**32 - 1, 0]
+    assert wrapped.info["all_seeds"] == [2**32 - 1, 0] and wrapped.info["seed"] == 2**32 - 1
 
 
 def test_random_seed_is_picked_once_and_reported(engine: LocalBackend) -> None:
@@ -617,6 +715,125 @@ def test_interrupt_stops_the_running_generation(engine: LocalBackend) -> None:
     assert time.perf_counter() - started < 5
     # The next generation is not affected.
     assert len(engine.generate(request("tiny-a", hires=False)).images) == 1
+
+
+def test_interrupt_reaches_a_call_that_waits_for_the_lock(engine: LocalBackend) -> None:
+    """The lease keeper interrupts once: a cancel that comes before the call takes the lock
+    (while another generation holds it) must stop that call, not be forgotten."""
+    engine.generate(request("tiny-a", hires=False))  # tiny-a loaded and hashed
+    loads = engine.loads
+    seen: list[Progress] = []
+    results: list[Any] = []
+    engine._lock.acquire()  # as a generation running now would
+    try:
+        thread = threading.Thread(
+            target=lambda: results.append(
+                engine.generate(request("tiny-a", on_progress=seen.append))
+            )
+        )
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not engine._calls and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert engine.interrupt() is True
+    finally:
+        engine._lock.release()
+    thread.join(30)
+    [result] = results
+    assert result.images == [] and result.info["interrupted"] is True
+    assert seen == [] and engine.loads == loads  # nothing rendered, nothing loaded
+    assert engine.interrupt() is False  # nothing runs any more
+    # The next call is not affected by the earlier cancel.
+    assert len(engine.generate(request("tiny-a", hires=False)).images) == 1
+
+
+def test_close_interrupts_and_does_not_wait_for_a_generation_that_holds_on(
+    tiny: dict[str, Path],
+) -> None:
+    backend = LocalBackend(spec_for(tiny["models"]))
+    started, release = threading.Event(), threading.Event()
+
+    def progress(_update: Progress) -> None:
+        started.set()
+        release.wait(10)  # a slow step on a CPU
+
+    results: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            backend.generate(request("tiny-a", steps=20, count=2, on_progress=progress))
+        )
+    )
+    thread.start()
+    try:
+        assert started.wait(30)
+        began = time.perf_counter()
+        backend.close(timeout=0.2)
+        assert time.perf_counter() - began < 2
+        assert backend.loaded_checkpoint() is None  # the backend no longer holds it
+    finally:
+        release.set()
+        thread.join(30)
+    [result] = results
+    assert result.images == [] and result.info["interrupted"] is True  # stopped at its next step
+
+
+def test_weights_replaced_under_the_same_name_are_loaded_again(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """The pipeline is kept by path and hash, not by name: new weights under an old name are
+    read again, and the hash reported is that of the weights that ran (the drift check)."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny["models"] / "tiny-a", models / "tiny-a")
+    unet = models / "tiny-a" / "unet" / "diffusion_pytorch_model.safetensors"
+    backend = LocalBackend(spec_for(models))
+    try:
+        a = backend.generate(request("tiny-a", seed=5, hires=False))
+        old = unet.stat()
+        shutil.rmtree(models / "tiny-a")
+        shutil.copytree(tiny["models"] / "tiny-b", models / "tiny-a")
+        os.utime(unet, ns=(old.st_atime_ns, old.st_mtime_ns))  # even with the old mtime
+        assert unet.stat().st_size == old.st_size
+        b = backend.generate(request("tiny-a", seed=5, hires=False))
+        new_hash = hashlib.sha256(unet.read_bytes()).hexdigest()
+        assert b.info["checkpoint_loaded"] is True and backend.loads == 2
+        assert b.info["sha256"] == new_hash and b.checkpoint_hash == new_hash[:10]
+        assert b.checkpoint_hash != a.checkpoint_hash
+        assert pixels(b.images[0].data) != pixels(a.images[0].data)  # tiny-b's weights ran
+        again = backend.generate(request("tiny-a", seed=5, hires=False))
+        assert backend.loads == 2 and again.checkpoint_hash == b.checkpoint_hash  # kept
+    finally:
+        backend.close()
+
+
+def test_weights_that_change_while_loading_are_read_again(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from charforge.backends import local_engine
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny["models"] / "tiny-a", models / "tiny-a")
+    unet = models / "tiny-a" / "unet" / "diffusion_pytorch_model.safetensors"
+    old_hash = hashlib.sha256(unet.read_bytes()).hexdigest()
+    real_load = local_engine.DiffusersEngine.load
+    asked: list[str] = []
+
+    def load(self: Any, name: str, path: Path, **kwargs: Any) -> bool:
+        if not asked:  # the file is replaced just as it is read
+            shutil.rmtree(models / "tiny-a")
+            shutil.copytree(tiny["models"] / "tiny-b", models / "tiny-a")
+        asked.append(kwargs["sha256"])
+        return real_load(self, name, path, **kwargs)
+
+    monkeypatch.setattr(local_engine.DiffusersEngine, "load", load)
+    backend = LocalBackend(spec_for(models))
+    try:
+        result = backend.generate(request("tiny-a", seed=5, hires=False))
+        assert backend.loads == 2  # read again once it held still
+    finally:
+        backend.close()
+    new_hash = hashlib.sha256(unet.read_bytes()).hexdigest()
+    assert asked == [old_hash, new_hash]
+    assert result.info["sha256"] == new_hash and len(result.images) == 1
 
 
 def test_single_file_checkpoint_loads_offline_with_its_config_folder(

@@ -11,7 +11,13 @@ It follows ComfyUI's server.py / execution.py / main.py where charforge depends 
   ``executing {node: null}`` after the history entry is written;
 - outputs are cached by node inputs as ComfyUI's classic cache does (only entries of the
   prompt now running are kept): an identical prompt runs nothing, its SaveImage node repeats
-  its cached output in ``executed`` and the history names the earlier file.
+  its cached output in ``executed`` and the history names the earlier file;
+- ``GET /queue`` lists ``queue_running`` / ``queue_pending`` items as ``[number, prompt_id,
+  prompt, extra_data, outputs_to_execute]``; ``POST /queue {"delete"}`` drops pending ones;
+  ``POST /interrupt {"prompt_id"}`` stops only that prompt, and only while it runs (older
+  ComfyUI, ``interrupt_ignores_prompt_id``, stops whatever runs);
+- the nodes of charforge's graphs: the latent hires pass (``LatentUpscaleBy``) and the pixel
+  one (``VAEDecode`` -> ``ImageScaleBy`` -> ``VAEEncode``), each scaling the image it renders.
 It records every request (and websocket) it receives and can be told to fail: ``faults``.
 """
 
@@ -41,7 +47,8 @@ from tests.helpers import LiveServer
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
 SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
-UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]  # LatentUpscaleBy
+IMAGE_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]  # ImageScaleBy
 OUTPUT_NODES = {"SaveImage"}
 RETURNS: dict[str, tuple[str, ...]] = {
     "CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"),
@@ -51,6 +58,8 @@ RETURNS: dict[str, tuple[str, ...]] = {
     "KSampler": ("LATENT",),
     "LatentUpscaleBy": ("LATENT",),
     "VAEDecode": ("IMAGE",),
+    "ImageScaleBy": ("IMAGE",),
+    "VAEEncode": ("LATENT",),
     "SaveImage": (),
 }
 _VALUE_TYPES = {"INT", "FLOAT", "STRING", "COMBO"}
@@ -75,8 +84,8 @@ USER_WORKFLOW: dict[str, Any] = {
             "seed": "{{seed}}",
             "steps": "{{steps}}",
             "cfg": "{{cfg}}",
-            "sampler_name": "euler",
-            "scheduler": "normal",
+            "sampler_name": "{{sampler}}",
+            "scheduler": "{{scheduler}}",
             "positive": ["pos", 0],
             "negative": ["neg", 0],
             "latent_image": ["latent", 0],
@@ -100,6 +109,11 @@ class ComfyFaults:
     execution_error: tuple[str, str] | None = None  # (exception_type, message) from KSampler
     missing_view: bool = False  # /view answers 404
     step_delay: float = 0.0  # seconds per sampling step
+    history_failures: int = 0  # the next this many GET /history/{id} fail ...
+    history_failure: str = "500"  # ... with HTTP 500 ("500") or a 200 that is not JSON ("json")
+    interrupt_status: int | None = None  # answer POST /interrupt with this HTTP status
+    queue_status: int | None = None  # answer GET and POST /queue with this HTTP status
+    interrupt_ignores_prompt_id: bool = False  # ComfyUI before 2025: stops whatever runs
 
 
 @dataclass(frozen=True)
@@ -243,6 +257,12 @@ class FakeComfyUI:
                 "scale_by": ("FLOAT", {"min": 0.01, "max": 8.0}),
             },
             "VAEDecode": {"samples": ("LATENT", None), "vae": ("VAE", None)},
+            "ImageScaleBy": {
+                "image": ("IMAGE", None),
+                "upscale_method": ("COMBO", IMAGE_UPSCALE_METHODS),
+                "scale_by": ("FLOAT", {"min": 0.01, "max": 8.0}),
+            },
+            "VAEEncode": {"pixels": ("IMAGE", None), "vae": ("VAE", None)},
             "SaveImage": {"images": ("IMAGE", None), "filename_prefix": ("STRING", {})},
         }
 
@@ -407,7 +427,7 @@ class FakeComfyUI:
                     return
                 self._queue.sort(key=lambda r: r.number)
                 run = self._running = self._queue.pop(0)
-            self._interrupt.clear()
+                self._interrupt.clear()  # under the lock /interrupt looks at what runs
             try:
                 self._execute(run)
             finally:
@@ -548,6 +568,17 @@ class FakeComfyUI:
             return (latent,), None
         if kind == "VAEDecode":
             return (a["samples"],), None
+        if kind == "ImageScaleBy":  # ComfyUI: round(width * scale_by), in pixels
+            image = a["image"]
+            width, height = (round(image[k] * a["scale_by"]) for k in ("width", "height"))
+            first = (image["width"], image["height"])
+            scaled = {"upscale_method": a["upscale_method"], "first": first}
+            return ({**image, "width": width, "height": height, **scaled},), None
+        if kind == "VAEEncode":  # crops the pixels to a multiple of 8
+            pixels = a["pixels"]
+            return (
+                {**pixels, "width": pixels["width"] // 8 * 8, "height": pixels["height"] // 8 * 8},
+            ), None
         return (), self._save(run, a["images"], str(a["filename_prefix"]))
 
     def _sample(self, run: _Run, client: str | None, node_id: str, steps: int) -> None:
@@ -689,9 +720,14 @@ class FakeComfyUI:
             )
 
         @app.get("/history/{prompt_id}")
-        async def history(prompt_id: str) -> dict[str, Any]:
+        async def history(prompt_id: str) -> Response:
+            if self.faults.history_failures > 0:
+                self.faults.history_failures -= 1
+                if self.faults.history_failure == "json":
+                    return Response("<html>proxy error</html>", media_type="text/html")
+                return Response("500 Internal Server Error", status_code=500)
             entry = self.history.get(prompt_id)
-            return {prompt_id: entry} if entry is not None else {}
+            return JSONResponse({prompt_id: entry} if entry is not None else {})
 
         @app.get("/view")
         async def view(filename: str, subfolder: str = "", type: str = "output") -> Response:
@@ -717,15 +753,22 @@ class FakeComfyUI:
 
         @app.post("/interrupt")
         async def interrupt(request: Request) -> Response:
+            if self.faults.interrupt_status is not None:
+                return Response("refused", status_code=self.faults.interrupt_status)
             body = json.loads(await request.body() or b"{}")
-            running = self._running
             wanted = body.get("prompt_id") if isinstance(body, dict) else None
-            if running is not None and wanted in (None, running.prompt_id):
-                self._interrupt.set()
+            if self.faults.interrupt_ignores_prompt_id:
+                wanted = None
+            with self._cond:  # server.py: interrupt_running looks under the queue's lock
+                running = self._running
+                if running is not None and wanted in (None, running.prompt_id):
+                    self._interrupt.set()
             return Response(status_code=200)
 
         @app.post("/queue")
         async def post_queue(request: Request) -> Response:
+            if self.faults.queue_status is not None:
+                return Response("refused", status_code=self.faults.queue_status)
             body = await request.json()
             with self._cond:
                 if body.get("clear"):
@@ -735,10 +778,14 @@ class FakeComfyUI:
             return Response(status_code=200)
 
         @app.get("/queue")
-        async def get_queue() -> dict[str, Any]:
+        async def get_queue() -> Response:
+            # server.py: items are [number, prompt_id, prompt, extra_data, outputs_to_execute]
+            if self.faults.queue_status is not None:
+                return Response("refused", status_code=self.faults.queue_status)
             with self._cond:
                 running = [self._running.item] if self._running else []
-                return {"queue_running": running, "queue_pending": [r.item for r in self._queue]}
+                pending = [r.item for r in sorted(self._queue, key=lambda r: r.number)]
+                return JSONResponse({"queue_running": running, "queue_pending": pending})
 
         return app
 

@@ -5,8 +5,10 @@ is checked on each (401 otherwise). A job answers IN_QUEUE, then IN_PROGRESS, th
 (COMPLETED by default) over a few polls. The worker behind it is one of:
 
 - ``a1111``: runpod-workers/worker-a1111, which hands ``input`` to A1111's txt2img as is; here
-  the A1111 simulator's engine renders it (an unknown checkpoint silently keeps the model in
-  memory, and ``info.sd_model_name`` says which);
+  the A1111 simulator's engine renders it, and its answer is returned unchanged: as in A1111,
+  an unknown checkpoint silently keeps the model in memory, an unknown sampler or schedule
+  type silently becomes the default, and ``info`` says what really ran (``sd_model_name``,
+  ``sampler_name``, ``extra_generation_params["Schedule type"]``);
 - ``comfyui``: runpod-workers/worker-comfyui 5.x, ``{"workflow": graph}`` in, ``{"images":
   [{filename, type, data}]}`` out (base64 or an S3 link this server serves itself, or the
   pre-5.0 ``{"status": "success", "message": ...}``); an unknown ``ckpt_name`` fails the job
@@ -141,6 +143,11 @@ class RunPodFake:
     def states(self) -> list[str]:
         """The job states answered to /status polls, in order."""
         return [r.state for r in self.requests if r.path.startswith("/status/") and r.state]
+
+    def job_ids(self) -> list[str]:
+        """The ids of the jobs accepted by /run, in order."""
+        with self._lock:
+            return list(self._jobs)
 
     def cancelled(self) -> list[str]:
         return [r.path.rsplit("/", 1)[1] for r in self.requests if r.path.startswith("/cancel/")]
@@ -290,6 +297,7 @@ class RunPodFake:
             job.final["output"] = returned
 
     def _a1111(self, job_input: Any) -> dict[str, Any]:
+        # worker-a1111 returns A1111's answer as is: its info names what ran, not what was asked
         outcome = self._engine.txt2img(Txt2ImgRequest.model_validate(job_input))
         if outcome.body is not None:
             return dict(outcome.body)

@@ -20,6 +20,7 @@ from charforge.domain.capabilities import Capability
 from charforge.simulator import A1111Simulator
 from tests.conftest import Live
 from tests.fakes.comfyui import USER_WORKFLOW, FakeComfyUI
+from tests.helpers import free_port
 from tests.jobs.conftest import create_character, submit, wait_final
 
 A1111 = "anime-cartoon-fantasy"  # the A1111 simulator behind RUNPOD_ANIME_CARTOON_FANTASY_URL
@@ -158,3 +159,38 @@ def test_the_styles_endpoint_shows_each_backends_kind_and_capabilities(
     assert default.status_code == 200, default.text
     assert default.json()["parameters"]["hires"] is False
     assert (default.json()["images"][0]["width"], default.json()["images"][0]["height"]) == (64, 64)
+
+
+def test_a_job_whose_capable_backends_are_all_down_fails_instead_of_waiting(
+    live_factory: Any,
+    sims: tuple[A1111Simulator, A1111Simulator],
+    comfy: FakeComfyUI,
+    tmp_path: Path,
+) -> None:
+    workflow = tmp_path / "workflow.json"
+    workflow.write_text(json.dumps(USER_WORKFLOW))
+    dead = f"http://127.0.0.1:{free_port()}"  # the route's only backend with a hires pass
+    live: Live = live_factory(
+        sims[0].url,
+        dead,
+        backend_timeout=5.0,
+        health_failures=1,
+        backends={"mine": BackendConfig(kind="comfyui", url=comfy.url, workflow=workflow)},
+        # Every route that has the dead backend also has a healthy one: only the job's own
+        # capable pool is stranded.
+        routes={
+            style: RouteConfig(backends=[A1111, "mine"])
+            for style in ("anime", "cartoon", "fantasy")
+        },
+    )
+    deadline = time.monotonic() + 10
+    while live.container.pool.status(A1111).healthy:  # the first probe marks it down
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    client = live.user("alice")
+    job = wait_final(client, submit(client, create_character(client), hires=True)["id"])
+
+    assert job["state"] == "failed", job
+    assert job["error"]["code"] == "backend_unavailable"
+    assert {a["backend"] for a in job["attemptHistory"]} == {A1111}
+    assert comfy.prompts() == []

@@ -119,6 +119,7 @@ def test_a_mixed_pool_keeps_the_request_and_narrows_the_backends(workflow: Path)
         ({"kind": "a1111", "url": "http://x", "workflow": "w.json"}, "workflow cannot be set"),
         ({"kind": "runpod", "url": "https://x", "workflow": "w.json"}, 'worker = "comfyui"'),
         ({"kind": "comfyui", "url": "http://x", "api_key_env": "K"}, "api_key_env cannot be set"),
+        ({"kind": "local", "timeout_seconds": 5}, "timeout_seconds cannot be set"),
     ],
 )
 def test_backend_keys_must_fit_their_kind(values: dict[str, str], message: str) -> None:

@@ -13,13 +13,12 @@ Facts this adapter is built on (DESIGN.md section 5):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -32,7 +31,14 @@ from charforge.backends.base import (
     ProbeResult,
     Progress,
 )
-from charforge.backends.transport import Hints, capitalized, read_json, send, timeout_of
+from charforge.backends.transport import (
+    Hints,
+    capitalized,
+    decode_image_base64,
+    read_json,
+    send,
+    timeout_of,
+)
 from charforge.domain.checkpoints import find_checkpoint_named, strip_hash
 from charforge.domain.routes import BackendSpec
 from charforge.errors import (
@@ -85,7 +91,7 @@ class A1111Backend:
             timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
             headers={"User-Agent": "charforge"},
         )
-        self._names: dict[str, tuple[float, list[str] | None]] = {}
+        self._names: dict[str, tuple[float, dict[str, str] | None]] = {}
         self._names_lock = threading.Lock()
         self._listed: tuple[float, list[CheckpointInfo]] | None = None
 
@@ -215,8 +221,9 @@ class A1111Backend:
         self._listed = (time.monotonic(), available)
         return found
 
-    def _known_names(self, path: str, style: str) -> list[str] | None:
-        """Sampler or scheduler names (cached); None when this WebUI has no such route."""
+    def _known_names(self, path: str, style: str) -> dict[str, str] | None:
+        """Sampler or scheduler names (cached): every name, label and alias in lower case ->
+        the spelling txt2img looks up exactly; None when this WebUI has no such route."""
         with self._names_lock:
             cached = self._names.get(path)
             if cached and time.monotonic() - cached[0] < _NAME_CACHE_SECONDS:
@@ -226,36 +233,50 @@ class A1111Backend:
         except BackendRejected as exc:
             if "404" not in exc.message:
                 raise
-            names = None  # A1111 before 1.9 has no /schedulers
+            names: dict[str, str] | None = None  # A1111 before 1.9 has no /schedulers
         else:
             data = self._json(response, self._where(style))
-            names = []
+            # txt2img finds a sampler by its name only, a scheduler by name or label.
+            exact = "label" if path.endswith("schedulers") else "name"
+            names = {}
             for item in data if isinstance(data, list) else []:
-                if isinstance(item, dict):
-                    names += [str(item.get(key)) for key in ("name", "label") if item.get(key)]
-                    names += [str(alias) for alias in item.get("aliases") or []]
+                if isinstance(item, dict) and item.get(exact):
+                    spellings = [item.get("name"), item.get("label"), *(item.get("aliases") or [])]
+                    for spelling in spellings:
+                        if spelling:
+                            names.setdefault(str(spelling).lower(), str(item[exact]))
         with self._names_lock:
             self._names[path] = (time.monotonic(), names)
         return names
 
-    def _check_name(self, value: str, path: str, field: str, style: str) -> None:
+    def _exact_name(self, value: str, path: str, field: str, style: str) -> str:
+        """``value`` as this WebUI spells it: A1111 looks names up exactly and silently uses
+        its default for anything else (another case, an alias)."""
         names = self._known_names(path, style)
-        if names is not None and value.lower() not in {n.lower() for n in names}:
-            shown = ", ".join(dict.fromkeys(n for n in names if n))
+        if names is None:
+            return value
+        if value.lower() not in names:
+            shown = ", ".join(dict.fromkeys(names.values()))
             raise InvalidInput(
                 f"{field.capitalize()} '{value}' is not known to backend '{self.spec.name}'; "
                 f"A1111 would silently use another. Known: {shown}.",
                 field=field,
                 hint=f"Pick one of the {field}s listed, or leave {field} out for the default.",
             )
+        return names[value.lower()]
 
     # -- generation ------------------------------------------------------------------------
 
     def generate(self, request: BackendRequest) -> BackendResult:
-        self._check_name(request.params.sampler, "/sdapi/v1/samplers", "sampler", request.style)
-        self._check_name(
-            request.params.scheduler, "/sdapi/v1/schedulers", "scheduler", request.style
+        p = request.params
+        exact = replace(
+            p,
+            sampler=self._exact_name(p.sampler, "/sdapi/v1/samplers", "sampler", request.style),
+            scheduler=self._exact_name(
+                p.scheduler, "/sdapi/v1/schedulers", "scheduler", request.style
+            ),
         )
+        request = replace(request, params=exact)
         where = self._where(request.style)
         done = threading.Event()
         watcher = None
@@ -393,14 +414,7 @@ def parse_txt2img(body: Any, where: str) -> BackendResult:
         raise BackendBadResponse(f"{capitalized(where)} returned no image.")
     images = []
     for index, item in enumerate(encoded):
-        if not isinstance(item, str):
-            raise BackendBadResponse(f"{where} sent an image that is not base64 text.")
-        if item.startswith("data:"):
-            item = item.split(",", 1)[1]
-        try:
-            data = base64.b64decode(item, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise BackendBadResponse(f"{where} sent an image that is not valid base64.") from exc
+        data = decode_image_base64(item, where)
         seed = seeds[index] if index < len(seeds) else seeds[-1]
         if not isinstance(seed, int):
             raise BackendBadResponse(f"{where} reported no seed for image {index + 1}.")

@@ -15,7 +15,24 @@ Facts this adapter is built on (read in ComfyUI's server.py, execution.py and ma
 - nodes are cached by their inputs: a prompt identical to an earlier one runs nothing, its
   SaveImage node only repeats its cached output and the history names the earlier file;
 - ``/object_info`` lists combo values as ``[[...], {...}]`` (before 2025) or as
-  ``["COMBO", {"options": [...]}]``; ComfyUI reports no checkpoint hashes.
+  ``["COMBO", {"options": [...]}]``; ComfyUI reports no checkpoint hashes;
+- ``GET /queue`` is ``{"queue_running": [...], "queue_pending": [...]}``, each item
+  ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``; ``POST /queue {"delete":
+  [prompt_id]}`` drops a pending prompt (a running one is not in the queue any more);
+  ``POST /interrupt`` stops what runs now: ``{"prompt_id"}`` limits it to that prompt, but
+  older versions ignore the body and stop whatever runs, another client's prompt included.
+  So a prompt is stopped by looking it up first: pending is deleted, only running is
+  interrupted.
+
+What charforge does on top: every prompt it queued and gives up on (timeout, interrupt, any
+error before its history entry is read) is stopped, else it runs on and the next prompt waits
+behind it; a few failed history reads in a row are ridden out while the deadline allows. The
+high-resolution pass is part of charforge's own graph (``comfyui_graph.build_graph``):
+upscaler models are not loaded, a Lanczos pixel upscale stands in for them and the result's
+info says what ran (``hires_upscaler_used``). A user's workflow has only the passes and
+loaders it was drawn with: a request needing more (hires, LoRA tags) is refused, never
+silently run without; its sampler and scheduler are required placeholders, checked by name
+like charforge's own graph's.
 """
 
 from __future__ import annotations
@@ -48,17 +65,27 @@ from charforge.backends.comfyui_graph import (
     IDS,
     Graph,
     WorkflowError,
-    build_graph,
     checkpoints_in,
     comfy_sampler,
-    fill_workflow,
+    graph_for,
+    hires_upscale,
     load_workflow,
     placeholder_inputs,
-    placeholders_in,
 )
-from charforge.backends.transport import Hints, capitalized, read_json, send, timeout_of
+from charforge.backends.transport import (
+    Hints,
+    capitalized,
+    out_of_memory,
+    read_json,
+    send,
+    timeout_of,
+)
+from charforge.domain.capabilities import (
+    CUSTOM_WORKFLOW_LACKS,
+)
 from charforge.domain.checkpoints import find_checkpoint_named
-from charforge.domain.params import SEED_MAX
+from charforge.domain.params import seeds_for
+from charforge.domain.requirements import require_capabilities
 from charforge.domain.routes import BackendSpec
 from charforge.errors import (
     BackendAuthFailed,
@@ -67,6 +94,7 @@ from charforge.errors import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
+    CharforgeError,
     CheckpointMissing,
     InvalidInput,
 )
@@ -78,11 +106,16 @@ _CHECKPOINT_CACHE_SECONDS = 10.0
 _NAME_CACHE_SECONDS = 60.0
 _POLL_FIRST = 0.1  # polling /history: first pause, growing to _POLL_MAX
 _POLL_MAX = 1.0
+_STOP_SECONDS = 5.0  # each call that stops a prompt (/queue, /interrupt)
+# What to tell a user whose request needs what this backend cannot do.
 # A websocket that says nothing this long may sit behind a proxy that buffers: look at the
 # history anyway, so a finished prompt is never missed.
 _QUIET_SECONDS = 2.0
+_WAKE_SECONDS = 0.25  # the longest a websocket read blocks before looking at the flags again
 _WS_MAX_BYTES = 32 * 2**20  # previews are small; a larger frame ends the socket, polling goes on
-_OOM_MARKERS = ("outofmemory", "out of memory", "allocation on device", "cuda error")
+# Failed history reads in a row (a dropped connection, a 5xx, a half-sent body) ridden out
+# before giving up on a prompt; the prompt runs on regardless, the next read may get through.
+_HISTORY_FAILURES = 5
 
 
 def _short(text: object, limit: int = 300) -> str:
@@ -149,6 +182,13 @@ class _Active:
 
 
 @dataclass
+class _Strikes:
+    """Failed history reads of one prompt in a row."""
+
+    count: int = 0
+
+
+@dataclass
 class _Tracker:
     """Turns ComfyUI's per-node ``progress`` into one fraction over the whole request."""
 
@@ -181,20 +221,28 @@ class _Tracker:
 
 
 class ComfyUIBackend:
-    def __init__(self, spec: BackendSpec, *, probe_timeout: float = 3.0) -> None:
+    def __init__(
+        self,
+        spec: BackendSpec,
+        *,
+        probe_timeout: float = 3.0,
+        quiet_seconds: float = _QUIET_SECONDS,
+    ) -> None:
         self.spec = spec
         self._probe_timeout = probe_timeout
+        self._quiet = quiet_seconds  # websocket silence after which the history is read
         self._template: Graph | None = None
-        # Where the graph that ran names its checkpoint, and which names it takes from a request.
+        # Where the graph that ran names its checkpoint.
         self._checkpoint_inputs = [(IDS.checkpoint_loader, "ckpt_name")]
-        self._uses = {"sampler", "scheduler"}
+        self._capabilities = spec.capabilities
         if spec.workflow is not None:
             try:
                 self._template = load_workflow(spec.workflow)
             except WorkflowError as exc:
                 raise ValueError(f"{spec.source}: {exc}") from exc
             self._checkpoint_inputs = placeholder_inputs(self._template, "checkpoint")
-            self._uses = placeholders_in(self._template)
+            # Whatever the spec says: charforge cannot add passes or loaders to a workflow.
+            self._capabilities = spec.capabilities - CUSTOM_WORKFLOW_LACKS
         self._client = httpx.Client(
             base_url=spec.url,
             auth=httpx.BasicAuth(*spec.auth) if spec.auth else None,
@@ -362,19 +410,18 @@ class ComfyUIBackend:
 
     def graph(self, request: BackendRequest, seed: int) -> Graph:
         """The API-format graph for one image of ``request``."""
-        checkpoint = request.checkpoint.title
-        if self._template is not None:
-            return fill_workflow(self._template, request.params, checkpoint, seed)
-        return build_graph(request.params, checkpoint, seed)
+        return graph_for(self._template, request.params, request.checkpoint.title, seed)
 
     def generate(self, request: BackendRequest) -> BackendResult:
         p = request.params
+        require_capabilities(
+            self.spec, request.params, request.style, capabilities=self._capabilities
+        )
+        # Both are placeholders every workflow must have, like charforge's own graph.
         sampler, scheduler = comfy_sampler(p.sampler, p.scheduler)
-        if "sampler" in self._uses:  # a workflow may fix its own sampler
-            self._check_name(sampler, p.sampler, "sampler_name", "sampler", request.style)
-        if "scheduler" in self._uses:
-            self._check_name(scheduler, p.scheduler, "scheduler", "scheduler", request.style)
-        first = p.seed if p.seed != -1 else secrets.randbelow(SEED_MAX + 1)
+        self._check_name(sampler, p.sampler, "sampler_name", "sampler", request.style)
+        self._check_name(scheduler, p.scheduler, "scheduler", "scheduler", request.style)
+        seeds = seeds_for(p.seed, request.count, pick=secrets.randbelow)
         deadline = time.monotonic() + self.spec.timeout
         tracker = _Tracker(request.on_progress, request.count)
         active = _Active()
@@ -384,12 +431,12 @@ class ComfyUIBackend:
         with self._lock:
             self._active.append(active)
         try:
-            for index in range(request.count):
-                graph = self.graph(request, first + index)
+            for index, seed in enumerate(seeds):
+                graph = self.graph(request, seed)
                 tracker.start(index, _sampling_passes(graph))
                 prompt_id, entry = self._run(graph, request.style, tracker, deadline, active)
                 data, checkpoint = self._collect(entry, graph, request.style)
-                images.append(GeneratedImage(data, first + index))
+                images.append(GeneratedImage(data, seed))
                 reported.append(checkpoint)
                 prompt_ids.append(prompt_id)
                 tracker.finished()
@@ -398,11 +445,16 @@ class ComfyUIBackend:
                 self._active.remove(active)
         # One image made with another model must not hide behind the others.
         odd = [c for c in reported if c != request.checkpoint.title]
+        info: dict[str, Any] = {"prompt_ids": prompt_ids, "seeds": [image.seed for image in images]}
+        if p.hires and self._template is None:
+            upscale = hires_upscale(p.hires_upscaler)
+            info["hires_upscaler_used"] = upscale.label
+            info["hires_upscaler_asked"] = p.hires_upscaler
         return BackendResult(
             images=images,
             checkpoint=odd[0] if odd else reported[0],
             checkpoint_hash=None,  # ComfyUI reports none
-            info={"prompt_ids": prompt_ids, "seeds": [image.seed for image in images]},
+            info=info,
         )
 
     def _run(
@@ -420,13 +472,21 @@ class ComfyUIBackend:
                 active.prompt_id = prompt_id
             if interrupted.is_set():  # interrupt() came while the prompt was being queued
                 self._stop(prompt_id)
+            strikes = _Strikes()
             try:
                 entry = None
                 if socket is not None:
-                    entry = self._follow(socket, prompt_id, tracker, deadline, interrupted, style)
-                return prompt_id, entry or self._poll(prompt_id, deadline, interrupted, style)
-            except BackendTimeout:
-                self._stop(prompt_id)  # else it runs on and the next prompt waits behind it
+                    entry = self._follow(
+                        socket, prompt_id, tracker, deadline, interrupted, style, strikes
+                    )
+                if not entry:
+                    entry = self._poll(prompt_id, deadline, interrupted, style, strikes)
+                return prompt_id, entry
+            except BaseException:
+                # Whatever went wrong, the prompt would run on and the next one wait behind
+                # it. An interrupt() has stopped it already (it sets the flag, then stops).
+                if not interrupted.is_set():
+                    self._stop(prompt_id)
                 raise
             finally:
                 with self._lock:
@@ -519,23 +579,30 @@ class ComfyUIBackend:
         deadline: float,
         interrupted: threading.Event,
         style: str,
+        strikes: _Strikes,
     ) -> dict[str, Any] | None:
         """Read events until the prompt is done; None when the history must still be read
         (it is done, or the socket dropped), else the history entry already read."""
+        heard = time.monotonic()  # the last frame, or the last look at the history
         while True:
             self._check_time(deadline, interrupted, style)
+            now = time.monotonic()
+            # Short waits: an interrupt() or the deadline is noticed soon, not after the quiet.
+            wait = min(_WAKE_SECONDS, self._quiet - (now - heard), deadline - now)
             try:
-                frame = socket.recv(
-                    timeout=max(0.01, min(_QUIET_SECONDS, deadline - time.monotonic()))
-                )
+                frame = socket.recv(timeout=max(0.01, wait))
             except TimeoutError:
-                entry = self._history(prompt_id, style)
+                if time.monotonic() - heard < self._quiet:
+                    continue
+                entry = self._look(prompt_id, style, strikes)
                 if entry is not None:
                     return entry
+                heard = time.monotonic()
                 continue
             except (ConnectionClosed, OSError) as exc:
                 log.info("backend %s: websocket lost (%s); polling", self.spec.name, exc)
                 return None
+            heard = time.monotonic()
             if isinstance(frame, bytes):
                 continue  # a preview image
             try:
@@ -557,11 +624,16 @@ class ComfyUIBackend:
                 return None  # sent after the history is written (execution_success: before)
 
     def _poll(
-        self, prompt_id: str, deadline: float, interrupted: threading.Event, style: str
+        self,
+        prompt_id: str,
+        deadline: float,
+        interrupted: threading.Event,
+        style: str,
+        strikes: _Strikes,
     ) -> dict[str, Any]:
         pause = _POLL_FIRST
         while True:
-            entry = self._history(prompt_id, style)
+            entry = self._look(prompt_id, style, strikes)
             if entry is not None:
                 return entry
             self._check_time(deadline, interrupted, style)
@@ -576,12 +648,32 @@ class ComfyUIBackend:
         if time.monotonic() >= deadline:
             raise BackendTimeout(
                 f"{capitalized(self._where(style))} did not finish within {self.spec.timeout:g}s; "
-                "the prompt was interrupted.",
+                "the prompt was stopped.",
                 hint=(
                     f"Check that the ComfyUI behind {self.spec.source} is not stuck or busy with "
                     "other work; for slow GPUs raise timeout_seconds of the backend."
                 ),
             )
+
+    def _look(self, prompt_id: str, style: str, strikes: _Strikes) -> dict[str, Any] | None:
+        """``_history``, riding out up to ``_HISTORY_FAILURES`` passing faults in a row (the
+        caller's deadline still bounds the whole wait)."""
+        try:
+            entry = self._history(prompt_id, style)
+        except (BackendUnavailable, BackendBadResponse, BackendRejected) as exc:
+            strikes.count += 1
+            if not exc.retriable or strikes.count >= _HISTORY_FAILURES:
+                raise
+            log.info(
+                "backend %s: history of %s not read (%d in a row): %s",
+                self.spec.name,
+                prompt_id,
+                strikes.count,
+                exc.message,
+            )
+            return None
+        strikes.count = 0
+        return entry
 
     def _history(self, prompt_id: str, style: str) -> dict[str, Any] | None:
         """The prompt's history entry; None while it is queued or running."""
@@ -605,7 +697,7 @@ class ComfyUIBackend:
         exception = f"{data.get('exception_type', 'error')}: {data.get('exception_message', '')}"
         # Out of GPU memory passes, or another backend has more; any other node error would
         # fail the same way again.
-        oom = any(marker in exception.lower() for marker in _OOM_MARKERS)
+        oom = out_of_memory(exception)
         return BackendRejected(
             f"{capitalized(where)} failed while running {node}: {_short(exception)}",
             hint=(
@@ -685,21 +777,85 @@ class ComfyUIBackend:
 
     # -- control ---------------------------------------------------------------------------
 
-    def _stop(self, prompt_id: str) -> bool:
-        """Drop the prompt from the queue, or interrupt it when it runs already."""
+    def _control(self, method: str, path: str, body: Any = None) -> httpx.Response | None:
+        """One short call of ``_stop``; None (logged) when it failed or was refused."""
         try:
-            timeout = self.spec.connect_timeout
-            self._client.post("/queue", json={"delete": [prompt_id]}, timeout=timeout)
-            # Older ComfyUI ignores the body and interrupts whatever runs.
-            self._client.post("/interrupt", json={"prompt_id": prompt_id}, timeout=timeout)
-        except httpx.HTTPError:
-            log.warning("could not interrupt prompt %s on %s", prompt_id, self.spec.name)
+            response = send(
+                self._client,
+                method,
+                path,
+                where=self._where(None),
+                connect_timeout=self.spec.connect_timeout,
+                limit=_STOP_SECONDS,
+                hints=Hints(reach=self._reach_hint(), stuck=""),
+                json=body,
+                timeout=timeout_of(_STOP_SECONDS, self.spec.connect_timeout),
+            )
+        except CharforgeError as exc:
+            log.warning("backend %s: %s %s failed: %s", self.spec.name, method, path, exc.message)
+            return None
+        if response.status_code >= 400:
+            log.warning(
+                "backend %s: %s %s answered HTTP %d: %s",
+                self.spec.name,
+                method,
+                path,
+                response.status_code,
+                _short(response.text, 200),
+            )
+            return None
+        return response
+
+    def _place(self, prompt_id: str) -> str | None:
+        """Where the prompt is: "running", "pending", "gone" (done, or never there), or None
+        when the queue could not be read."""
+        response = self._control("GET", "/queue")
+        try:
+            body = response.json() if response is not None else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            if response is not None:
+                log.warning("backend %s: GET /queue sent no queue", self.spec.name)
+            return None
+        for place, key in (("running", "queue_running"), ("pending", "queue_pending")):
+            items = body.get(key)
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, list) and len(item) > 1 and item[1] == prompt_id:
+                    return place
+        return "gone"
+
+    def _stop(self, prompt_id: str) -> bool:
+        """Stop one prompt of ours; whether that was done. Never raises: it runs while
+        another error is on its way to the caller."""
+        try:
+            return self._stop_prompt(prompt_id)
+        except Exception:
+            log.exception("backend %s: could not stop prompt %s", self.spec.name, prompt_id)
             return False
-        return True
+
+    def _stop_prompt(self, prompt_id: str) -> bool:
+        """A pending prompt is only deleted from the queue: /interrupt goes out only while it
+        runs, since older ComfyUI ignores its prompt_id and would stop another client's. (That
+        one may still finish between the look and the interrupt there: a narrow race only a
+        newer ComfyUI closes.)"""
+        deleted = False
+        for _ in range(2):  # a prompt deleted while it started running is interrupted
+            place = self._place(prompt_id)
+            if place == "running":
+                return self._control("POST", "/interrupt", {"prompt_id": prompt_id}) is not None
+            if place != "pending":  # gone (done, or deleted just now), or unknown
+                return deleted
+            if self._control("POST", "/queue", {"delete": [prompt_id]}) is None:
+                return False
+            deleted = True
+        log.warning("backend %s: prompt %s stays queued", self.spec.name, prompt_id)
+        return False
 
     def interrupt(self) -> bool:
         """Stop every generation of this adapter: the prompt running or queued now, and the
-        images of its request not queued yet. False when nothing of ours was running."""
+        images of its request not queued yet. False when nothing of ours was running, or a
+        prompt of ours could not be stopped (ComfyUI refused, or did not answer)."""
         with self._lock:
             active = list(self._active)
             prompt_ids = [a.prompt_id for a in active if a.prompt_id is not None]

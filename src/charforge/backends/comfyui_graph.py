@@ -3,6 +3,14 @@
 An API-format graph maps node ids to ``{"class_type", "inputs"}``; an input that comes from
 another node is ``[node_id, output_index]``. Shared by the ComfyUI adapter and the RunPod
 ComfyUI worker (which takes the same graph as ``input.workflow``).
+
+The high-resolution pass follows A1111's upscaler name: a ``Latent*`` upscaler scales the
+first pass's latent (``LatentUpscaleBy``); any other runs in pixel space, as A1111 does: the
+first pass is decoded, scaled with ``ImageScaleBy``, encoded again and sampled a second time.
+Upscaler models (ESRGAN, R-ESRGAN, SwinIR, ...) are not loaded: they would need their own
+weights on the server and an ``UpscaleModelLoader``, so a Lanczos pixel upscale stands in for
+them, and the adapters report what ran (``hires_upscale(...).label``, e.g. ``lanczos
+(pixel)``) in the result's info.
 """
 
 from __future__ import annotations
@@ -63,6 +71,32 @@ LATENT_UPSCALERS: dict[str, str] = {
     "latent (nearest)": "nearest-exact",
     "latent (nearest-exact)": "nearest-exact",
 }
+# ImageScaleBy's own upscale methods; any other pixel upscaler (a model) becomes Lanczos.
+PIXEL_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+_PIXEL_ALIASES = {"nearest": "nearest-exact"}  # A1111's title for it
+PIXEL_FALLBACK = "lanczos"
+
+
+@dataclass(frozen=True)
+class HiresUpscale:
+    """How the high-resolution pass scales the first one: in latent or in pixel space."""
+
+    space: str  # "latent" (LatentUpscaleBy) or "pixel" (VAEDecode, ImageScaleBy, VAEEncode)
+    method: str  # the node's upscale_method
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} ({self.space})"
+
+
+def hires_upscale(upscaler: str) -> HiresUpscale:
+    """The pass for A1111's ``hr_upscaler`` name: ``Latent*`` in latent space, anything else
+    in pixel space; an upscaler model (ESRGAN & co.) is not loaded, Lanczos stands in."""
+    name = (upscaler or "Latent").strip().lower()
+    if name.startswith("latent"):
+        return HiresUpscale("latent", LATENT_UPSCALERS.get(name, "bislerp"))
+    name = _PIXEL_ALIASES.get(name, name)
+    return HiresUpscale("pixel", name if name in PIXEL_UPSCALE_METHODS else PIXEL_FALLBACK)
 
 
 def comfy_sampler(sampler: str, scheduler: str) -> tuple[str, str]:
@@ -90,8 +124,8 @@ IDS = GraphIds()
 def build_graph(
     params: GenerationParams, checkpoint: str, seed: int, *, prefix: str = "charforge"
 ) -> Graph:
-    """txt2img (+ the high-resolution second pass) as ComfyUI's default workflow lays it out,
-    with a LoraLoader per ``<lora:name:weight>`` tag of the prompt."""
+    """txt2img (+ the high-resolution second pass, see ``hires_upscale``) as ComfyUI's default
+    workflow lays it out, with a LoraLoader per ``<lora:name:weight>`` tag of the prompt."""
     sampler, scheduler = comfy_sampler(params.sampler, params.scheduler)
     graph: Graph = {
         IDS.checkpoint_loader: {
@@ -142,25 +176,31 @@ def build_graph(
         "inputs": {**sampling, "latent_image": ["5", 0], "denoise": 1.0},
     }
     latent: list[Any] = ["3", 0]
+    vae = (IDS.checkpoint_loader, 2)  # copied into each input: one list shared by two nodes
+    # would change both when a graph is edited in place
     if params.hires:
-        method = LATENT_UPSCALERS.get(params.hires_upscaler.strip().lower(), "bislerp")
-        graph["10"] = {
-            "class_type": "LatentUpscaleBy",
-            "inputs": {"samples": latent, "upscale_method": method, "scale_by": params.hires_scale},
-        }
+        upscale = hires_upscale(params.hires_upscaler)
+        scaling = {"upscale_method": upscale.method, "scale_by": params.hires_scale}
+        if upscale.space == "latent":
+            graph["10"] = {
+                "class_type": "LatentUpscaleBy",
+                "inputs": {"samples": latent, **scaling},
+            }
+            second: list[Any] = ["10", 0]
+        else:  # decode the first pass, scale its pixels, encode them for the second sampler
+            graph["12"] = {"class_type": "VAEDecode", "inputs": {"samples": latent, "vae": [*vae]}}
+            graph["10"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["12", 0], **scaling}}
+            graph["13"] = {
+                "class_type": "VAEEncode",
+                "inputs": {"pixels": ["10", 0], "vae": [*vae]},
+            }
+            second = ["13", 0]
         graph["11"] = {
             "class_type": "KSampler",
-            "inputs": {
-                **sampling,
-                "latent_image": ["10", 0],
-                "denoise": params.denoising_strength,
-            },
+            "inputs": {**sampling, "latent_image": second, "denoise": params.denoising_strength},
         }
         latent = ["11", 0]
-    graph["8"] = {
-        "class_type": "VAEDecode",
-        "inputs": {"samples": latent, "vae": [IDS.checkpoint_loader, 2]},
-    }
+    graph["8"] = {"class_type": "VAEDecode", "inputs": {"samples": latent, "vae": [*vae]}}
     graph[IDS.save] = {
         "class_type": "SaveImage",
         "inputs": {"images": ["8", 0], "filename_prefix": prefix},
@@ -178,9 +218,12 @@ REQUIRED_PLACEHOLDERS = (
     "height",
     "steps",
     "cfg",
+    "sampler",
+    "scheduler",
     "checkpoint",
 )
-OPTIONAL_PLACEHOLDERS = ("sampler", "scheduler", "denoise")
+# A workflow's own second pass may take the request's denoising strength.
+OPTIONAL_PLACEHOLDERS = ("denoise",)
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
@@ -304,3 +347,12 @@ def checkpoints_in(graph: Graph) -> list[str]:
         and isinstance(node.get("inputs"), dict)
         and "ckpt_name" in node["inputs"]
     ]
+
+
+def graph_for(
+    template: Graph | None, params: GenerationParams, checkpoint: str, seed: int
+) -> Graph:
+    """The graph of one image: the user's workflow filled in, or charforge's own."""
+    if template is not None:
+        return fill_workflow(template, params, checkpoint, seed)
+    return build_graph(params, checkpoint, seed)

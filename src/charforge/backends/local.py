@@ -12,11 +12,16 @@ loads them. ``generate`` imports ``charforge.backends.local_engine`` on first us
 
 Behaviour worth knowing:
 - one pipeline stays loaded between jobs and is replaced only when another checkpoint is
-  asked for; one generation runs at a time (a lock);
+  asked for, or the same one's weights changed on disk (it is keyed by path and hash, and the
+  hash reported is the one of the weights that ran); one generation runs at a time (a lock);
 - hashes are A1111's: sha256 of the file (the first 10 hex digits are the short form); for a
   folder the sha256 of its UNet (or transformer) weights. Hashing gigabytes is slow, so hashes
-  are kept per (path, size, mtime) in ``.charforge/hashes.json`` in the models folder (or in
-  the user's cache folder when the models folder is read-only);
+  are kept per (path, size, mtime, ctime) in ``.charforge/hashes.json`` in the models folder
+  (or in the user's cache folder when the models folder is read-only);
+- ``interrupt`` stops every generate call active when it is called, also one still hashing
+  or waiting for the lock, and says False when none was;
+- a probe reports the backend down when torch, diffusers or transformers are not installed
+  (found without importing them);
 - sampler and scheduler names are A1111's and are checked before anything is loaded;
 - the high-resolution pass is an img2img pass over the first image upscaled by
   ``hires_scale`` (latents for A1111's "Latent" upscalers, the decoded image otherwise), with
@@ -29,6 +34,7 @@ Behaviour worth knowing:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -57,7 +63,10 @@ from charforge.backends.local_configs import (
     find_clip_bpe,
     safetensors_shapes,
 )
+from charforge.backends.transport import out_of_memory
 from charforge.domain.checkpoints import file_stem, find_checkpoint_named
+from charforge.domain.params import seeds_for
+from charforge.domain.requirements import require_capabilities
 from charforge.domain.routes import BackendSpec
 from charforge.errors import (
     BackendRejected,
@@ -77,11 +86,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'charforge[local]'"
+ENGINE_PACKAGES = ("torch", "diffusers", "transformers")  # what the local extra installs
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 CACHE_FOLDER = ".charforge"  # in the models folder: hashes, generated configs
 _SCAN_DEPTH = 4
 _PROGRESS_INTERVAL = 0.2  # seconds between progress reports (each one is a database write)
-_SEED_RANGE = 2**32
+_LOAD_ATTEMPTS = 3  # reads of a checkpoint that keeps changing on disk while it is loaded
+_CLOSE_WAIT = 5.0  # seconds close() waits for an interrupted generation to let go
 
 
 class LocalEngineUnavailable(BackendUnavailable):
@@ -97,6 +108,10 @@ class LocalCheckpointUnusable(BackendRejected):
     folder, a file diffusers cannot read); another backend of the pool may run it."""
 
     backend_specific = True
+
+
+class _Stopped(Exception):
+    """The generate call was interrupted before it rendered (while hashing, waiting, loading)."""
 
 
 # -- A1111 names -> diffusers --------------------------------------------------------------------
@@ -273,7 +288,10 @@ def weight_files(checkpoint: LocalCheckpoint) -> list[Path]:
 
 
 class HashCache:
-    """sha256 of checkpoints, kept per (path, size, mtime) in memory and in a JSON file."""
+    """sha256 of checkpoints, kept per (path, size, mtime, ctime) in memory and in a JSON file.
+
+    The ctime (which no copy tool can set back) catches weights replaced by ones of the same
+    size with the old mtime restored (``cp -p``, ``rsync -a``)."""
 
     def __init__(self, file: Callable[[], Path | None]) -> None:
         self._file = file
@@ -285,7 +303,7 @@ class HashCache:
         parts = []
         for path in files:
             stat = path.stat()
-            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}")
         return "|".join(parts)
 
     def _load(self) -> dict[str, dict[str, str]]:
@@ -313,7 +331,11 @@ class HashCache:
             entry = self._load().get(str(checkpoint.path))
         return entry["sha256"] if entry and entry.get("stamp") == stamp else None
 
-    def sha256(self, checkpoint: LocalCheckpoint) -> str:
+    def sha256(
+        self, checkpoint: LocalCheckpoint, *, stopped: Callable[[], bool] | None = None
+    ) -> str:
+        """The sha256, from the cache while the files are unchanged; reading them otherwise,
+        which raises _Stopped as soon as ``stopped()`` says so."""
         known = self.cached(checkpoint)
         if known is not None:
             return known
@@ -323,6 +345,8 @@ class HashCache:
         for path in files:
             with path.open("rb") as handle:
                 while chunk := handle.read(8 * 1024 * 1024):
+                    if stopped is not None and stopped():
+                        raise _Stopped()
                     digest.update(chunk)
         value = digest.hexdigest()
         with self._lock:
@@ -361,6 +385,62 @@ def _load_engine_module() -> ModuleType:
     return local_engine
 
 
+def missing_engine_packages() -> list[str]:
+    """Which of torch, diffusers and transformers this Python lacks; found without importing
+    them (a web process that probes must stay free of torch)."""
+    missing = []
+    for name in ENGINE_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken install, or a stub in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def plan_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of ``count`` images: ``seed``, ``seed + 1``, ... within 0..2**32-1 (as
+    A1111's batches), from a random start when ``seed`` is -1."""
+    return seeds_for(seed, max(1, count), pick=secrets.randbelow)
+
+
+class _StepReport:
+    """Turns the engine's steps into progress over all images of a call, at most every
+    ``_PROGRESS_INTERVAL`` seconds (and always at the end of an image)."""
+
+    def __init__(
+        self,
+        on_progress: Callable[[Progress], None] | None,
+        steps: int,
+        second_steps: int,
+        images: int,
+    ) -> None:
+        self.on_progress = on_progress
+        self.steps, self.second_steps, self.images = steps, second_steps, images
+        self.per_image = steps + second_steps
+        self.last = 0.0
+
+    def __call__(self, index: int, pass_index: int, step: int, steps: int) -> None:
+        if self.on_progress is None:
+            return
+        # Each pass counts for its planned steps; within a pass, the share of its own
+        # timesteps done (Heun and DPM2 take two per step).
+        planned = self.second_steps if pass_index else self.steps
+        share = min(1.0, step / (steps or planned))
+        in_image = (self.steps + share * self.second_steps) if pass_index else share * self.steps
+        final = share >= 1.0 and pass_index == (1 if self.second_steps else 0)
+        now = time.monotonic()
+        if now - self.last < _PROGRESS_INTERVAL and not final:
+            return
+        self.last = now
+        done = min(1.0, (index * self.per_image + in_image) / (self.images * self.per_image))
+        try:
+            self.on_progress(Progress(done, round(in_image), self.per_image))
+        except Exception:  # progress is informational; never fail the image
+            log.exception("progress report failed")
+
+
 class LocalBackend:
     """Runs checkpoints of a models folder with diffusers, on CUDA when present, else CPU."""
 
@@ -370,7 +450,12 @@ class LocalBackend:
         folder = spec.models_dir or Path(spec.url.removeprefix("local:"))
         self.models_dir = folder.expanduser().absolute()
         self._lock = threading.Lock()  # one generation (and one load) at a time
-        self._interrupted = threading.Event()
+        # One event per generate call running now (hashing, waiting for the lock, loading or
+        # rendering): interrupt() sets those of the calls active when it is called, so a
+        # cancel that comes before a call takes the lock is not lost, nor does it stop a later
+        # call.
+        self._calls_lock = threading.Lock()
+        self._calls: list[threading.Event] = []
         self._engine: DiffusersEngine | None = None
         self.hashes = HashCache(lambda: self.cache_dir() / "hashes.json")
 
@@ -438,6 +523,16 @@ class LocalBackend:
         listed = [
             CheckpointInfo(c.name, c.name, short_hash(self.hashes.cached(c))) for c in available
         ]
+        missing = missing_engine_packages()
+        if missing:
+            return ProbeResult(
+                False,
+                None,
+                f"Local backend '{self.spec.name}' cannot generate: {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not installed in this Python. "
+                f"Install the local engine with: {INSTALL_HINT}",
+                listed,
+            )
         return ProbeResult(True, latency, None, listed, self.loaded_checkpoint())
 
     def loaded_checkpoint(self) -> str | None:
@@ -450,14 +545,34 @@ class LocalBackend:
         return self._engine.loads if self._engine is not None else 0
 
     def interrupt(self) -> bool:
-        self._interrupted.set()
-        return True
+        """Stop every generate call active now, wherever it is (hashing, waiting for the
+        lock, loading, rendering); False when none was."""
+        with self._calls_lock:
+            active = list(self._calls)
+        for event in active:
+            event.set()
+        return bool(active)
 
-    def close(self) -> None:
-        with self._lock:
-            if self._engine is not None:
-                self._engine.unload()
-                self._engine = None
+    def close(self, timeout: float = _CLOSE_WAIT) -> None:
+        """Interrupt what runs, then free the pipeline. A generation stops at its next step;
+        one that does not let go within ``timeout`` (a load is not interruptible) keeps its
+        pipeline only until it returns: the backend no longer holds it."""
+        self.interrupt()
+        locked = self._lock.acquire(timeout=timeout)
+        try:
+            engine, self._engine = self._engine, None
+            if engine is not None:
+                engine.unload()
+        finally:
+            if locked:
+                self._lock.release()
+        if not locked:
+            log.warning(
+                "local backend %s: a generation did not stop within %gs; its pipeline is "
+                "freed when it returns",
+                self.spec.name,
+                timeout,
+            )
 
     # -- generation --------------------------------------------------------------------------
 
@@ -511,8 +626,19 @@ class LocalBackend:
         return self._engine
 
     def generate(self, request: BackendRequest) -> BackendResult:
+        stop = threading.Event()
+        with self._calls_lock:
+            self._calls.append(stop)
+        try:
+            return self._generate(request, stop)
+        finally:
+            with self._calls_lock:
+                self._calls.remove(stop)
+
+    def _generate(self, request: BackendRequest, stop: threading.Event) -> BackendResult:
         p = request.params
         # Everything a request can get wrong is refused before anything is loaded.
+        require_capabilities(self.spec, p, request.style)
         plan = plan_sampler(p.sampler, p.scheduler)
         upscaler_name, (on_latents, mode, antialias) = plan_upscaler(p.hires_upscaler)
         out_w, out_h = (
@@ -521,7 +647,6 @@ class LocalBackend:
         checkpoint = self._locate(request.checkpoint.name, style=request.style)
         module = _load_engine_module()
         config = None if checkpoint.is_folder else self._single_file_config(checkpoint, module)
-        sha256 = self.hashes.sha256(checkpoint)
 
         render_params: RenderParams = module.RenderParams(
             prompt=p.prompt,
@@ -537,61 +662,50 @@ class LocalBackend:
         )
         choice: SchedulerChoice = module.SchedulerChoice(plan.class_name, plan.options, plan.sigmas)
         upscale: Upscale | None = module.Upscale(on_latents, mode, antialias) if p.hires else None
-        first_seed = p.seed if p.seed >= 0 else secrets.randbelow(_SEED_RANGE)
-        seeds = [first_seed + k for k in range(max(1, request.count))]
+        seeds = plan_seeds(p.seed, request.count)
         second_steps = max(1, int(p.steps * p.denoising_strength)) if p.hires else 0
-        per_image = p.steps + second_steps
 
-        with self._lock:
-            self._interrupted.clear()
-            engine = self._engine_for(module)
-            started = time.perf_counter()
-            try:
-                switched = engine.load(checkpoint.name, checkpoint.path, single_file_config=config)
-            except Exception as exc:
-                raise self._load_error(checkpoint, exc, config) from exc
-            load_seconds = time.perf_counter() - started
-            images: list[GeneratedImage] = []
-            extra: dict[str, Any] = {}
-            last_report = 0.0
-            interrupted = False
-            for index, seed in enumerate(seeds):
+        engine: DiffusersEngine | None = None
+        sha256: str | None = None
+        switched = False
+        load_seconds = 0.0
+        images: list[GeneratedImage] = []
+        extra: dict[str, Any] = {}
+        try:
+            # Hashing gigabytes is slow: done before the lock (another call may be rendering),
+            # and again under it only when the file changed meanwhile.
+            self.hashes.sha256(checkpoint, stopped=stop.is_set)
+            with self._lock:
+                if stop.is_set():
+                    raise _Stopped()
+                engine = self._engine_for(module)
+                started = time.perf_counter()
+                sha256, switched = self._load(engine, checkpoint, config, stop)
+                load_seconds = time.perf_counter() - started
+                report = _StepReport(request.on_progress, p.steps, second_steps, len(seeds))
+                for index, seed in enumerate(seeds):
+                    if stop.is_set():
+                        break
 
-                def on_step(pass_index: int, step: int, steps: int, index: int = index) -> None:
-                    nonlocal last_report
-                    if self._interrupted.is_set():
-                        raise module.Interrupted()
-                    # Each pass counts for its planned steps; within a pass, the share of its
-                    # own timesteps done (Heun and DPM2 take two per step).
-                    planned = second_steps if pass_index else p.steps
-                    share = min(1.0, step / (steps or planned))
-                    in_image = (p.steps + share * second_steps) if pass_index else share * p.steps
-                    final = share >= 1.0 and pass_index == (1 if p.hires else 0)
-                    now = time.monotonic()
-                    if request.on_progress is None or (
-                        now - last_report < _PROGRESS_INTERVAL and not final
-                    ):
-                        return
-                    last_report = now
-                    fraction = min(1.0, (index * per_image + in_image) / (len(seeds) * per_image))
+                    def on_step(pass_index: int, step: int, steps: int, index: int = index) -> None:
+                        if stop.is_set():
+                            raise module.Interrupted()
+                        report(index, pass_index, step, steps)
+                        if stop.is_set():  # the report may take a while (a database write)
+                            raise module.Interrupted()
+
                     try:
-                        request.on_progress(Progress(fraction, round(in_image), per_image))
-                    except Exception:  # progress is informational; never fail the image
-                        log.exception("progress report failed")
-
-                if self._interrupted.is_set():
-                    interrupted = True
-                    break
-                try:
-                    data, extra = engine.render(render_params, seed, choice, upscale, on_step)
-                except module.Interrupted:
-                    interrupted = True
-                    break
-                except Exception as exc:
-                    raise self._render_error(checkpoint, exc) from exc
-                images.append(GeneratedImage(data, seed))
+                        data, extra = engine.render(render_params, seed, choice, upscale, on_step)
+                    except module.Interrupted:
+                        break
+                    except Exception as exc:
+                        raise self._render_error(checkpoint, exc) from exc
+                    images.append(GeneratedImage(data, seed))
+        except _Stopped:
+            pass  # interrupted before anything was rendered
+        interrupted = len(images) < len(seeds)
         info: dict[str, Any] = {
-            "seed": first_seed,
+            "seed": seeds[0],
             "all_seeds": seeds[: len(images)] if interrupted else seeds,
             "sd_model_name": file_stem(checkpoint.name),
             "sd_model_hash": short_hash(sha256),
@@ -600,8 +714,8 @@ class LocalBackend:
             "scheduler": plan.schedule,
             "diffusers_scheduler": plan.class_name,
             "sigmas": extra.get("sigmas"),
-            "device": engine.device,
-            "dtype": engine.dtype_name,
+            "device": engine.device if engine is not None else None,
+            "dtype": engine.dtype_name if engine is not None else None,
             "width": out_w,
             "height": out_h,
             "checkpoint_loaded": switched,
@@ -619,6 +733,47 @@ class LocalBackend:
                     upscaler_name,
                 )
         return BackendResult(images, checkpoint.name, short_hash(sha256), info)
+
+    def _load(
+        self,
+        engine: DiffusersEngine,
+        checkpoint: LocalCheckpoint,
+        config: Path | None,
+        stop: threading.Event,
+    ) -> tuple[str, bool]:
+        """Load the checkpoint as it is on disk now (under the lock); the sha256 of the
+        weights in memory, and whether they were read from disk.
+
+        The hash is checked again after loading: when the file changed while it was read,
+        what is in memory has no known hash, so it is read again."""
+        switched = False
+        for _attempt in range(_LOAD_ATTEMPTS):
+            sha256 = self.hashes.sha256(checkpoint, stopped=stop.is_set)  # cached: unchanged
+            if stop.is_set():
+                raise _Stopped()
+            try:
+                switched = (
+                    engine.load(
+                        checkpoint.name, checkpoint.path, sha256=sha256, single_file_config=config
+                    )
+                    or switched
+                )
+            except Exception as exc:
+                raise self._load_error(checkpoint, exc, config) from exc
+            if self.hashes.cached(checkpoint) == sha256:
+                return sha256, switched
+            log.warning(
+                "local backend %s: checkpoint %s changed on disk while it was loaded; "
+                "loading it again",
+                self.spec.name,
+                checkpoint.name,
+            )
+            engine.unload()
+        raise BackendUnavailable(
+            f"Checkpoint '{checkpoint.name}' of local backend '{self.spec.name}' kept changing "
+            f"on disk while it was loaded ({_LOAD_ATTEMPTS} tries).",
+            hint="Wait until it is fully copied into the models folder; the job is tried again.",
+        )
 
     def _load_error(
         self, checkpoint: LocalCheckpoint, exc: Exception, config: Path | None
@@ -656,4 +811,6 @@ class LocalBackend:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+    """torch's OutOfMemoryError by its type, other errors by their text (transport's
+    markers: "out of memory", "allocation on device", ...)."""
+    return "OutOfMemory" in type(exc).__name__ or out_of_memory(str(exc))

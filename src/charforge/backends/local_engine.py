@@ -105,13 +105,16 @@ def resolve_device(wanted: str) -> str:
 
 
 class DiffusersEngine:
-    """One loaded pipeline (and its img2img twin), switched only when the checkpoint changes."""
+    """One loaded pipeline (and its img2img twin), switched only when the checkpoint (its path
+    or the hash of its weights) changes."""
 
     def __init__(self, device: str = "auto") -> None:
         self.device = resolve_device(device)
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.loaded: str | None = None
+        self.loaded: str | None = None  # the name of the checkpoint in memory
+        self.loaded_sha256: str | None = None  # the hash of the weights in memory
         self.loads = 0  # how many times a checkpoint was read from disk
+        self._identity: tuple[str, str] | None = None  # (path, sha256) of what is in memory
         self._pipe: Any = None
         self._img2img: Any = None
         self._scheduler_config: Any = None
@@ -122,14 +125,21 @@ class DiffusersEngine:
 
     def unload(self) -> None:
         self._pipe = self._img2img = self._scheduler_config = None
-        self.loaded = None
+        self.loaded = self.loaded_sha256 = None
+        self._identity = None
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
-    def load(self, name: str, path: Path, *, single_file_config: Path | None) -> bool:
-        """Make ``name`` the loaded checkpoint; False when it already was."""
-        if self.loaded == name and self._pipe is not None:
+    def load(self, name: str, path: Path, *, sha256: str, single_file_config: Path | None) -> bool:
+        """Make the weights at ``path``, whose hash the caller took as ``sha256``, the loaded
+        checkpoint; False when exactly those were in memory already.
+
+        Keyed by path and hash, not by name: a file replaced under the same name (another
+        hash) is read again, so the hash reported is always that of the weights in memory."""
+        identity = (str(path), sha256)
+        if self._identity == identity and self._pipe is not None:
+            self.loaded = name
             return False
         self.unload()  # free the old weights before reading the new ones
         if path.is_dir():
@@ -160,11 +170,12 @@ class DiffusersEngine:
         self._img2img = AutoPipelineForImage2Image.from_pipe(pipe)
         self._img2img.set_progress_bar_config(disable=True)
         self._scheduler_config = pipe.scheduler.config
-        self.loaded = name
+        self.loaded, self.loaded_sha256, self._identity = name, sha256, identity
         self.loads += 1
         return True
 
-    def _scheduler(self, choice: SchedulerChoice) -> tuple[Any, str | None]:
+    @staticmethod
+    def _scheduler(choice: SchedulerChoice, config: Any) -> tuple[Any, str | None]:
         cls = getattr(diffusers, choice.class_name)
         options = dict(choice.options)
         applied = None
@@ -173,7 +184,7 @@ class DiffusersEngine:
             if flag in inspect.signature(cls.__init__).parameters:
                 options[flag] = True
                 applied = choice.sigmas
-        return cls.from_config(self._scheduler_config, **options), applied
+        return cls.from_config(config, **options), applied
 
     def render(
         self,
@@ -186,8 +197,10 @@ class DiffusersEngine:
         """One image as PNG bytes; raises Interrupted when on_step does."""
         if self._pipe is None:
             raise RuntimeError("no checkpoint loaded")
-        pipe, img2img = self._pipe, self._img2img
-        pipe.scheduler, sigmas = self._scheduler(scheduler)
+        # Its own references: an unload from another thread (a close that did not wait)
+        # frees them only once this image is done.
+        pipe, img2img, config = self._pipe, self._img2img, self._scheduler_config
+        pipe.scheduler, sigmas = self._scheduler(scheduler, config)
         generator = torch.Generator(self.device).manual_seed(seed)
 
         def callback(pass_index: int) -> Callable[..., dict[str, Any]]:
@@ -216,7 +229,7 @@ class DiffusersEngine:
         ).images
         image: Image.Image
         if hires and upscale is not None:
-            img2img.scheduler, _ = self._scheduler(scheduler)
+            img2img.scheduler, _ = self._scheduler(scheduler, config)
             if upscale.latent:
                 factor = int(getattr(pipe, "vae_scale_factor", 8))
                 size = (params.out_height // factor, params.out_width // factor)

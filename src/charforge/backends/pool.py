@@ -227,10 +227,11 @@ class BackendPool:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                names = ", ".join(route.backends)
+                names = ", ".join(capable_backends(route, self.table, needs)) or "none"
+                able = f" able to do {', '.join(sorted(needs))}" if needs else ""
                 raise BackendTimeout(
-                    f"No backend of the {route.style} style ({names}) was free and healthy "
-                    f"within {wait:g}s.",
+                    f"No backend of the {route.style} style{able} ({names}) was free and "
+                    f"healthy within {wait:g}s.",
                     hint="Add backends to the route's pool, or run `charforge backends` to see "
                     "which are down.",
                 )

@@ -14,18 +14,18 @@ runpod/runpod-python; runpod-workers/worker-a1111 and worker-comfyui):
 - worker-comfyui takes ``{"workflow": graph}`` and returns ``{"images": [{filename, type:
   "base64" | "s3_url", data}]}`` (before 5.0: ``{"status": "success", "message": ...}``); its
   newer versions put ``{"value", "max"}`` step progress into ``output`` while IN_PROGRESS;
-- nothing lists a worker's models, so the check after generation guards the checkpoint.
+- nothing lists a worker's models, samplers or schedulers, so the checks after generation
+  guard them: A1111 silently replaces a name it does not know, and its ``info`` says what ran
+  (``sampler_name``; since 1.9 ``extra_generation_params["Schedule type"]``).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import os
-import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,14 +48,22 @@ from charforge.backends.base import (
 from charforge.backends.comfyui_graph import (
     Graph,
     WorkflowError,
-    build_graph,
     checkpoints_in,
-    fill_workflow,
+    graph_for,
     load_workflow,
 )
-from charforge.backends.transport import Hints, capitalized, read_json, send, timeout_of
+from charforge.backends.transport import (
+    Hints,
+    capitalized,
+    decode_image_base64,
+    looks_transient,
+    read_json,
+    send,
+    timeout_of,
+)
 from charforge.domain.checkpoints import strip_hash
-from charforge.domain.params import COUNT_MAX, SEED_MAX
+from charforge.domain.params import GenerationParams, seeds_for
+from charforge.domain.requirements import require_capabilities
 from charforge.domain.routes import BackendSpec
 from charforge.errors import (
     BackendAuthFailed,
@@ -65,25 +73,59 @@ from charforge.errors import (
     BackendUnavailable,
     CharforgeError,
     CheckpointMissing,
+    InvalidInput,
 )
 
 log = logging.getLogger(__name__)
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
-# Words in a worker's error that point at the worker, not the request: another try (or
-# another worker) may pass. A bad input fails the same way every time.
-_TRANSIENT_MARKERS = (
-    "out of memory",
-    "cuda error",
-    "connection",
-    "not reachable",
-    "timed out",
-    "websocket",
-)
 # ComfyUI's validation error for a combo value it does not have, as worker-comfyui passes it.
 _CKPT_NOT_IN_LIST = re.compile(r"ckpt_name: '([^']*)' not in")
 _AVAILABLE_CKPTS = re.compile(r"Available checkpoint models: ([^\n]*)")
 _ERROR_TEXT_MAX = 600
+
+# A1111 1.10's schedule types (modules/sd_schedulers.py): its txt2img takes a schedule's name,
+# its label or an alias for the same one; every spelling, lowered, -> the label, lowered.
+_SCHEDULES: dict[str, str] = {
+    "automatic": "automatic",
+    "uniform": "uniform",
+    "karras": "karras",
+    "exponential": "exponential",
+    "polyexponential": "polyexponential",
+    "sgm_uniform": "sgm uniform",
+    "sgm uniform": "sgm uniform",
+    "sgmuniform": "sgm uniform",
+    "kl_optimal": "kl optimal",
+    "kl optimal": "kl optimal",
+    "align_your_steps": "align your steps",
+    "align your steps": "align your steps",
+    "simple": "simple",
+    "normal": "normal",
+    "ddim": "ddim",
+    "beta": "beta",
+}
+# Longest first, so "SGM Uniform" is not read as "Uniform".
+_SCHEDULE_SUFFIXES = sorted(_SCHEDULES, key=len, reverse=True)
+# A1111's aliases of its samplers (modules/sd_samplers_*.py), lowered -> the name it reports.
+_SAMPLER_ALIASES: dict[str, str] = {
+    "k_dpmpp_2m": "dpm++ 2m",
+    "k_dpmpp_sde": "dpm++ sde",
+    "k_dpmpp_2m_sde": "dpm++ 2m sde",
+    "k_dpmpp_2m_sde_heun": "dpm++ 2m sde heun",
+    "k_dpmpp_2s_a": "dpm++ 2s a",
+    "k_dpmpp_3m_sde": "dpm++ 3m sde",
+    "k_euler_a": "euler a",
+    "k_euler_ancestral": "euler a",
+    "k_euler": "euler",
+    "k_lms": "lms",
+    "k_heun": "heun",
+    "k_dpm_2": "dpm2",
+    "k_dpm_2_a": "dpm2 a",
+    "k_dpm_fast": "dpm fast",
+    "k_dpm_ad": "dpm adaptive",
+    "k_lcm": "lcm",
+    "ddim_cfgpp": "ddim cfg++",
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +151,14 @@ class RunPodBackend:
         self.spec = spec
         self.pacing = pacing or DEFAULT_PACING
         self._probe_timeout = probe_timeout
+        # The user's workflow is read and checked once, so a broken one fails at startup (and
+        # in `charforge backends check`), not on every job.
+        self._template: Graph | None = None
+        if spec.workflow is not None:
+            try:
+                self._template = load_workflow(spec.workflow)
+            except WorkflowError as exc:
+                raise ValueError(f"{spec.source}: {exc}") from exc
         # No credentials on the client: the key is read from the environment per call, and
         # an absolute URL (a worker's S3 link) must never receive it.
         self._client = httpx.Client(
@@ -142,12 +192,15 @@ class RunPodBackend:
         return None  # a serverless endpoint has many workers, and none of them says
 
     def generate(self, request: BackendRequest) -> BackendResult:
+        require_capabilities(self.spec, request.params, request.style)
         deadline = time.monotonic() + self.spec.timeout
         if self.worker == "comfyui":
             return self._generate_comfyui(request, deadline)
         payload = txt2img_payload(request)
         output = self._run_job(payload, request.style, deadline)
-        return parse_txt2img(output, self._where(request.style))
+        result = parse_txt2img(output, self._where(request.style))
+        self._check_sampling(result.info, request.params, request.style)
+        return result
 
     def interrupt(self) -> bool:
         with self._jobs_lock:
@@ -181,27 +234,61 @@ class RunPodBackend:
             return ProbeResult(False, None, f"Could not reach RunPod: {exc or type(exc).__name__}")
         return ProbeResult(True, latency, None, [], None)
 
+    # -- the A1111 worker ------------------------------------------------------------------
+
+    def _check_sampling(self, info: Any, p: GenerationParams, style: str) -> None:
+        """A1111 silently runs its default for a sampler or schedule type it does not know,
+        and RunPod cannot list the worker's names first: compare what ran (``info``) with
+        what was asked, and discard the images when they differ."""
+        if not isinstance(info, dict):
+            return
+        sampler, suffix = _split_schedule(p.sampler)
+        ran_sampler = info.get("sampler_name")
+        if (
+            isinstance(ran_sampler, str)
+            and ran_sampler
+            and sampler  # none asked: A1111's default is what was asked for
+            and not (_same_sampler(p.sampler, ran_sampler) or _same_sampler(sampler, ran_sampler))
+        ):
+            raise self._not_what_ran("sampler", p.sampler, ran_sampler, style)
+        # A suffix of an old combined name ("DPM++ 2M Karras") wins over the scheduler field,
+        # in A1111 as here; "Automatic" (or none) asks for the sampler's own default.
+        # Before 1.9 (and for samplers without a schedule) no "Schedule type" is reported.
+        asked = suffix or p.scheduler
+        extra = info.get("extra_generation_params")
+        ran_schedule = extra.get("Schedule type") if isinstance(extra, dict) else None
+        if (
+            isinstance(ran_schedule, str)
+            and ran_schedule
+            and _schedule_key(asked) not in ("", "automatic")
+            and _schedule_key(asked) != _schedule_key(ran_schedule)
+        ):
+            raise self._not_what_ran("scheduler", asked, ran_schedule, style)
+
+    def _not_what_ran(self, field: str, asked: str, ran: str, style: str) -> InvalidInput:
+        return InvalidInput(
+            f"{field.capitalize()} '{asked}' is not known to {self._where(style)}: its A1111 "
+            f"worker silently ran '{ran}' instead, so the images were discarded.",
+            field=field,
+            hint=f"Use a {field} name that A1111 lists (/sdapi/v1/{field}s), e.g. '{ran}', or "
+            f"leave {field} out for the default.",
+        )
+
     # -- the ComfyUI worker ----------------------------------------------------------------
 
     def _generate_comfyui(self, request: BackendRequest, deadline: float) -> BackendResult:
-        template = self._template()
         checkpoint = request.checkpoint.title
-        seed = request.params.seed
-        if seed < 0:  # ComfyUI has no "random": pick one, so every image's seed is known
-            seed = random.randint(0, SEED_MAX - COUNT_MAX)  # noqa: S311 - not cryptographic
+        # ComfyUI has no "random": one is picked here, so every image's seed is known.
+        seeds = seeds_for(request.params.seed, request.count, pick=secrets.randbelow)
         images: list[GeneratedImage] = []
         graph: Graph = {}
-        for index in range(request.count):
-            graph = (
-                fill_workflow(template, request.params, checkpoint, seed + index)
-                if template is not None
-                else build_graph(request.params, checkpoint, seed + index)
-            )
+        for index, seed in enumerate(seeds):
+            graph = graph_for(self._template, request.params, checkpoint, seed)
             report = self._progress_reporter(request, index)
             output = self._run_job({"workflow": graph}, request.style, deadline, report)
-            images.append(GeneratedImage(self._comfy_image(output, request.style), seed + index))
+            images.append(GeneratedImage(self._comfy_image(output, request.style), seed))
             if request.on_progress is not None:
-                request.on_progress(Progress((index + 1) / request.count))
+                self._report(request.on_progress, Progress((index + 1) / request.count))
         # The worker's output names no model, and ComfyUI refuses an unknown ckpt_name when it
         # validates the graph instead of substituting one (that is a FAILED job, mapped to
         # CheckpointMissing): a COMPLETED job ran exactly the ckpt_name charforge sent.
@@ -212,17 +299,6 @@ class RunPodBackend:
             checkpoint_hash=None,
             info={"worker": "comfyui", "seeds": [image.seed for image in images]},
         )
-
-    def _template(self) -> Graph | None:
-        if self.spec.workflow is None:
-            return None
-        try:
-            return load_workflow(self.spec.workflow)
-        except WorkflowError as exc:
-            raise BackendRejected(
-                f"Backend '{self.spec.name}' cannot use its ComfyUI workflow: {exc}.",
-                hint=f"Fix the workflow file named in {self.spec.source}.",
-            ) from exc
 
     def _progress_reporter(
         self, request: BackendRequest, index: int
@@ -238,9 +314,16 @@ class RunPodBackend:
             value, most = output.get("value"), output.get("max")
             if isinstance(value, int) and isinstance(most, int) and most > 0:
                 inner = min(max(value / most, 0.0), 1.0)
-                report(Progress((index + inner) / request.count, value, most))
+                self._report(report, Progress((index + inner) / request.count, value, most))
 
         return on_output
+
+    def _report(self, report: Callable[[Progress], None], update: Progress) -> None:
+        try:
+            report(update)
+        except Exception:  # progress is a nicety (the runner writes it to the database):
+            # a failing report must never end a generation, or leave its job running
+            log.exception("backend %s: progress callback failed", self.spec.name)
 
     def _comfy_image(self, output: Any, style: str) -> bytes:
         where = self._where(style)
@@ -257,7 +340,7 @@ class RunPodBackend:
             first = items[0]
             if first.get("type") == "s3_url":
                 return self._download(first.get("data"), where)
-            return _decode_base64(first.get("data"), where)
+            return decode_image_base64(first.get("data"), where)
         message = output.get("message")  # worker-comfyui before 5.0
         if isinstance(message, list) and message and isinstance(message[0], dict):
             kind, message = message[0].get("imageType"), message[0].get("image")
@@ -266,7 +349,7 @@ class RunPodBackend:
         if isinstance(message, str) and message:
             if message.startswith(("http://", "https://")):
                 return self._download(message, where)
-            return _decode_base64(message, where)
+            return decode_image_base64(message, where)
         problems = output.get("errors") or output.get("status")
         raise BackendBadResponse(
             f"{capitalized(where)}'s ComfyUI worker returned no image"
@@ -316,8 +399,16 @@ class RunPodBackend:
                 f"{capitalized(self._where(style))} accepted a job but sent no id."
             )
         log.info("backend %s: RunPod job %s submitted", self.spec.name, job_id)
+        job = _Watched(job_id)
         with self._running(job_id):
-            return self._await(job_id, style, deadline, on_output)
+            try:
+                return self._await(job, style, deadline, on_output)
+            except BaseException:
+                # Whatever ends the wait (our deadline, failed polls, a bug, an interrupt of
+                # this thread), a job RunPod still runs would keep a GPU busy and billed.
+                if job.state not in FINAL_STATES:
+                    self._cancel(job_id)
+                raise
 
     @contextmanager
     def _running(self, job_id: str) -> Iterator[None]:
@@ -331,38 +422,39 @@ class RunPodBackend:
 
     def _await(
         self,
-        job_id: str,
+        job: _Watched,
         style: str,
         deadline: float,
         on_output: Callable[[Any], None] | None,
     ) -> Any:
-        """Poll /status with a growing pause until a final state; cancel the job when giving
-        up on it, so it does not keep a GPU busy for nothing."""
-        pause, failures, state = self.pacing.first_poll, 0, "IN_QUEUE"
+        """Poll /status with a growing pause until a final state, noting each state in
+        ``job``; the caller cancels the job when this gives up on it."""
+        pause, failures = self.pacing.first_poll, 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._cancel(job_id)
-                raise self._expired(style, state)
+                raise self._expired(style, job.state)
             time.sleep(min(pause, remaining))
             pause = min(pause * self.pacing.growth, self.pacing.longest_poll)
             try:
-                response = self._call("GET", f"/status/{job_id}", style=style, deadline=deadline)
+                response = self._call("GET", f"/status/{job.id}", style=style, deadline=deadline)
                 status = self._json(response, self._where(style))
             except CharforgeError as exc:
                 failures += 1
                 if exc.retriable and failures < self.pacing.poll_failures:
                     continue  # the job runs on regardless; the next poll may get through
-                self._cancel(job_id)
                 raise
             failures = 0
-            state = str(status.get("status")) if isinstance(status, dict) else "?"
-            if state == "COMPLETED":
+            job.state = str(status.get("status")) if isinstance(status, dict) else "?"
+            if job.state == "COMPLETED":
                 return status.get("output")
-            if state in FINAL_STATES:
+            if job.state in FINAL_STATES:
                 raise self._final_error(status, style)
-            if state == "IN_PROGRESS" and on_output is not None:
-                on_output(status.get("output"))
+            if job.state == "IN_PROGRESS" and on_output is not None:
+                try:
+                    on_output(status.get("output"))
+                except Exception:  # progress must not end the wait (see _report)
+                    log.exception("backend %s: progress report failed", self.spec.name)
 
     def _cancel(self, job_id: str) -> bool:
         """Ask RunPod to stop a job (best effort: it has its own execution timeout)."""
@@ -374,7 +466,7 @@ class RunPodBackend:
                     self.spec.connect_timeout * 2, connect=self.spec.connect_timeout
                 ),
             )
-        except (httpx.HTTPError, CharforgeError) as exc:
+        except Exception as exc:  # best effort, and it runs while another error unwinds
             log.warning(
                 "backend %s: could not cancel RunPod job %s: %s", self.spec.name, job_id, exc
             )
@@ -433,7 +525,7 @@ class RunPodBackend:
             f"{capitalized(where)}'s RunPod worker failed: {text}",
             hint="This is the worker's own message; the endpoint's logs in the RunPod console "
             "show the details.",
-            retriable=any(marker in text.lower() for marker in _TRANSIENT_MARKERS),
+            retriable=looks_transient(text),
         )
 
     def _checkpoint_missing(self, name: str, text: str, style: str) -> CheckpointMissing:
@@ -598,14 +690,33 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _decode_base64(value: Any, where: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise BackendBadResponse(f"{capitalized(where)} sent an image that is not base64 text.")
-    if value.startswith("data:"):
-        value = value.split(",", 1)[-1]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BackendBadResponse(
-            f"{capitalized(where)} sent an image that is not valid base64."
-        ) from exc
+@dataclass
+class _Watched:
+    """A submitted RunPod job and the last state its /status reported."""
+
+    id: str
+    state: str = "IN_QUEUE"
+
+
+def _schedule_key(name: str) -> str:
+    """A schedule type as A1111 compares them: its name, label or alias are the same one."""
+    lowered = name.strip().lower()
+    return _SCHEDULES.get(lowered, lowered)
+
+
+def _split_schedule(sampler: str) -> tuple[str, str | None]:
+    """A1111's reading of an old combined sampler name: "DPM++ 2M Karras" is the sampler
+    "DPM++ 2M" with the schedule "Karras" (which wins over the scheduler field)."""
+    name = sampler.strip()
+    lowered = name.lower()
+    for suffix in _SCHEDULE_SUFFIXES:
+        if lowered.endswith(" " + suffix):
+            return name[: -len(suffix) - 1].rstrip(), name[-len(suffix) :]
+    return name, None
+
+
+def _same_sampler(asked: str, ran: str) -> bool:
+    """Whether A1111 reporting ``ran`` means it ran the sampler asked for: the same name in
+    any case, or an alias of it (A1111 reports the sampler's own name)."""
+    wanted, reported = asked.strip().lower(), ran.strip().lower()
+    return wanted == reported or _SAMPLER_ALIASES.get(wanted) == reported

@@ -7,12 +7,28 @@ adapter keeps its own mapping of HTTP statuses, whose bodies and meanings differ
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from charforge.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
+
+# Words in a backend's or worker's error text that point at the machine, not the request:
+# another try, or another backend, may pass. A bad input fails the same way every time.
+_TRANSIENT_MARKERS = (
+    "outofmemory",
+    "out of memory",
+    "allocation on device",
+    "cuda error",
+    "connection",
+    "not reachable",
+    "timed out",
+    "websocket",
+)
+_OUT_OF_MEMORY_MARKERS = _TRANSIENT_MARKERS[:3]
 
 
 def capitalized(text: str) -> str:
@@ -75,3 +91,28 @@ def read_json(response: httpx.Response, where: str, *, expected: str) -> Any:
 def timeout_of(limit: float | None, connect: float) -> httpx.Timeout | None:
     """A per-call timeout whose connect part never exceeds the whole."""
     return None if limit is None else httpx.Timeout(limit, connect=min(limit, connect))
+
+
+def looks_transient(text: str) -> bool:
+    """Whether an error text blames the machine (GPU memory, a dropped link), not the request."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in _TRANSIENT_MARKERS)
+
+
+def out_of_memory(text: str) -> bool:
+    lowered = text.lower().replace(" ", "")
+    return any(marker.replace(" ", "") in lowered for marker in _OUT_OF_MEMORY_MARKERS)
+
+
+def decode_image_base64(value: Any, where: str) -> bytes:
+    """An image sent as base64 text (optionally a ``data:`` URL); BackendBadResponse if not."""
+    if not isinstance(value, str) or not value:
+        raise BackendBadResponse(f"{capitalized(where)} sent an image that is not base64 text.")
+    if value.startswith("data:"):
+        value = value.split(",", 1)[-1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BackendBadResponse(
+            f"{capitalized(where)} sent an image that is not valid base64."
+        ) from exc

@@ -42,14 +42,13 @@ FIELDS: dict[Capability, str] = {
 _ALL = frozenset(Capability) - {Capability.REFERENCE_IMAGE}
 
 # The kinds of backend and what each can do. ComfyUI reports no hashes; RunPod serverless
-# has no way to list a worker's models or stream its steps; the local engine does not load
-# LoRA files yet. None of them takes a reference image through charforge yet.
+# has no way to list a worker's models, and only the ComfyUI worker reports its steps; the
+# local engine does not load LoRA files yet. None of them takes a reference image yet.
 KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
     "a1111": _ALL,
     "comfyui": _ALL - {Capability.CHECKPOINT_HASH},
     "runpod-a1111": _ALL - {Capability.CHECKPOINT_LIST, Capability.PROGRESS},
-    "runpod-comfyui": _ALL
-    - {Capability.CHECKPOINT_LIST, Capability.PROGRESS, Capability.CHECKPOINT_HASH},
+    "runpod-comfyui": _ALL - {Capability.CHECKPOINT_LIST, Capability.CHECKPOINT_HASH},
     "local": _ALL - {Capability.LORA},
 }
 

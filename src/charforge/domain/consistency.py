@@ -112,6 +112,15 @@ def resolve(
     )
 
 
+# Where each kind of backend keeps its checkpoints, for the hint of a wrong-model refusal.
+_MODEL_FOLDERS = {
+    "a1111": "the WebUI's models/Stable-diffusion folder",
+    "comfyui": "ComfyUI's models/checkpoints folder",
+    "runpod": "the worker's models folder (its image or network volume)",
+    "local": "the models folder (CHARFORGE_MODELS_DIR)",
+}
+
+
 def verify_checkpoint_ran(
     *,
     expected: str,
@@ -119,23 +128,28 @@ def verify_checkpoint_ran(
     reported: str | None,
     reported_hash: str | None,
     backend: str,
+    kind: str = "a1111",
 ) -> None:
     """Refuse an image the backend made with another model than the one asked for."""
     if reported is None:
         raise WrongCheckpoint(
             f"Backend '{backend}' did not report which checkpoint it ran, so the image "
             f"cannot be proven to come from {expected}; it was discarded.",
-            hint="Use an A1111/Forge version whose API returns info.sd_model_name.",
+            hint="Use an A1111/Forge version whose API returns info.sd_model_name."
+            if kind in ("a1111", "runpod")
+            else "Check that the backend's version is supported (see the README).",
         )
     if not ran_checkpoint(expected, reported):
+        fallback = (
+            f"A1111 silently falls back to another model when it cannot load '{expected}'. "
+            "Check the WebUI console for a load error and "
+            if kind in ("a1111", "runpod")
+            else "Check the backend's log for a load error and "
+        )
         raise WrongCheckpoint(
             f"Backend '{backend}' ran checkpoint '{reported}' instead of '{expected}'; the "
             "image was discarded rather than stored off-model.",
-            hint=(
-                f"A1111 silently falls back to another model when it cannot load '{expected}'. "
-                "Check the WebUI console for a load error and that the file is in its "
-                "models/Stable-diffusion folder."
-            ),
+            hint=f"{fallback}that the file is in {_MODEL_FOLDERS.get(kind, 'its models folder')}.",
         )
     if expected_hash and reported_hash and not same_hash(expected_hash, reported_hash):
         raise CheckpointDrift(

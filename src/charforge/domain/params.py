@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -127,3 +128,11 @@ def apply_defaults(
             hint="Lower width/height, or set hires to false.",
         )
     return params
+
+
+def seeds_for(seed: int, count: int, *, pick: Callable[[int], int]) -> list[int]:
+    """The seeds of ``count`` images, one after the other as A1111's ``n_iter`` does: ``seed``,
+    ``seed + 1``, ... (wrapping within the seed range, so every one can be asked for again);
+    ``-1`` starts from one number ``pick(upper_bound)`` draws."""
+    first = seed if seed >= 0 else pick(SEED_MAX + 1)
+    return [(first + index) % (SEED_MAX + 1) for index in range(count)]

@@ -54,13 +54,34 @@ def _unsupported(
             hint="Ask for fewer of them, or add a backend that has them all to "
             f"[routes.{route.style}] backends.",
         )
-    capability = lacking[0]
+    return _lacking(lacking[0], specs, route.style, f"The {route.style} style's backends")
+
+
+def require_capabilities(
+    spec: BackendSpec,
+    params: GenerationParams,
+    style: str,
+    *,
+    capabilities: frozenset[Capability] | None = None,
+) -> None:
+    """For adapters, before anything is sent: the scheduler never gives a backend a job it
+    cannot do, but should one come anyway it is refused, never run without what it asked for
+    (a pass skipped, LoRA tags rendered as words)."""
+    have = spec.capabilities if capabilities is None else capabilities
+    lacking = sorted(needs_of(params) - have)
+    if lacking:
+        raise _lacking(lacking[0], [spec], style, f"Backend '{spec.name}'")
+
+
+def _lacking(
+    capability: Capability, specs: list[BackendSpec], style: str, subject: str
+) -> UnsupportedCapability:
     without = ", ".join(f"'{s.name}' ({s.label})" for s in specs)
     return UnsupportedCapability(
-        f"The {route.style} style's backends cannot do {DESCRIPTIONS[capability]} "
-        f"({capability.value}), which this request asks for: {without} lack it.",
+        f"{subject} cannot do {DESCRIPTIONS[capability]} ({capability.value}), which this "
+        f"request asks for: {without} lack{'s' if len(specs) == 1 else ''} it.",
         field=FIELDS.get(capability),
         hint=f"{_ADVICE.get(capability, 'Leave it out')}, or add a backend that has it to "
-        f"[routes.{route.style}] backends in CHARFORGE_CONFIG.",
+        f"[routes.{style}] backends in CHARFORGE_CONFIG.",
         extra={"capability": capability.value, "backends": [s.name for s in specs]},
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from charforge.config import BackendConfig, Settings
-from charforge.domain.capabilities import KIND_CAPABILITIES, Capability, capabilities_for
+from charforge.domain.capabilities import Capability, capabilities_for
 from charforge.domain.checkpoints import same_checkpoint
 from charforge.errors import InvalidInput
 
@@ -34,13 +34,21 @@ class BackendSpec:
     connect_timeout: float
     source: str  # the env var or config key that defines it, for error hints
     simulated: bool = False
-    capabilities: frozenset[Capability] = KIND_CAPABILITIES["a1111"]
+    # Left out, what its kind (and worker, workflow) can do.
+    capabilities: frozenset[Capability] = None  # type: ignore[assignment]
     workflow: Path | None = None  # comfyui / runpod-comfyui: the user's own workflow
     worker: str | None = None  # runpod: the worker image's API (a1111 | comfyui)
     api_key_env: str | None = None  # runpod: the env var that holds the API key
     models_dir: Path | None = None  # local
     device: str = "auto"  # local: auto | cpu | cuda
     single_file_config: Path | None = None  # local
+
+    def __post_init__(self) -> None:
+        if self.capabilities is None:
+            derived = capabilities_for(
+                self.kind, worker=self.worker, custom_workflow=self.workflow is not None
+            )
+            object.__setattr__(self, "capabilities", derived)
 
     def __repr__(self) -> str:  # never let credentials reach a log line
         return f"BackendSpec(name={self.name!r}, kind={self.kind!r}, url={self.url!r})"
@@ -276,9 +284,6 @@ def _configured_backend(name: str, cfg: BackendConfig, settings: Settings, key: 
         connect_timeout=settings.backend_connect_timeout,
         source=key,
         simulated=cfg.simulated or settings.demo,
-        capabilities=capabilities_for(
-            cfg.kind, worker=worker, custom_workflow=cfg.workflow is not None
-        ),
         workflow=cfg.workflow,
         worker=worker,
         api_key_env=(cfg.api_key_env or "RUNPOD_API_KEY") if cfg.kind == "runpod" else None,

@@ -180,19 +180,23 @@ class InlineJobQueue:
             healthy=healthy,
         )
 
-    def _usable(self) -> tuple[list[FreeBackend], list[tuple[str, str | None]]]:
-        """Healthy backends with a free slot, and what the busy ones have loaded. A route
-        whose backends are all down still gets them: its jobs then fail with the backend's
-        own error after their attempts instead of waiting for ever."""
+    def _usable(
+        self, queued: list[QueuedJob]
+    ) -> tuple[list[FreeBackend], list[tuple[str, str | None]]]:
+        """Healthy backends with a free slot, and what the busy ones have loaded. A job whose
+        capable backends are all down still gets them: it then fails with the backend's own
+        error after its attempts instead of waiting for ever (its pool is the part of its
+        route's that can do what it asks, so a healthy backend without that does not count)."""
         statuses = {s.name: s for s in self._ctx.pool.statuses()}
-        routes = self._ctx.table.routes.values()
+        stranded = {
+            pool
+            for pool in {job.backends for job in queued}
+            if not any(statuses[n].healthy for n in pool)
+        }
         free: list[FreeBackend] = []
         busy: list[tuple[str, str | None]] = []
         for name, status in statuses.items():
-            orphan = any(
-                name in r.backends and not any(statuses[n].healthy for n in r.backends)
-                for r in routes
-            )
+            orphan = any(name in pool for pool in stranded)
             if status.idle_slots and (status.healthy or orphan):
                 free.append(FreeBackend(name, status.idle_slots, status.loaded))
             else:
@@ -205,7 +209,7 @@ class InlineJobQueue:
                 queued = list(self._queued.values())
             pause = 1.0
             if queued:
-                free, busy = self._usable()
+                free, busy = self._usable(queued)
                 now = time.monotonic()
                 for job, backend in self._planner(queued, free, busy, now):
                     self._launch(job, backend)

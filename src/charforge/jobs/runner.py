@@ -252,6 +252,7 @@ def _generate_and_store(
             reported=reported,
             reported_hash=reported_hash,
             backend=name,
+            kind=ctx.table.backends[name].kind,
         )
 
     backend = ctx.pool.backends[name]

@@ -51,6 +51,9 @@ class TextFormatter(logging.Formatter):
         return f"{text} [{' '.join(tags)}]" if tags else text
 
 
+_CREDENTIAL_LEAKING_LOGGERS = ("httpx", "httpcore", "websockets")
+
+
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     # The real stderr, even where a framework (Celery) redirected sys.stderr into logging.
     handler: logging.Handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
@@ -63,3 +66,7 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     handler._charforge = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Their INFO/DEBUG lines carry full URLs and headers: a RunPod result's pre-signed S3 link,
+    # the Basic auth sent to a ComfyUI behind a proxy. Their warnings still come through.
+    for noisy in _CREDENTIAL_LEAKING_LOGGERS:
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
