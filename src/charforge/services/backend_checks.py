@@ -1,6 +1,6 @@
 """Ask every backend of every route whether it answers and has the route's checkpoint.
 
-Shared by ``GET /api/styles``, ``/readyz``-style views and ``charforge backends check``.
+Shared by ``GET /api/styles`` and ``charforge backends check``.
 """
 
 from __future__ import annotations
