@@ -16,7 +16,7 @@ from PIL import Image
 
 from charforge.backends import runpod
 from charforge.backends.base import BackendRequest, BackendResult, Progress
-from charforge.backends.comfyui_graph import build_graph
+from charforge.backends.comfyui_graph import REQUIRED_PLACEHOLDERS, build_graph
 from charforge.backends.runpod import Pacing, RunPodBackend
 from charforge.config import BackendConfig, RouteConfig
 from charforge.domain.capabilities import capabilities_for
@@ -435,21 +435,7 @@ def test_a_users_workflow_refuses_hires_and_lora_before_submitting(
         "1": {"class_type": "SaveImage", "inputs": {}},
         "2": {
             "class_type": "Anything",
-            "inputs": {
-                name: "{{" + name + "}}"
-                for name in (
-                    "prompt",
-                    "negative_prompt",
-                    "seed",
-                    "width",
-                    "height",
-                    "steps",
-                    "cfg",
-                    "sampler",
-                    "scheduler",
-                    "checkpoint",
-                )
-            },
+            "inputs": {name: "{{" + name + "}}" for name in REQUIRED_PLACEHOLDERS},
         },
     }
     workflow = tmp_path / "workflow.json"
