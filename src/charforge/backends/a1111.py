@@ -35,6 +35,7 @@ from charforge.backends.transport import (
     Hints,
     capitalized,
     decode_image_base64,
+    proxy_unavailable,
     read_json,
     send,
     timeout_of,
@@ -46,7 +47,6 @@ from charforge.errors import (
     BackendBadResponse,
     BackendRejected,
     BackendTimeout,
-    BackendUnavailable,
     CheckpointMissing,
     InvalidInput,
 )
@@ -156,12 +156,9 @@ class A1111Backend:
                 "stops at 100 s); the WebUI may still be working.",
                 hint="Lower steps or size, or reach the pod directly instead of through the proxy.",
             )
-        if status in (502, 503, 504) and "json" not in response.headers.get("content-type", ""):
-            raise BackendUnavailable(
-                f"The proxy in front of {where} answered HTTP {status}: the WebUI is not "
-                "reachable behind it (still starting, crashed or stopped).",
-                hint=self._reach_hint(),
-            )
+        down = proxy_unavailable(response, where, server="the WebUI", hint=self._reach_hint())
+        if down is not None:
+            raise down
         if status == 404 and path.startswith("/sdapi"):
             raise BackendRejected(
                 f"{capitalized(where)} has no API route {path} (HTTP 404).",

@@ -76,6 +76,7 @@ from charforge.backends.transport import (
     Hints,
     capitalized,
     out_of_memory,
+    proxy_unavailable,
     read_json,
     send,
     timeout_of,
@@ -312,14 +313,9 @@ class ComfyUIBackend:
                     "front of ComfyUI."
                 ),
             )
-        if status in (502, 503, 504, 524) and "json" not in response.headers.get(
-            "content-type", ""
-        ):
-            raise BackendUnavailable(
-                f"The proxy in front of {where} answered HTTP {status}: ComfyUI is not "
-                "reachable behind it (still starting, crashed or stopped).",
-                hint=self._reach_hint(),
-            )
+        down = proxy_unavailable(response, where, server="ComfyUI", hint=self._reach_hint())
+        if down is not None:
+            raise down
         if status == 404:
             raise BackendRejected(
                 f"{capitalized(where)} has no route {path} (HTTP 404); is it a ComfyUI server?",

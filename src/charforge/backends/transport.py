@@ -116,3 +116,18 @@ def decode_image_base64(value: Any, where: str) -> bytes:
         raise BackendBadResponse(
             f"{capitalized(where)} sent an image that is not valid base64."
         ) from exc
+
+
+def proxy_unavailable(
+    response: httpx.Response, where: str, *, server: str, hint: str
+) -> BackendUnavailable | None:
+    """A gateway error page (not the server's own JSON) from a proxy in front of ``where``:
+    the server behind it is not reachable (still starting, crashed or stopped)."""
+    status = response.status_code
+    if status not in (502, 503, 504, 524) or "json" in response.headers.get("content-type", ""):
+        return None
+    return BackendUnavailable(
+        f"The proxy in front of {where} answered HTTP {status}: {server} is not reachable "
+        "behind it (still starting, crashed or stopped).",
+        hint=hint,
+    )
