@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from charforge.config import GenerationDefaults
+from charforge.domain.samplers import BUILT_IN, resolve
 from charforge.errors import InvalidInput
 
 PROMPT_MAX = 2000
@@ -102,6 +103,12 @@ class GenerationParams:
 def apply_defaults(
     body: GenerateBody, defaults: GenerationDefaults, prompt: str, negative: str
 ) -> GenerationParams:
+    # Any spelling A1111 takes ("k_dpmpp_2m", "dpm++ 2m", "DPM++ 2M Karras"), recorded as the
+    # canonical name; a name charforge does not know is left for the backend to judge.
+    sampler, scheduler = resolve(
+        BUILT_IN, body.sampler or defaults.sampler, body.scheduler, strict=False
+    )
+    sampler, scheduler = resolve(BUILT_IN, sampler, scheduler or defaults.scheduler, strict=False)
     params = GenerationParams(
         prompt=prompt,
         negative_prompt=negative,
@@ -110,8 +117,8 @@ def apply_defaults(
         steps=body.steps or defaults.steps,
         cfg_scale=body.cfg_scale if body.cfg_scale is not None else defaults.cfg_scale,
         seed=body.seed if body.seed is not None else -1,
-        sampler=body.sampler or defaults.sampler,
-        scheduler=body.scheduler or defaults.scheduler,
+        sampler=sampler,
+        scheduler=scheduler or defaults.scheduler,
         hires=body.hires if body.hires is not None else defaults.hires,
         hires_scale=defaults.hires_scale,
         hires_upscaler=defaults.hires_upscaler,
