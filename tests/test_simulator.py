@@ -21,15 +21,27 @@ from charforge.simulator.config import Flavor
 from charforge.simulator.render import Placeholder, png_bytes, render_placeholder
 
 MODELS = ["diving.safetensors", "anime/cute_v2.safetensors", "real.ckpt"]
+LORAS = ["detail_tweaker.safetensors", "styles/outline.safetensors", "readme.txt"]
+LORA_METADATA = {"styles/outline.safetensors": {"ss_output_name": "inkline"}}
 HEX10 = re.compile(r"^[0-9a-f]{10}$")
 TXT2IMG = "/sdapi/v1/txt2img"
+INTERNAL_PROGRESS = "/internal/progress"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _start(flavor: Flavor = "a1111", api_auth: tuple[str, str] | None = None) -> A1111Simulator:
-    settings = SimulatorSettings(models=list(MODELS), flavor=flavor, api_auth=api_auth)
+def _start(
+    flavor: Flavor = "a1111", api_auth: tuple[str, str] | None = None, **extra: Any
+) -> A1111Simulator:
+    settings = SimulatorSettings(
+        models=list(MODELS),
+        flavor=flavor,
+        api_auth=api_auth,
+        loras=list(LORAS),
+        lora_metadata=dict(LORA_METADATA),
+        **extra,
+    )
     sim = A1111Simulator(settings)
     sim.start()
     return sim
@@ -806,3 +818,488 @@ def test_placeholder_is_fast_and_labelled() -> None:
         )
     )
     assert other.convert("RGB").getpixel((32, 60)) != image.convert("RGB").getpixel((32, 1100))
+
+
+# --------------------------------------------------------------------------- tasks (progress.py)
+
+
+def _wait_for(check: Any, timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll ``check()`` until it returns something truthy; returns that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _progress_of(client: httpx.Client, task: str | None, **extra: Any) -> dict[str, Any]:
+    answer = client.post(INTERNAL_PROGRESS, json={"id_task": task, **extra})
+    assert answer.status_code == 200, answer.text
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def _pixels(b64: str) -> bytes:
+    return _png(b64).convert("RGB").tobytes()
+
+
+def test_internal_progress_one_active_one_queued_then_both_completed(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    sim.faults.delay_seconds = 0.8
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(
+            client.post, TXT2IMG, json={"steps": 10, "seed": 1, "force_task_id": "task(one)"}
+        )
+        _wait_for(lambda: sim.current_task == "task(one)", what="task(one) to start")
+        second = pool.submit(
+            client.post, TXT2IMG, json={"steps": 10, "seed": 2, "force_task_id": "task(two)"}
+        )
+        _wait_for(lambda: sim.pending_tasks == ["task(two)"], what="task(two) to queue")
+
+        queued = _progress_of(client, "task(two)")
+        assert queued == {
+            "active": False,
+            "queued": True,
+            "completed": False,
+            "progress": None,
+            "eta": None,
+            "live_preview": None,
+            "id_live_preview": -1,
+            "textinfo": "In queue: 1/1",
+        }
+        active = _progress_of(client, "task(one)", id_live_preview=3)
+        assert (active["active"], active["queued"], active["completed"]) == (True, False, False)
+        assert 0 <= active["progress"] < 1
+        assert active["id_live_preview"] == 3  # echoed: no live preview image here
+        assert active["live_preview"] is None
+        unknown = _progress_of(client, "task(nope)")
+        assert (unknown["active"], unknown["queued"], unknown["textinfo"]) == (
+            False,
+            False,
+            "Waiting...",
+        )
+        # A1111 1.10's /sdapi/v1/progress imported current_task's value (None) at start.
+        assert client.get("/sdapi/v1/progress").json()["current_task"] is None
+        state = client.get("/_simulator/state").json()
+        assert (state["current_task"], state["pending_tasks"]) == ("task(one)", ["task(two)"])
+        assert _info(first.result())["seed"] == 1
+        assert _info(second.result())["seed"] == 2
+
+    for task in ("task(one)", "task(two)"):
+        done = _progress_of(client, task)
+        assert (done["active"], done["queued"], done["completed"]) == (False, False, True)
+        assert done["textinfo"] == "Waiting..."
+    assert sim.finished_tasks == ["task(one)", "task(two)"]
+    assert sim.current_task is None
+    assert sim.pending_tasks == []
+
+    assert client.post(TXT2IMG, json={"steps": 1}).status_code == 200
+    assert re.fullmatch(r"task\(txt2img-[A-Z0-9]{7}\)", sim.finished_tasks[-1])
+
+
+def test_sampling_steps_linger_until_the_next_sampler_starts(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    assert client.post(TXT2IMG, json={"steps": 7}).status_code == 200
+    idle = client.get("/sdapi/v1/progress").json()["state"]
+    assert (idle["job"], idle["job_count"], idle["sampling_steps"]) == ("", 0, 7)
+
+    sim.faults.switch_delay_seconds = 0.6  # the new job starts by loading another model
+    body = {"steps": 3, "override_settings": {"sd_model_checkpoint": "real.ckpt"}}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(client.post, TXT2IMG, json=body)
+
+        def loading() -> dict[str, Any] | None:
+            progress: dict[str, Any] = client.get("/sdapi/v1/progress").json()
+            return progress if progress["state"]["job"] == "scripts_txt2img" else None
+
+        started = _wait_for(loading, what="the job to begin")
+        assert started["state"]["job_count"] == -1  # begin(): not counted yet
+        assert started["state"]["sampling_step"] == 0
+        assert started["state"]["sampling_steps"] == 7  # the previous job's
+        assert started["progress"] == pytest.approx(0.01)
+        assert _info(answer.result())["sd_model_name"] == "real"
+    assert client.get("/sdapi/v1/progress").json()["state"]["sampling_steps"] == 3
+
+
+def test_interrupt_stops_the_running_task_not_the_queued_one(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    sim.faults.delay_seconds = 4.0
+    body_a = {"steps": 20, "seed": 5, "n_iter": 2, "force_task_id": "task(A)"}
+    body_b = {"steps": 4, "seed": 9, "force_task_id": "task(B)"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        a = pool.submit(client.post, TXT2IMG, json=body_a)
+        _wait_for(
+            lambda: client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2,
+            what="task(A) to sample",
+        )
+        b = pool.submit(client.post, TXT2IMG, json=body_b)
+        _wait_for(lambda: _progress_of(client, "task(B)")["queued"], what="task(B) to queue")
+        sim.faults.delay_seconds = 0.1  # task(B) reads its faults when its turn comes
+        assert client.post("/sdapi/v1/interrupt").json() == {}
+        answer_a, answer_b = a.result(), b.result()
+
+    assert answer_a.status_code == 200  # A1111 answers with what it had
+    info_a = _info(answer_a)
+    assert len(answer_a.json()["images"]) == 1  # the image it was on; none after it
+    assert info_a["all_seeds"] == [5, 6]
+    assert len(info_a["infotexts"]) == 1
+    assert "Steps: 20," in info_a["infotexts"][0]
+    (stopped,) = sim.interrupted_tasks
+    assert stopped["task"] == "task(A)"
+    assert 2 <= stopped["step"] < 20
+    assert (stopped["steps"], stopped["job_no"], stopped["pass"]) == (20, 0, "first")
+    runs = sim.task_runs
+    assert runs["task(A)"]["outcome"] == "interrupted"
+    assert runs["task(A)"]["steps_finished"] == [stopped["step"]]
+
+    assert len(answer_b.json()["images"]) == 1
+    assert runs["task(B)"]["outcome"] == "finished"
+    assert runs["task(B)"]["steps_finished"] == [4]
+    assert client.get("/sdapi/v1/progress").json()["state"]["interrupted"] is False
+    assert sim.finished_tasks == ["task(A)", "task(B)"]
+    state = client.get("/_simulator/state").json()
+    assert state["interrupted_tasks"] == sim.interrupted_tasks
+
+    # The half-made picture is not the finished one.
+    sim.faults.delay_seconds = 0
+    whole = client.post(TXT2IMG, json={**body_a, "force_task_id": None})
+    assert _pixels(whole.json()["images"][0]) != _pixels(answer_a.json()["images"][0])
+
+
+def test_interrupt_in_the_first_pass_skips_hires(sim: A1111Simulator, client: httpx.Client) -> None:
+    body = {"steps": 10, "seed": 3, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 2}
+    full = client.post(TXT2IMG, json=body)
+    assert _png(full.json()["images"][0]).size == (128, 128)
+
+    def run_and_interrupt(job_no: int) -> httpx.Response:
+        sim.faults.delay_seconds = 2.0
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            answer = pool.submit(client.post, TXT2IMG, json=body)
+
+            def reached() -> bool:
+                state = client.get("/sdapi/v1/progress").json()["state"]
+                return bool(state["job_no"] == job_no and state["sampling_step"] >= 1)
+
+            _wait_for(reached, what=f"job {job_no}")
+            client.post("/sdapi/v1/interrupt")
+            return answer.result()
+
+    first_pass = run_and_interrupt(0)
+    assert _png(first_pass.json()["images"][0]).size == (64, 64)
+    assert "Hires upscale: 2" in _info(first_pass)["infotexts"][0]
+    assert sim.interrupted_tasks[-1]["pass"] == "first"
+
+    hires_pass = run_and_interrupt(1)
+    assert _png(hires_pass.json()["images"][0]).size == (128, 128)
+    assert sim.interrupted_tasks[-1]["pass"] == "hires"
+    assert sim.interrupted_tasks[-1]["steps"] == 10  # hr_second_pass_steps 0: same as steps
+
+
+def test_skip_cuts_one_batch_short_and_the_next_ones_run(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    body = {"steps": 10, "seed": 40, "n_iter": 3, "width": 64, "height": 64}
+    reference = client.post(TXT2IMG, json=body).json()["images"]
+    sim.faults.delay_seconds = 1.5
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(client.post, TXT2IMG, json={**body, "force_task_id": "task(skip)"})
+
+        def sampling() -> bool:
+            state = client.get("/sdapi/v1/progress").json()["state"]
+            return bool(state["job_no"] == 0 and state["sampling_step"] >= 2)
+
+        _wait_for(sampling, what="the first batch to sample")
+        skipped = client.post("/sdapi/v1/skip")
+        assert (skipped.status_code, skipped.json()) == (200, None)
+        images = answer.result().json()["images"]
+
+    assert len(images) == 3
+    assert _pixels(images[0]) != _pixels(reference[0])  # stopped early
+    assert [_pixels(b) for b in images[1:]] == [_pixels(b) for b in reference[1:]]
+    (skip,) = sim.skipped_tasks
+    assert (skip["task"], skip["steps"], skip["job_no"], skip["pass"]) == (
+        "task(skip)",
+        10,
+        0,
+        "first",
+    )
+    run = sim.task_runs["task(skip)"]
+    assert run["steps_finished"] == [skip["step"], 10, 10]
+    assert run["outcome"] == "finished"
+    assert sim.interrupted_tasks == []
+    assert client.get("/_simulator/state").json()["skipped_tasks"] == [skip]
+
+
+def test_a_failed_task_stays_current_until_the_next_starts(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    sim.faults.nan_prompts = ["cursed"]
+    failed = client.post(TXT2IMG, json={"prompt": "cursed", "force_task_id": "task(bad)"})
+    assert failed.status_code == 500
+    assert sim.current_task == "task(bad)"  # finish_task never ran
+    stuck = _progress_of(client, "task(bad)")
+    assert (stuck["active"], stuck["queued"], stuck["completed"]) == (True, False, False)
+    assert stuck["progress"] == 0  # end() set job_count to 0
+    assert stuck["eta"] is None
+    assert sim.task_runs["task(bad)"]["outcome"] == "error"
+
+    assert client.post(TXT2IMG, json={"steps": 1, "force_task_id": "task(ok)"}).status_code == 200
+    assert sim.current_task is None
+    gone = _progress_of(client, "task(bad)")
+    assert (gone["active"], gone["completed"], gone["textinfo"]) == (False, False, "Waiting...")
+    assert sim.finished_tasks == ["task(ok)"]
+
+
+def test_internal_progress_without_a_task_id(client: httpx.Client) -> None:
+    # progress.progressapi compares None with current_task (None): "active", and with no job
+    # ever started its time arithmetic fails.
+    fresh = client.post(INTERNAL_PROGRESS, json={})
+    assert fresh.status_code == 500
+    assert fresh.json()["error"] == "TypeError"
+    assert client.post(TXT2IMG, json={"steps": 1}).status_code == 200
+    idle = _progress_of(client, None)
+    assert (idle["active"], idle["progress"], idle["eta"]) == (True, 0, None)
+    assert client.post(INTERNAL_PROGRESS).status_code == 422  # a body is required
+
+
+# --------------------------------------------------------------------------- errors that fail again
+
+NAN_ERRORS = (
+    "A tensor with NaNs was produced in Unet. This could be either because there's not enough "
+    "precision to represent the picture, or because your video card does not support half type. "
+    'Try setting the "Upcast cross attention layer to float32" option in Settings > Stable '
+    "Diffusion or using the --no-half commandline argument to fix this. Use --disable-nan-check "
+    "commandline argument to disable this check."
+)
+
+
+def test_nan_prompt_fails_every_time(
+    sim: A1111Simulator, client: httpx.Client, forge_client: httpx.Client
+) -> None:
+    faults = client.post("/_simulator/faults", json={"nan_prompts": ["purple"]}).json()
+    assert faults["nan_prompts"] == ["purple"]
+    body = {"prompt": "a purple cat", "steps": 6, "seed": 11}
+    for _ in range(2):
+        answer = client.post(TXT2IMG, json=body)
+        assert answer.status_code == 500
+        assert answer.json() == {
+            "error": "NansException",
+            "detail": "",
+            "body": "",
+            "errors": NAN_ERRORS,
+        }
+        # It failed after the sampler had started.
+        assert client.get("/sdapi/v1/progress").json()["state"]["sampling_steps"] == 6
+    assert client.post(TXT2IMG, json={**body, "prompt": "a cat"}).status_code == 200
+    assert sim.generations == 1
+    assert client.delete("/_simulator/faults").json()["nan_prompts"] == []
+    assert client.post(TXT2IMG, json=body).status_code == 200
+
+    forge_client.post("/_simulator/faults", json={"nan_prompts": ["purple"]})
+    answer = forge_client.post(TXT2IMG, json=body)
+    assert answer.status_code == 500
+    assert answer.json()["message"] == NAN_ERRORS
+    assert "errors" not in answer.json()
+
+
+CORRUPT = {
+    "error": "SafetensorError",
+    "detail": "",
+    "body": "",
+    "errors": "Error while deserializing header: MetadataIncompleteBuffer",
+}
+
+
+def test_corrupt_checkpoint_fails_to_load_and_leaves_the_option_stale(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    client.post("/_simulator/faults", json={"corrupt_checkpoints": ["real.ckpt"]})
+    diving = client.get("/sdapi/v1/sd-models").json()[0]
+    override = {"steps": 2, "override_settings": {"sd_model_checkpoint": "real.ckpt"}}
+    for _ in range(2):  # fails again
+        answer = client.post(TXT2IMG, json=override)
+        assert (answer.status_code, answer.json()) == (500, CORRUPT)
+    # override_settings_restore_afterwards (default) put the option back.
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == diving["title"]
+    assert sim.weights_checkpoint == "diving.safetensors"
+    assert (sim.generations, sim.checkpoint_loads) == (0, 0)
+    assert [f["via"] for f in sim.failed_checkpoint_loads] == ["txt2img", "txt2img"]
+
+    keep = {**override, "override_settings_restore_afterwards": False}
+    assert client.post(TXT2IMG, json=keep).json() == CORRUPT
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == "real.ckpt"  # set before the load that failed
+    assert options["sd_checkpoint_hash"] == diving["sha256"]  # what is really in memory
+    assert (sim.loaded_checkpoint, sim.weights_checkpoint) == ("real.ckpt", "diving.safetensors")
+    # Every job now tries to load the option's checkpoint again.
+    assert client.post(TXT2IMG, json={"steps": 2}).json() == CORRUPT
+    assert client.get("/_simulator/state").json()["failed_checkpoint_loads"][-1] == {
+        "checkpoint": "real.ckpt",
+        "via": "txt2img",
+        "error": "SafetensorError",
+    }
+
+    # POST /options: opts.set logs the failed load and puts the old value back (200, null).
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "diving"}).json() is None
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == diving["title"]
+    switch = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "real.ckpt"})
+    assert (switch.status_code, switch.json()) == (200, None)
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == diving["title"]
+    assert sim.failed_checkpoint_loads[-1]["via"] == "options"
+    assert _info(client.post(TXT2IMG, json={"steps": 2}))["sd_model_name"] == "diving"
+    assert sim.generations == 1
+
+    sim.faults.corrupt_checkpoints = []  # a good file again: the next load works
+    assert _info(client.post(TXT2IMG, json=override))["sd_model_name"] == "real"
+
+
+def test_forge_corrupt_checkpoint_fails_at_the_next_job(
+    forge: A1111Simulator, forge_client: httpx.Client
+) -> None:
+    forge.faults.corrupt_checkpoints = ["real.ckpt"]
+    switch = forge_client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "real.ckpt"})
+    assert (switch.status_code, switch.json()) == (200, None)  # Forge loads lazily
+    answer = forge_client.post(TXT2IMG, json={"steps": 2})
+    assert answer.status_code == 500
+    assert answer.json()["message"] == CORRUPT["errors"]
+    assert forge.weights_checkpoint == "diving.safetensors"
+    assert forge.generations == 0
+
+
+# --------------------------------------------------------------------------- LoRAs
+
+
+def test_loras_list_and_refresh_without_credentials() -> None:
+    sim = _start("a1111", api_auth=("user", "secret"))
+    try:
+        with httpx.Client(base_url=sim.url, timeout=10) as c:
+            listed = c.get("/sdapi/v1/loras")
+            assert listed.status_code == 200
+            assert listed.json() == [
+                {
+                    "name": "detail_tweaker",
+                    "alias": "detail_tweaker",
+                    "path": "/models/Lora/detail_tweaker.safetensors",
+                    "metadata": {},
+                },
+                {
+                    "name": "outline",
+                    "alias": "inkline",
+                    "path": "/models/Lora/styles/outline.safetensors",
+                    "metadata": {"ss_output_name": "inkline"},
+                },
+            ]
+            sim.settings.loras.append("more/sharp.pt")
+            assert len(c.get("/sdapi/v1/loras").json()) == 2
+            refreshed = c.post("/sdapi/v1/refresh-loras")
+            assert (refreshed.status_code, refreshed.json()) == (200, None)
+            assert [x["name"] for x in c.get("/sdapi/v1/loras").json()][-1] == "sharp"
+            # The UI's internal routes are not behind --api-auth either; API routes are.
+            assert _progress_of(c, "task(x)")["textinfo"] == "Waiting..."
+            assert c.get("/internal/ping").json() == {}
+            assert c.post("/sdapi/v1/skip").status_code == 401
+            assert c.post("/sdapi/v1/skip", auth=("user", "secret")).status_code == 200
+    finally:
+        sim.stop()
+
+
+def test_nowebui_has_no_internal_routes() -> None:
+    sim = _start("a1111", nowebui=True)
+    try:
+        with httpx.Client(base_url=sim.url, timeout=10) as c:
+            assert c.post(INTERNAL_PROGRESS, json={"id_task": "x"}).status_code == 404
+            assert c.get("/internal/ping").status_code == 404
+            assert c.get("/sdapi/v1/loras").status_code == 200
+    finally:
+        sim.stop()
+
+
+def _lora_run(client: httpx.Client, prompt: str, **extra: Any) -> tuple[bytes, dict[str, Any]]:
+    answer = client.post(
+        TXT2IMG, json={"prompt": prompt, "seed": 21, "steps": 2, "width": 64, "height": 64, **extra}
+    )
+    return _pixels(answer.json()["images"][0]), _info(answer)
+
+
+def test_lora_tags_change_the_picture_and_add_hashes(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    plain, plain_info = _lora_run(client, "a knight")
+    assert "Lora hashes" not in plain_info["extra_generation_params"]
+
+    tagged, info = _lora_run(client, "a knight <lora:detail_tweaker:0.8>")
+    assert tagged != plain
+    assert _lora_run(client, "a knight <lora:detail_tweaker:0.8>")[0] == tagged  # deterministic
+    assert _lora_run(client, "a knight <lora:detail_tweaker:0.5>")[0] not in (plain, tagged)
+    hashes = info["extra_generation_params"]["Lora hashes"]
+    assert re.fullmatch(r"detail_tweaker: [0-9a-f]{12}", hashes)
+    prompt, _, values = _parse_infotext(info["infotexts"][0])
+    assert prompt == "a knight <lora:detail_tweaker:0.8>"  # the tags stay in the infotext
+    assert values["Lora hashes"] == hashes
+    assert f'Lora hashes: "{hashes}"' in info["infotexts"][0]  # quoted: it has a ":"
+    assert sim.task_runs[sim.finished_tasks[1]]["loras"] == [
+        {"name": "detail_tweaker", "te": 0.8, "unet": 0.8}
+    ]
+
+    unknown, unknown_info = _lora_run(client, "a knight <lora:nosuch:0.8>")
+    assert unknown == plain  # silently ignored ("Lora not found")
+    assert "Lora hashes" not in unknown_info["extra_generation_params"]
+
+    both = _lora_run(client, "a knight <lora:detail_tweaker> <lora:inkline:0.5>")[1]
+    two = both["extra_generation_params"]["Lora hashes"]
+    assert re.fullmatch(r"detail_tweaker: [0-9a-f]{12}, inkline: [0-9a-f]{12}", two)
+    assert two.split(", ")[0] == hashes  # same file, same hash
+
+    zero, zero_info = _lora_run(client, "a knight <lora:detail_tweaker:0>")
+    assert zero == plain  # loaded (and hashed) but with no effect
+    assert zero_info["extra_generation_params"]["Lora hashes"] == hashes
+
+    disabled, disabled_info = _lora_run(
+        client, "a knight <lora:detail_tweaker:0.8>", disable_extra_networks=True
+    )
+    assert disabled == plain
+    assert "Lora hashes" not in disabled_info["extra_generation_params"]
+
+
+def test_a_lora_added_later_is_found_without_refresh() -> None:
+    sim = _start("forge")
+    try:
+        sim.settings.loras.append("late.safetensors")
+        with httpx.Client(base_url=sim.url, timeout=10) as c:
+            assert "late" not in [x["name"] for x in c.get("/sdapi/v1/loras").json()]
+            body = {"prompt": "x <lora:late:1>", "steps": 1, "width": 64, "height": 64}
+            info = _info(c.post(TXT2IMG, json=body))
+            assert info["extra_generation_params"]["Lora hashes"].startswith("late: ")
+            assert "late" in [x["name"] for x in c.get("/sdapi/v1/loras").json()]
+    finally:
+        sim.stop()
+
+
+def test_task_runs_record_the_sampler_and_schedule_that_ran(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    body = {"steps": 3, "seed": 8, "sampler_name": "DPM++ 2M Karras", "force_task_id": "task(s)"}
+    info = _info(client.post(TXT2IMG, json=body))
+    assert info["sampler_name"] == "DPM++ 2M"
+    assert info["extra_generation_params"]["Schedule type"] == "Karras"
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in info["infotexts"][0]
+    run = sim.task_runs["task(s)"]
+    assert {k: run[k] for k in ("checkpoint", "sampler_name", "schedule_type", "seeds")} == {
+        "checkpoint": "diving.safetensors",
+        "sampler_name": "DPM++ 2M",
+        "schedule_type": "Karras",
+        "seeds": [8],
+    }
+    assert run["steps_finished"] == [3]
+    unknown = {"steps": 1, "sampler_name": "Nope", "scheduler": "nope", "force_task_id": "task(u)"}
+    info = _info(client.post(TXT2IMG, json=unknown))
+    assert (info["sampler_name"], info["extra_generation_params"]["Schedule type"]) == (
+        "DPM++ 2M",
+        "Karras",  # Automatic resolves to the fallback sampler's own schedule
+    )
+    assert sim.task_runs["task(u)"]["sampler_name"] == "DPM++ 2M"

@@ -25,12 +25,23 @@ class DemoBackends:
         self.anime.stop()
 
 
+# Two LoRAs on each simulator so that prompts with ``<lora:detail_tweaker:0.6>`` or
+# ``<lora:outline>`` work in the demo (an unknown name is ignored, as A1111 does).
+DEMO_LORAS = ("detail_tweaker.safetensors", "styles/outline.safetensors")
+
+
 def start_demo_backends(host: str = "127.0.0.1") -> DemoBackends:
     realistic = A1111Simulator(
-        SimulatorSettings(models=["cyberrealistic.safetensors"], name="demo-realistic")
+        SimulatorSettings(
+            models=["cyberrealistic.safetensors"], name="demo-realistic", loras=list(DEMO_LORAS)
+        )
     )
     anime = A1111Simulator(
-        SimulatorSettings(models=["diving.safetensors"], name="demo-anime-cartoon-fantasy")
+        SimulatorSettings(
+            models=["diving.safetensors"],
+            name="demo-anime-cartoon-fantasy",
+            loras=list(DEMO_LORAS),
+        )
     )
     realistic.start(host)
     try:

@@ -1,5 +1,9 @@
 """The FastAPI app that answers like A1111 1.10 / Forge 2 on ``/sdapi/v1/*``.
 
+Like the real WebUIs, ``/sdapi/v1/loras``, ``/sdapi/v1/refresh-loras`` and the UI's
+``/internal/progress`` and ``/internal/ping`` are registered on the app directly, so
+``--api-auth`` does not cover them; the ``/internal/*`` routes are missing with ``nowebui``.
+
 Besides the WebUI routes there are control routes under ``/_simulator/`` (never recorded,
 never behind auth) so that tests in another process can read what was sent and set faults.
 """
@@ -21,9 +25,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from charforge.simulator.catalog import SAMPLERS, SCHEDULERS
+from charforge.domain.samplers import SAMPLERS, SCHEDULERS
+from charforge.simulator.catalog import sampler_item, scheduler_item
 from charforge.simulator.config import Faults, RecordedRequest
 from charforge.simulator.engine import SimulatorEngine, Txt2ImgOutcome
+from charforge.simulator.state import InternalProgressError
 from charforge.simulator.txt2img import ForgeTxt2ImgRequest, GenerationError, Txt2ImgRequest
 
 if TYPE_CHECKING:
@@ -168,6 +174,18 @@ class _FaultsPatch(BaseModel):
     malformed_json: bool | None = None
     broken_image: bool | None = None
     drop_connection: bool | None = None
+    nan_prompts: list[str] | None = None
+    corrupt_checkpoints: list[str] | None = None
+
+
+class _ProgressRequest(BaseModel):
+    """``progress.ProgressRequest``: every field optional, but a JSON body is required."""
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
+    id_task: str | None = None
+    id_live_preview: int = -1
+    live_preview: bool = True
 
 
 def _apply_faults(faults: Faults, patch: _FaultsPatch) -> None:
@@ -237,11 +255,11 @@ def create_simulator_app(sim: A1111Simulator | SimulatorEngine) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers", dependencies=guarded)
     def samplers() -> list[dict[str, Any]]:
-        return [sampler.api_item() for sampler in SAMPLERS]
+        return [sampler_item(sampler) for sampler in SAMPLERS]
 
     @app.get("/sdapi/v1/schedulers", dependencies=guarded)
     def schedulers() -> list[dict[str, Any]]:
-        return [scheduler.api_item() for scheduler in SCHEDULERS]
+        return [scheduler_item(scheduler) for scheduler in SCHEDULERS]
 
     @app.get("/sdapi/v1/progress", dependencies=progress_guard)
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -251,6 +269,32 @@ def create_simulator_app(sim: A1111Simulator | SimulatorEngine) -> FastAPI:
     def interrupt() -> dict[str, Any]:
         engine.interrupt()
         return {}
+
+    @app.post("/sdapi/v1/skip", dependencies=guarded)
+    def skip() -> None:
+        engine.skip()
+
+    # The Lora extension registers these on the app itself: never behind --api-auth.
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict[str, Any]]:
+        return engine.loras()
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras() -> None:
+        engine.refresh_loras()
+
+    if not engine.settings.nowebui:
+        # Registered by webui() next to the Gradio UI (not by api_only()), so no --api-auth.
+        @app.post("/internal/progress", response_model=None)
+        def internal_progress(req: _ProgressRequest) -> dict[str, Any] | JSONResponse:
+            try:
+                return engine.internal_progress(req.id_task, req.id_live_preview)
+            except InternalProgressError as exc:
+                return JSONResponse(error_body(engine.flavor, "TypeError", str(exc)), 500)
+
+        @app.get("/internal/ping")
+        def ping() -> dict[str, Any]:
+            return {}
 
     @app.post("/sdapi/v1/refresh-checkpoints", dependencies=guarded)
     def refresh_checkpoints() -> None:

@@ -7,6 +7,8 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+from charforge.domain.samplers import SAMPLERS, SCHEDULERS, Sampler, Scheduler
+
 MODELS_DIR = "/models/Stable-diffusion"
 
 
@@ -99,105 +101,31 @@ def find_checkpoint(checkpoints: list[Checkpoint], wanted: str | None) -> Checkp
     return None
 
 
-@dataclass(frozen=True)
-class Sampler:
-    name: str
-    aliases: tuple[str, ...]
-    options: dict[str, Any]
-
-    @property
-    def default_scheduler(self) -> str | None:
-        value = self.options.get("scheduler")
-        return value if isinstance(value, str) else None
-
-    def api_item(self) -> dict[str, Any]:
-        # SamplerItem.options is Dict[str, str]: pydantic turns True into "True".
-        return {
-            "name": self.name,
-            "aliases": list(self.aliases),
-            "options": {key: str(value) for key, value in self.options.items()},
-        }
-
-
-SAMPLERS: tuple[Sampler, ...] = (
-    Sampler("DPM++ 2M", ("k_dpmpp_2m",), {"scheduler": "karras"}),
-    Sampler(
-        "DPM++ SDE",
-        ("k_dpmpp_sde",),
-        {"scheduler": "karras", "second_order": True, "brownian_noise": True},
-    ),
-    Sampler(
-        "DPM++ 2M SDE", ("k_dpmpp_2m_sde",), {"scheduler": "exponential", "brownian_noise": True}
-    ),
-    Sampler(
-        "DPM++ 2M SDE Heun",
-        ("k_dpmpp_2m_sde_heun",),
-        {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"},
-    ),
-    Sampler(
-        "DPM++ 2S a",
-        ("k_dpmpp_2s_a",),
-        {"scheduler": "karras", "uses_ensd": True, "second_order": True},
-    ),
-    Sampler(
-        "DPM++ 3M SDE",
-        ("k_dpmpp_3m_sde",),
-        {"scheduler": "exponential", "discard_next_to_last_sigma": True, "brownian_noise": True},
-    ),
-    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}),
-    Sampler("Euler", ("k_euler",), {}),
-    Sampler("LMS", ("k_lms",), {}),
-    Sampler("Heun", ("k_heun",), {"second_order": True}),
-    Sampler("DPM2", ("k_dpm_2",), {"discard_next_to_last_sigma": True, "second_order": True}),
-    Sampler(
-        "DPM2 a",
-        ("k_dpm_2_a",),
-        {"discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True},
-    ),
-    Sampler("DPM fast", ("k_dpm_fast",), {"uses_ensd": True}),
-    Sampler("DPM adaptive", ("k_dpm_ad",), {"uses_ensd": True}),
-    Sampler("Restart", ("restart",), {"scheduler": "karras", "second_order": True}),
-    Sampler("DDIM", ("ddim",), {}),
-    Sampler("DDIM CFG++", ("ddim_cfgpp",), {}),
-    Sampler("PLMS", ("plms",), {}),
-    Sampler("UniPC", ("unipc",), {}),
-    Sampler("LCM", ("k_lcm",), {}),
-)
+# A1111 1.10's samplers and schedulers: the same catalog charforge resolves names against.
 SAMPLERS_BY_NAME = {sampler.name: sampler for sampler in SAMPLERS}
 
 
-@dataclass(frozen=True)
-class Scheduler:
-    name: str
-    label: str
-    aliases: tuple[str, ...] | None = None
-    default_rho: float = -1
-    need_inner_model: bool = False
-
-    def api_item(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "label": self.label,
-            "aliases": list(self.aliases) if self.aliases is not None else None,
-            "default_rho": self.default_rho,
-            "need_inner_model": self.need_inner_model,
-        }
+def sampler_item(sampler: Sampler) -> dict[str, Any]:
+    """``GET /sdapi/v1/samplers``: SamplerItem.options is Dict[str, str], so pydantic turns
+    True into "True"."""
+    return {
+        "name": sampler.name,
+        "aliases": list(sampler.aliases),
+        "options": {key: str(value) for key, value in sampler.options.items()},
+    }
 
 
-SCHEDULERS: tuple[Scheduler, ...] = (
-    Scheduler("automatic", "Automatic"),
-    Scheduler("uniform", "Uniform", need_inner_model=True),
-    Scheduler("karras", "Karras", default_rho=7.0),
-    Scheduler("exponential", "Exponential"),
-    Scheduler("polyexponential", "Polyexponential", default_rho=1.0),
-    Scheduler("sgm_uniform", "SGM Uniform", aliases=("SGMUniform",), need_inner_model=True),
-    Scheduler("kl_optimal", "KL Optimal"),
-    Scheduler("align_your_steps", "Align Your Steps"),
-    Scheduler("simple", "Simple"),
-    Scheduler("normal", "Normal"),
-    Scheduler("ddim", "DDIM"),
-    Scheduler("beta", "Beta"),
-)
+def scheduler_item(scheduler: Scheduler) -> dict[str, Any]:
+    """``GET /sdapi/v1/schedulers``."""
+    return {
+        "name": scheduler.name,
+        "label": scheduler.label,
+        "aliases": list(scheduler.aliases) if scheduler.aliases is not None else None,
+        "default_rho": scheduler.default_rho,
+        "need_inner_model": scheduler.need_inner_model,
+    }
+
+
 SCHEDULERS_BY_KEY = {
     **{scheduler.name: scheduler for scheduler in SCHEDULERS},
     **{scheduler.label: scheduler for scheduler in SCHEDULERS},
@@ -229,3 +157,41 @@ def resolve_sampler(sampler_name: str | None, scheduler_name: str | None) -> tup
     if scheduler.name == "automatic" and sampler.default_scheduler is not None:
         scheduler = SCHEDULERS_BY_KEY[sampler.default_scheduler]
     return sampler.name, scheduler.label
+
+
+# What GET /sdapi/v1/options answers besides the checkpoint (a representative subset).
+BASE_OPTIONS: dict[str, Any] = {
+    "samples_save": True,
+    "samples_format": "png",
+    "samples_filename_pattern": "",
+    "save_images_add_number": True,
+    "grid_save": True,
+    "jpeg_quality": 80,
+    "outdir_samples": "",
+    "outdir_txt2img_samples": "outputs/txt2img-images",
+    "sd_vae": "Automatic",
+    "sd_checkpoint_cache": 0,
+    "sd_vae_checkpoint_cache": 0,
+    "CLIP_stop_at_last_layers": 1,
+    "eta_noise_seed_delta": 0,
+    "randn_source": "GPU",
+    "token_merging_ratio": 0.0,
+    "add_model_hash_to_info": True,
+    "add_model_name_to_info": True,
+    "add_version_to_infotext": True,
+    "show_progress_every_n_steps": 10,
+    "live_previews_enable": True,
+    "face_restoration": False,
+    "face_restoration_model": "CodeFormer",
+    "lora_add_hashes_to_infotext": True,
+    "lora_preferred_name": "Alias from file",
+    "extra_networks_default_multiplier": 1.0,
+}
+FORGE_OPTIONS: dict[str, Any] = {
+    "forge_preset": "sd",
+    "forge_additional_modules": [],
+    "forge_unet_storage_dtype": "Automatic",
+    "forge_inference_memory": 1024,
+    "forge_async_loading": "Queue",
+    "forge_pin_shared_memory": "CPU",
+}

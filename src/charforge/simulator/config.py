@@ -13,9 +13,11 @@ Flavor = Literal["a1111", "forge"]
 class Faults:
     """Ways to make the simulator fail. Mutable at run time; everything is off by default.
 
-    Every fault applies to ``POST /sdapi/v1/txt2img`` only, after the request has waited for
-    its turn (one generation at a time) and after ``delay_seconds``, so ``delay_seconds`` plus
-    ``fail_status=524`` behaves like a proxy that gave up on a slow backend.
+    The transport faults (``fail_status`` to ``drop_connection``) apply to
+    ``POST /sdapi/v1/txt2img`` only, after the request has waited for its turn (one generation
+    at a time) and after ``delay_seconds``, so ``delay_seconds`` plus ``fail_status=524``
+    behaves like a proxy that gave up on a slow backend. ``nan_prompts`` and
+    ``corrupt_checkpoints`` are errors that fail again: the same request fails every time.
     """
 
     fail_status: int | None = None
@@ -35,6 +37,13 @@ class Faults:
     """Answer 200 with valid JSON whose ``images[0]`` is base64 of bytes that are not a PNG."""
     drop_connection: bool = False
     """Close the TCP connection without writing a single byte of response."""
+    nan_prompts: list[str] = field(default_factory=list)
+    """A txt2img whose prompt contains one of these substrings fails at its first sampling
+    step with A1111's ``NansException`` (HTTP 500), every time, like bad weights do."""
+    corrupt_checkpoints: list[str] = field(default_factory=list)
+    """Checkpoint file names (as in ``SimulatorSettings.models``) that are truncated on disk:
+    loading one fails with ``SafetensorError`` "MetadataIncompleteBuffer". A checkpoint already
+    in memory keeps working until something else is loaded."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,8 +62,19 @@ class SimulatorSettings:
     ``POST /sdapi/v1/refresh-checkpoints`` re-reads this list."""
     flavor: Flavor = "a1111"
     api_auth: tuple[str, str] | None = None
-    """HTTP Basic credentials, like A1111's ``--api-auth user:pass``."""
+    """HTTP Basic credentials, like A1111's ``--api-auth user:pass``. Routes that extensions and
+    the UI register on the app directly (``/sdapi/v1/loras``, ``/internal/*``) stay open."""
     name: str = "a1111-sim"
+    loras: list[str] = field(default_factory=list)
+    """LoRA file names relative to ``models/Lora``, e.g. ``["detail_tweaker.safetensors",
+    "styles/outline.safetensors"]``. ``POST /sdapi/v1/refresh-loras`` re-reads this list (and
+    so does a generation that names a LoRA it does not know yet, like A1111)."""
+    lora_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Optional safetensors metadata per LoRA file name; ``ss_output_name`` becomes the alias
+    and ``sshs_model_hash`` the hash, as in A1111."""
+    nowebui: bool = False
+    """Like ``--nowebui``: API only. The UI's routes (``/internal/progress``,
+    ``/internal/ping``) are then missing (404), as in A1111 1.10's ``api_only()``."""
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,19 @@ class Placeholder:
     prompt: str
     first_pass: tuple[int, int] | None = None
     """The first-pass size when hires fix made the picture larger."""
+    loras: tuple[str, ...] = ()
+    """The LoRAs that changed the picture (``name:te:unet``); they change its colour too."""
+    stopped_at: tuple[int, int] | None = None
+    """``(step, steps)`` when an interrupt or skip cut sampling short: a half-made picture."""
 
 
-def seed_colour(seed: int) -> tuple[int, int, int]:
-    """A stable, mid-dark background colour for ``seed`` (white text stays readable)."""
-    digest = hashlib.blake2b(str(seed).encode(), digest_size=3).digest()
+def seed_colour(seed: int, salt: str = "") -> tuple[int, int, int]:
+    """A stable, mid-dark background colour for ``seed`` (white text stays readable).
+
+    ``salt`` (e.g. the LoRAs applied) shifts it, so that the same seed renders differently.
+    """
+    key = f"{seed}|{salt}" if salt else str(seed)
+    digest = hashlib.blake2b(key.encode(), digest_size=3).digest()
     return (40 + digest[0] % 150, 40 + digest[1] % 150, 40 + digest[2] % 150)
 
 
@@ -85,7 +93,7 @@ def _wrap(text: str, font: Font, max_width: float, max_lines: int) -> list[str]:
 def render_placeholder(spec: Placeholder) -> Image.Image:
     """Draw the placeholder: seed-coloured background, labelled, with the settings written on it."""
     width, height = max(spec.width, 8), max(spec.height, 8)
-    background = seed_colour(spec.seed)
+    background = seed_colour(spec.seed, "|".join(spec.loras))
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
 
@@ -112,8 +120,12 @@ def render_placeholder(spec: Placeholder) -> Image.Image:
         (f"seed {spec.seed}", title),
         (size, body),
         (f"{spec.sampler} · {spec.steps} steps · CFG {spec.cfg_scale:g}", body),
-        ("", body),
     ]
+    if spec.loras:
+        lines.append(("LoRA " + ", ".join(spec.loras), body))
+    if spec.stopped_at is not None:
+        lines.append((f"STOPPED at step {spec.stopped_at[0]}/{spec.stopped_at[1]}", body))
+    lines.append(("", body))
     usable = width - 2 * margin
     lines += [(line, body) for line in _wrap(spec.prompt, body, usable, max_lines=8)]
 
@@ -125,7 +137,22 @@ def render_placeholder(spec: Placeholder) -> Image.Image:
         if text:
             draw.text((margin, y), _fit(text, font, usable), fill=(255, 255, 255), font=font)
         y += line_height
+    if spec.stopped_at is not None:
+        _draw_stopped_bar(draw, width, height, border, spec.stopped_at)
     return image
+
+
+def _draw_stopped_bar(
+    draw: ImageDraw.ImageDraw, width: int, height: int, border: int, stopped: tuple[int, int]
+) -> None:
+    """A bar along the bottom edge showing how far sampling got (black = not done)."""
+    bar = max(min(width, height) // 16, 3)
+    top = max(height - border - bar, 0)
+    draw.rectangle((0, top, width - 1, height - 1), fill=(0, 0, 0))
+    step, steps = stopped
+    done = int((width - 1) * step / steps) if steps > 0 else 0
+    if done > 0:
+        draw.rectangle((0, top, done, height - 1), fill=(255, 150, 0))
 
 
 def png_bytes(image: Image.Image, parameters: str | None) -> bytes:

@@ -234,6 +234,46 @@ class A1111Simulator:
         """Most txt2img requests open at once (running plus queued)."""
         return self.engine.max_in_flight
 
+    # ------------------------------------------------------------------ tasks (progress.py)
+
+    @property
+    def current_task(self) -> str | None:
+        """``progress.current_task``: the task running, or the last one that *failed* (A1111
+        only clears it on success), until the next task starts."""
+        return self.engine.webui.current_task
+
+    @property
+    def pending_tasks(self) -> list[str]:
+        """Task ids waiting for the queue lock, in arrival order."""
+        return self.engine.webui.pending_tasks
+
+    @property
+    def finished_tasks(self) -> list[str]:
+        """The last 16 task ids that returned normally (an interrupted one included)."""
+        return self.engine.webui.finished_tasks
+
+    @property
+    def interrupted_tasks(self) -> list[dict[str, Any]]:
+        """``{"task", "step", "steps", "job_no", "pass"}`` for each task an interrupt stopped:
+        ``step`` of ``steps`` done in that pass ("first" or "hires") of batch ``job_no``."""
+        return self.engine.webui.interrupted_tasks
+
+    @property
+    def skipped_tasks(self) -> list[dict[str, Any]]:
+        """One entry (same keys as ``interrupted_tasks``) per batch a skip cut short."""
+        return self.engine.webui.skipped_tasks
+
+    @property
+    def task_runs(self) -> dict[str, dict[str, Any]]:
+        """Per task id, what ran: checkpoint, sampler_name, schedule_type, seeds, steps,
+        hires_steps, loras, steps_finished (per image), images, outcome (and error)."""
+        return self.engine.webui.task_runs
+
+    @property
+    def failed_checkpoint_loads(self) -> list[dict[str, Any]]:
+        """``{"checkpoint", "via", "error"}`` for each load of a corrupt checkpoint."""
+        return self.engine.failed_checkpoint_loads
+
 
 def run_simulator(
     settings: SimulatorSettings, host: str, port: int, *, log_level: str = "info"

@@ -92,6 +92,18 @@ class ForgeTxt2ImgRequest(Txt2ImgRequest):
     hr_additional_modules: list[str] | None = None
 
 
+NAN_MESSAGE = (
+    "A tensor with NaNs was produced in Unet. This could be either because there's not enough"
+    " precision to represent the picture, or because your video card does not support half"
+    ' type. Try setting the "Upcast cross attention layer to float32" option in Settings >'
+    " Stable Diffusion or using the --no-half commandline argument to fix this. Use"
+    " --disable-nan-check commandline argument to disable this check."
+)
+"""``devices.test_for_nans(x, "unet")`` without ``--no-half``."""
+CORRUPT_CHECKPOINT_MESSAGE = "Error while deserializing header: MetadataIncompleteBuffer"
+"""What safetensors raises for a truncated file."""
+
+
 class GenerationError(Exception):
     """What A1111 would raise while generating; rendered as the flavor's error body."""
 
@@ -123,6 +135,8 @@ class Plan:
     batch_size: int
     n_iter: int
     enable_hr: bool
+    hires_steps: int | None
+    """Steps of the hires pass (``hr_second_pass_steps`` or ``steps``); None without hires."""
     output_width: int
     output_height: int
     denoising_strength: float | None
@@ -212,6 +226,7 @@ def plan_txt2img(req: Txt2ImgRequest) -> Plan:
         batch_size=batch_size,
         n_iter=n_iter,
         enable_hr=enable_hr,
+        hires_steps=(req.hr_second_pass_steps or int(req.steps or 0)) if enable_hr else None,
         output_width=output_width,
         output_height=output_height,
         denoising_strength=denoise,
@@ -271,17 +286,21 @@ def info_json(
     job_timestamp: str,
     version: str,
 ) -> str:
-    """``Processed.js()``: the ``info`` string of a txt2img answer."""
-    count = len(infotexts)
+    """``Processed.js()``: the ``info`` string of a txt2img answer.
+
+    The ``all_*`` lists cover every planned image (``p.all_seeds``) even when an interrupt
+    stopped the job early; ``infotexts`` has one entry per image made.
+    """
+    count = plan.image_count
     obj = {
         "prompt": plan.prompt,
         "all_prompts": [plan.prompt] * count,
         "negative_prompt": plan.negative_prompt,
         "all_negative_prompts": [plan.negative_prompt] * count,
         "seed": plan.seeds[0],
-        "all_seeds": plan.seeds[:count],
+        "all_seeds": list(plan.seeds),
         "subseed": plan.subseeds[0],
-        "all_subseeds": plan.subseeds[:count],
+        "all_subseeds": list(plan.subseeds),
         "subseed_strength": plan.subseed_strength,
         "width": plan.width,
         "height": plan.height,
