@@ -237,12 +237,19 @@ def test_serve_demo_is_a_working_sandbox(
         assert image["simulated"] is True
 
 
+def _tables(stdout: str) -> list[list[list[str]]]:
+    """Each Rich table printed: its header row (┃) then its rows (│)."""
+    tables: list[list[list[str]]] = []
+    for line in stdout.splitlines():
+        if "┃" in line:
+            tables.append([])
+        if ("│" in line or "┃" in line) and tables:
+            tables[-1].append([cell.strip() for cell in re.split("[│┃]", line)[1:-1]])
+    return tables
+
+
 def _table_rows(stdout: str) -> list[list[str]]:
-    return [
-        [cell.strip() for cell in re.split("[│┃]", line)[1:-1]]
-        for line in stdout.splitlines()
-        if "│" in line or "┃" in line
-    ]
+    return _tables(stdout)[0]
 
 
 def test_backends_check_shows_kind_health_checkpoint_hash_and_loaded_model(
@@ -271,6 +278,29 @@ def test_backends_check_shows_kind_health_checkpoint_hash_and_loaded_model(
     expected_hash = next(m["hash"] for m in listed if m["title"].startswith("cyberrealistic"))
     assert realistic["hash"] == expected_hash
     assert by_backend["anime-cartoon-fantasy"]["loaded"] == "diving.safetensors"
+    # Then each backend once, with the routes it serves.
+    header, *rows = _tables(result.stdout)[1]
+    servers = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert sorted(servers) == ["anime-cartoon-fantasy", "realistic"]
+    assert servers["realistic"]["serves"] == "realistic"
+    assert servers["anime-cartoon-fantasy"]["serves"] == "anime, cartoon, fantasy"
+
+
+def test_backends_check_shows_one_webui_named_by_both_variables_once(
+    cli_env: dict[str, str], sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    both = {**cli_env, "COLUMNS": "250", "RUNPOD_ANIME_CARTOON_FANTASY_URL": sims[0].url + "/"}
+    result = run(["backends", "check", "--json"], both)
+    assert result.returncode == 1  # the one WebUI has no diving.safetensors
+    report = json.loads(result.stdout)
+    names = {b["name"] for route in report for b in route["backends"]}
+    assert names == {"realistic"}
+    realistic = report[0]["backends"][0]
+    assert realistic["aliases"] == ["anime-cartoon-fantasy"]
+    assert realistic["routes"] == ["anime", "cartoon", "fantasy", "realistic"]
+    result = run(["backends", "check"], both)
+    _header, *rows = _tables(result.stdout)[1]
+    assert [row[:2] for row in rows] == [["realistic", "anime-cartoon-fantasy"]]
 
 
 def test_backends_check_exits_1_for_a_dead_route_and_for_a_missing_checkpoint(

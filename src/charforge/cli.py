@@ -137,7 +137,7 @@ def worker(
     ] = None,
     concurrency: Annotated[
         int | None,
-        typer.Option(help="Jobs run at once (default: one per backend).", min=1, max=256),
+        typer.Option(help="Jobs run at once (default: one per backend slot).", min=1, max=256),
     ] = None,
 ) -> None:
     """Run jobs in distributed mode (needs CHARFORGE_BROKER_URL and a shared database)."""
@@ -163,7 +163,8 @@ def worker(
         settings,
         ctx,
         checkpoints=names,
-        concurrency=concurrency or max(1, len(ctx.pool.backends)),
+        # A thread per backend slot: with pipelining, one generating and one at its door.
+        concurrency=concurrency or max(1, sum(s.limit for s in ctx.pool.statuses())),
     )
 
 
@@ -216,6 +217,7 @@ def check_backends(
             out.print_json(json_module.dumps(report))
         else:
             out.print(_check_table(Table, checks, running))
+            out.print(_server_table(Table, checks, running))
         if broken:
             raise _fail(
                 f"no working backend for: {', '.join(broken)}",
@@ -253,8 +255,35 @@ def _check_table(table_class: Any, checks: list[Any], running: dict[str, int]) -
                 present,
                 b.checkpoint_hash or "-",
                 str(running.get(b.name, 0)),
-                escape(b.loaded or "-"),
+                _loaded(b),
             )
+    return table
+
+
+def _loaded(check: Any) -> str:
+    if check.load_failed:
+        return f"[red]? (failed to load {escape(check.load_failed)})[/]"
+    return escape(check.loaded or "-")
+
+
+def _server_table(table_class: Any, checks: list[Any], running: dict[str, int]) -> Any:
+    """Each backend once: one server, whatever names and routes point at it, has one slot,
+    one loaded checkpoint and one health state."""
+    table = table_class("backend", "also named", "kind", "serves", "reachable", "running", "loaded")
+    seen: dict[str, Any] = {}
+    for check in checks:
+        for b in check.backends:
+            seen.setdefault(b.name, b)
+    for name, b in sorted(seen.items()):
+        table.add_row(
+            name,
+            escape(", ".join(b.aliases) or "-"),
+            escape(b.kind),
+            ", ".join(b.routes),
+            "[green]up[/]" if b.reachable else "[red]down[/]",
+            str(running.get(name, 0)),
+            _loaded(b),
+        )
     return table
 
 

@@ -144,3 +144,89 @@ def test_misspelt_toml_key_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
     with pytest.raises(SettingsError, match="default"):
         load_settings()
+
+
+# -- one server, one backend -----------------------------------------------------------------
+
+
+def test_one_webui_named_by_both_env_vars_is_one_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same server however it is written: case, default port, trailing slash.
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", "http://GPU.example:80/")
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", "http://gpu.example")
+    table = build_route_table(load_settings())
+
+    assert list(table.backends) == ["realistic"]
+    assert table.backends["realistic"].aliases == ("anime-cartoon-fantasy",)
+    assert table.names["anime-cartoon-fantasy"] == "realistic"
+    assert all(table.route(s).backends == ("realistic",) for s in ("anime", "realistic"))
+    assert table.routes_of("realistic") == ["anime", "cartoon", "fantasy", "realistic"]
+
+
+def test_a_pool_named_in_both_env_vars_is_each_server_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    urls = "http://a:7860,http://b:7860,http://c:7860,http://d:7860"
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", urls)
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", urls.replace(",", ", "))
+    table = build_route_table(load_settings())
+
+    names = ("realistic", "realistic-2", "realistic-3", "realistic-4")
+    assert tuple(table.backends) == names
+    assert table.route("anime").backends == table.route("realistic").backends == names
+    assert len({spec.key for spec in table.backends.values()}) == 4
+
+
+def test_other_credentials_or_paths_make_other_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", "http://alice:one@gpu:7860")
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", "http://bob:two@gpu:7860")
+    assert len(build_route_table(load_settings()).backends) == 2
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", "http://gpu:7860/webui-a")
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", "http://gpu:7860/webui-b")
+    assert len(build_route_table(load_settings()).backends) == 2
+
+
+def test_a_toml_backend_on_an_env_var_server_is_that_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNPOD_REALISTIC_URL", "http://gpu:7860")
+    monkeypatch.setenv("RUNPOD_ANIME_CARTOON_FANTASY_URL", "http://other:7861")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[backends.big]\nurl = "http://gpu:7860/"\n'
+        '[routes.fantasy]\nbackends = ["big", "anime-cartoon-fantasy"]\n'
+    )
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    table = build_route_table(load_settings())
+
+    assert "big" not in table.backends and table.names["big"] == "realistic"
+    assert table.route("fantasy").backends == ("realistic", "anime-cartoon-fantasy")
+    assert table.routes_of("realistic") == ["fantasy", "realistic"]
+
+
+def test_one_server_cannot_have_two_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[backends.a]\nurl = "http://gpu:8188"\nkind = "comfyui"\n'
+        '[backends.b]\nurl = "http://gpu:8188"\nkind = "a1111"\n'
+    )
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    with pytest.raises(ValueError, match="same server") as error:
+        build_route_table(load_settings())
+    assert "[backends.a]" in str(error.value) and "[backends.b]" in str(error.value)
+
+
+def test_two_names_of_one_server_must_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workflow = tmp_path / "a.json"
+    workflow.write_text("{}")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[backends.comfy-a]\nurl = "http://gpu:8188"\nkind = "comfyui"\n'
+        f'workflow = "{workflow}"\n'
+        '[backends.comfy-b]\nurl = "http://gpu:8188/"\nkind = "comfyui"\n'
+    )
+    monkeypatch.setenv("CHARFORGE_CONFIG", str(config))
+    with pytest.raises(ValueError, match="different workflow") as error:
+        build_route_table(load_settings())
+    assert "[backends.comfy-a]" in str(error.value) and "define it once" in str(error.value)

@@ -276,6 +276,7 @@ class BackendHealth(Wire):
     latency_ms: float | None
     error: str | None
     checkpoint_present: bool | None
+    routes: list[str]
 
 
 class StyleOut(Wire):

@@ -8,8 +8,9 @@ The default table is the original system's (DESIGN.md section 2):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -42,6 +43,9 @@ class BackendSpec:
     models_dir: Path | None = None  # local
     device: str = "auto"  # local: auto | cpu | cuda
     single_file_config: Path | None = None  # local
+    # Other names the same server was given (both env vars naming one WebUI, say): it is
+    # still one backend with one slot, one loaded checkpoint and one health state.
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.capabilities is None:
@@ -64,6 +68,19 @@ class BackendSpec:
 
     def can(self, needs: Iterable[Capability]) -> bool:
         return set(needs) <= self.capabilities
+
+    @property
+    def identity(self) -> str:
+        """What the backend is, whatever it was called: kind, normalised URL and a digest of
+        its credentials. Shared by every process (distributed mode keys its slots by it)."""
+        secret = ":".join(self.auth) if self.auth else ""
+        digest = hashlib.sha256(secret.encode()).hexdigest()[:12] if secret else "-"
+        return f"{self.kind}|{self.url}|{digest}"
+
+    @property
+    def key(self) -> str:
+        """A short fixed-width form of ``identity`` for keys (Redis, metrics)."""
+        return hashlib.sha256(self.identity.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,12 @@ class Route:
 class RouteTable:
     routes: dict[str, Route]
     backends: dict[str, BackendSpec]
+    # Every name a backend was given -> the name it goes by (its first one).
+    names: dict[str, str] = field(default_factory=dict)
+
+    def routes_of(self, backend: str) -> list[str]:
+        """The styles whose pool holds ``backend``."""
+        return [style for style, route in self.routes.items() if backend in route.backends]
 
     @property
     def known_styles(self) -> list[str]:
@@ -129,6 +152,9 @@ RUNPOD_PROXY_SUFFIX = ".proxy.runpod.net"
 RUNPOD_PROXY_TIMEOUT = 90.0
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def redact(url: str) -> str:
     """The URL with any user:password replaced, for messages."""
     scheme, sep, rest = url.strip().partition("://")
@@ -152,7 +178,7 @@ def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
         auth = (unquote(parts.username), unquote(parts.password or ""))
     host = parts.hostname or ""
     netloc = host if ":" not in host else f"[{host}]"
-    if port:
+    if port and port != _DEFAULT_PORTS[parts.scheme]:  # http://h:80 is http://h
         netloc = f"{netloc}:{port}"
     clean = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
     return clean, auth
@@ -226,10 +252,14 @@ def build_route_table(settings: Settings) -> RouteTable:
         backends[name] = _configured_backend(
             name, cfg, settings, f"[backends.{name}] in {config_name}"
         )
+    unique, names = _one_per_server(backends)
+
+    def canonical(listed: Iterable[str]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(names[n] for n in listed))
 
     routes: dict[str, Route] = {}
     for style, (label, emoji, checkpoint, pool) in _DEFAULT_STYLES.items():
-        routes[style] = Route(style, label, emoji, checkpoint, tuple(pools[pool]))
+        routes[style] = Route(style, label, emoji, checkpoint, canonical(pools[pool]))
     for style, rc in settings.routes.items():
         base = routes.get(style)
         if base is None and (rc.checkpoint is None or rc.backends is None):
@@ -237,21 +267,68 @@ def build_route_table(settings: Settings) -> RouteTable:
                 f"[routes.{style}] in {config_name} defines a new style: "
                 "it needs both checkpoint and backends"
             )
-        names = tuple(rc.backends) if rc.backends is not None else base.backends  # type: ignore[union-attr]
-        for backend_name in names:
-            if backend_name not in backends:
+        for backend_name in rc.backends or ():
+            if backend_name not in names:
                 raise ValueError(
                     f"[routes.{style}] in {config_name} names backend '{backend_name}', "
-                    f"which is not defined; known: {', '.join(backends)}"
+                    f"which is not defined; known: {', '.join(names)}"
                 )
         routes[style] = Route(
             style=style,
             label=rc.label or (base.label if base else style.title()),
             emoji=rc.emoji or (base.emoji if base else "⚪"),
             checkpoint=rc.checkpoint or base.checkpoint,  # type: ignore[union-attr]
-            backends=names,
+            backends=canonical(rc.backends) if rc.backends is not None else base.backends,  # type: ignore[union-attr]
         )
-    return RouteTable(routes=routes, backends=backends)
+    return RouteTable(routes=routes, backends=unique, names=names)
+
+
+def _one_per_server(
+    specs: dict[str, BackendSpec],
+) -> tuple[dict[str, BackendSpec], dict[str, str]]:
+    """One backend per server: entries with the same identity (kind, normalised URL,
+    credentials) become the first one, which lists the others' names as aliases. Two
+    entries for one URL with different kinds cannot both be right: that is an error."""
+    unique: dict[str, BackendSpec] = {}
+    names: dict[str, str] = {}
+    first_of: dict[str, str] = {}  # identity -> name
+    kind_at: dict[tuple[str, str], BackendSpec] = {}  # (url, credentials) -> first spec
+    for name, spec in specs.items():
+        place = (spec.url, spec.identity.rsplit("|", 1)[1])
+        other = kind_at.setdefault(place, spec)
+        if other.kind != spec.kind:
+            raise ValueError(
+                f"{spec.source} and {other.source} name the same server ({spec.url}) as "
+                f"kind '{spec.kind}' and kind '{other.kind}'; one server has one kind"
+            )
+        owner = first_of.setdefault(spec.identity, name)
+        names[name] = owner
+        if owner == name:
+            unique[name] = spec
+            continue
+        first = unique[owner]
+        differ = [key for key in _SERVER_SETTINGS if getattr(spec, key) != getattr(first, key)]
+        if differ:
+            raise ValueError(
+                f"{spec.source} and {first.source} name the same server ({spec.url}) with "
+                f"different {', '.join(differ)}; one server is one backend: define it once "
+                "and name that backend in every route that uses it"
+            )
+        unique[owner] = replace(first, aliases=(*first.aliases, name))
+    return unique, names
+
+
+# What two names of one server must agree on (their names and sources may differ).
+_SERVER_SETTINGS = (
+    "timeout",
+    "connect_timeout",
+    "simulated",
+    "workflow",
+    "worker",
+    "api_key_env",
+    "device",
+    "single_file_config",
+)
 
 
 def _configured_backend(name: str, cfg: BackendConfig, settings: Settings, key: str) -> BackendSpec:

@@ -25,6 +25,10 @@ class BackendCheck:
     checkpoint_present: bool | None
     checkpoint_hash: str | None
     loaded: str | None
+    # One server is one backend, whichever routes (and names) it serves.
+    routes: list[str]
+    aliases: list[str]
+    load_failed: str | None  # a checkpoint that failed to load (its report is not trusted)
 
     @property
     def working(self) -> bool:
@@ -45,6 +49,7 @@ def check_routes(table: RouteTable, pool: BackendPool, *, max_age: float = 5.0) 
     names = sorted({name for route in table.routes.values() for name in route.backends})
     probes = pool.probe(names, max_age=max_age)
     checks = []
+    status = {s.name: s for s in pool.statuses(names)}
     for route in table.routes.values():
         rows = []
         for name in route.backends:
@@ -62,6 +67,9 @@ def check_routes(table: RouteTable, pool: BackendPool, *, max_age: float = 5.0) 
                     checkpoint_present=(match is not None) if listed else None,
                     checkpoint_hash=match.hash if match else None,
                     loaded=probe.loaded,
+                    routes=table.routes_of(name),
+                    aliases=list(spec.aliases),
+                    load_failed=status[name].load_failed,
                 )
             )
         checks.append(RouteCheck(route, rows))

@@ -20,6 +20,7 @@ class BackendHealth:
     latency_ms: float | None
     error: str | None
     checkpoint_present: bool | None  # None when the backend could not be asked
+    routes: list[str]  # every style this backend serves (one server, one backend)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def describe_styles(table: RouteTable, pool: BackendPool) -> list[StyleStatus]:
                 latency_ms=b.latency_ms,
                 error=b.error,
                 checkpoint_present=b.checkpoint_present,
+                routes=b.routes,
             )
             for b in check.backends
         ]
