@@ -5,15 +5,22 @@ real CLIP tokenizer files charforge writes, SD 1.5's scheduler) of a few MB that
 in about a tenth of a second on a CPU. ``write_single_file`` writes the same weights as one
 ``.safetensors`` file in the original (CompVis/LDM) key layout that A1111 checkpoints use:
 diffusers converts only from that layout, so the reverse mapping for these SD-shaped models is
-here. Imported only by tests that have torch.
+here; also in the variants of it that A1111 loads too (text-encoder keys without
+``text_model.``, a ``.ckpt`` with PyTorch Lightning's training state beside the weights).
+Imported only by tests that have torch.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
+import types
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -206,14 +213,77 @@ def ldm_state_dict(pipe: StableDiffusionPipeline) -> dict[str, Any]:
     return state
 
 
-def write_single_file(folder: Path, target: Path) -> None:
+TEXT_MODEL = "cond_stage_model.transformer.text_model."
+
+
+def without_text_model(key: str) -> str:
+    """A1111's older SD 1.x layout: CLIP's keys without the ``text_model.`` level."""
+    if key.startswith(TEXT_MODEL):
+        return "cond_stage_model.transformer." + key[len(TEXT_MODEL) :]
+    return key
+
+
+@contextmanager
+def _lightning_callback_class() -> Iterator[type]:
+    """A class that pickles as PyTorch Lightning's ModelCheckpoint (not installed here), as
+    CompVis' SD 1.x .ckpt files name it in their callback state."""
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    parts = name.split(".")
+    modules = {
+        ".".join(parts[: i + 1]): types.ModuleType(".".join(parts[: i + 1])) for i in range(3)
+    }
+    callback = type("ModelCheckpoint", (), {"__module__": name})
+    setattr(modules[name], "ModelCheckpoint", callback)  # noqa: B010 (a module made here)
+    saved = {key: sys.modules.get(key) for key in modules}
+    sys.modules.update(modules)
+    try:
+        yield callback
+    finally:
+        for key, module in saved.items():
+            if module is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = module
+
+
+def write_single_file(
+    folder: Path,
+    target: Path,
+    *,
+    text_model: bool = True,
+    training_state: bool = False,
+    renames: Mapping[str, str] | None = None,
+) -> None:
     """The diffusers folder's weights as one A1111-style checkpoint: ``.safetensors``, or a
-    pickled ``.ckpt`` with the weights under ``state_dict`` as CompVis saved them."""
+    pickled ``.ckpt`` with the weights under ``state_dict`` as CompVis saved them.
+
+    ``text_model=False``: CLIP's keys without ``text_model.``. ``training_state`` (a .ckpt):
+    beside ``state_dict`` what PyTorch Lightning saved in CompVis' files (step, epoch, version,
+    ModelCheckpoint's state keyed by its class, numpy scalars in it). ``renames``: key prefixes
+    replaced (old -> new), for layouts nobody reads."""
     pipe = StableDiffusionPipeline.from_pretrained(
         str(folder), local_files_only=True, dtype=torch.float32
     )
     state = {k: v.detach().contiguous() for k, v in ldm_state_dict(pipe).items()}
-    if target.suffix == ".ckpt":
+    if not text_model:
+        state = {without_text_model(k): v for k, v in state.items()}
+    for old, new in (renames or {}).items():
+        state = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in state.items()}
+    if target.suffix != ".ckpt":
+        save_file(state, str(target))
+    elif not training_state:
         torch.save({"state_dict": state}, str(target))
     else:
-        save_file(state, str(target))
+        with _lightning_callback_class() as callback:
+            torch.save(
+                {
+                    "epoch": 5,
+                    "global_step": 470000,
+                    "pytorch-lightning_version": "1.4.2",
+                    "state_dict": state,
+                    "callbacks": {
+                        callback: {"best_model_score": np.float64(0.5), "best_model_path": ""}
+                    },
+                },
+                str(target),
+            )

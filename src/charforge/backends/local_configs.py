@@ -8,7 +8,8 @@ ships inside the ``openai-clip`` (or ``open-clip-torch``) wheel. Other architect
 SD 2.x, ...) need a folder given by the user as ``single_file_config``.
 
 Also here: reading a ``.safetensors`` header (the tensor names and shapes, no weights) and
-telling the architecture from it. Nothing in this module imports torch.
+telling the architecture from it, in any key layout ``local_keys`` knows (SD 1.x text-encoder
+keys with or without ``text_model.``). Nothing in this module imports torch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from charforge.backends.local_keys import canonical_shapes
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # Packages whose wheel carries CLIP's BPE vocabulary, by import name (found without importing).
@@ -59,7 +62,9 @@ _SD1_TOKENS = "cond_stage_model.transformer.text_model.embeddings.token_embeddin
 
 
 def detect_architecture(shapes: Shapes) -> str:
-    """The model family of a single-file checkpoint, from its tensor names and shapes."""
+    """The model family of a single-file checkpoint, from its tensor names and shapes (read
+    under the names diffusers reads, so A1111's older SD 1.x key layout is SD 1.x too)."""
+    shapes = canonical_shapes(shapes)
     keys = shapes.keys()
 
     def has_prefix(prefix: str) -> bool:

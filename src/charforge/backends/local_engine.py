@@ -8,7 +8,10 @@ folder loads with ``local_files_only=True``; the high-resolution pass shares the
 components through ``AutoPipelineForImage2Image.from_pipe`` (no second load); the img2img
 pipeline takes latents (4 channels) as its image, which is A1111's "Latent" upscaler;
 ``from_single_file`` works offline only with ``config=`` a local folder of configs; diffusers
-0.42 takes ``dtype=`` (``torch_dtype=`` is deprecated).
+0.42 takes ``dtype=`` (``torch_dtype=`` is deprecated); its pipeline ``from_single_file`` reads
+only a path (no state dict), but takes components built beforehand, and builds one from a state
+dict with ``load_single_file_sub_model``: that is how a file in a key layout diffusers does not
+read (``local_keys``) gets its text encoder, while the UNet and VAE come from the file as usual.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ import inspect
 import io
 import json
 import logging
-from collections.abc import Callable
+import threading
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,20 @@ import diffusers
 import huggingface_hub.constants
 import torch
 from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+from diffusers.loaders.single_file import load_single_file_sub_model
 from PIL import Image
+from safetensors import safe_open
+
+from charforge.backends.local_configs import safetensors_shapes
+from charforge.backends.local_keys import (
+    TEXT_ENCODER,
+    CheckpointLayoutError,
+    layout_error,
+    layout_problem,
+    renamed_keys,
+    unwrap_state_dict,
+)
+from charforge.backends.transport import out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +102,129 @@ class RenderParams:
 StepCallback = Callable[[int, int, int], None]  # (pass index, step done, steps of that pass)
 
 
+# -- reading single files --------------------------------------------------------------------------
+
+# Globals a pickled SD checkpoint may name beside its tensors, all training bookkeeping, which
+# A1111's restricted unpickler (modules/safe.py) lets through and torch's weights-only one does
+# not: CompVis' .ckpt files keep PyTorch Lightning's callback state (keyed by the callback's
+# class), some trainers numpy scalars. They are read as inert placeholders, never imported.
+TRAINING_METADATA_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.model_checkpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar",  # numpy 2's spelling of the two above
+    "numpy._core.multiarray._reconstruct",
+    "numpy.dtype",
+    "numpy.ndarray",
+)
+
+
+class TrainingMetadata:
+    """What a global of TRAINING_METADATA_GLOBALS unpickles to: built and filled without
+    running any code of the class it stands for, and never used."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, _state: object) -> None:
+        pass
+
+
+_allowance_lock = threading.Lock()
+_allowance_users = 0
+_allowance: Any = None
+
+
+@contextmanager
+def training_metadata_allowed() -> Iterator[None]:
+    """Lets torch's weights-only unpickler read TRAINING_METADATA_GLOBALS as placeholders, for
+    as long as any load in this process needs it (torch keeps that list process-wide)."""
+    global _allowance, _allowance_users
+    with _allowance_lock:
+        if _allowance_users == 0:
+            _allowance = torch.serialization.safe_globals(
+                [(TrainingMetadata, name) for name in TRAINING_METADATA_GLOBALS]
+            )
+            _allowance.__enter__()
+        _allowance_users += 1
+    try:
+        yield
+    finally:
+        with _allowance_lock:
+            _allowance_users -= 1
+            if _allowance_users == 0:
+                _allowance.__exit__(None, None, None)
+                _allowance = None
+
+
+def load_pickled(path: Path) -> Mapping[str, Any]:
+    """The tensors of a pickled ``.ckpt`` by name, unwrapped from ``"state_dict"``: weights only,
+    memory-mapped (nothing read until used) unless it is in torch's legacy non-zip format."""
+    with training_metadata_allowed():
+        data = torch.load(
+            path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True
+        )
+    return unwrap_state_dict(data)
+
+
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a pickled ``.ckpt`` (loaded memory-mapped, weights only)."""
-    try:
-        data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    state = data.get("state_dict", data) if isinstance(data, dict) else {}
+    state = load_pickled(path)
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def read_single_file(path: Path) -> tuple[list[str], Mapping[str, Any] | None]:
+    """The tensor names of a single-file checkpoint (from the header of a ``.safetensors``),
+    and for a ``.ckpt`` its tensors unpickled without reading the weights (memory-mapped);
+    CheckpointLayoutError naming the file when it cannot be read."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return list(safetensors_shapes(path)), None
+        state = load_pickled(path)
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise
+        text = " ".join(str(exc).split())
+        if _UNPICKLER_SAYS in text:  # torch's long advice around the one line that matters
+            reason = text.split(_UNPICKLER_SAYS, 1)[1].split(" Check the documentation")[0]
+            raise CheckpointLayoutError(
+                f"{path.name} could not be read as a .ckpt file (PyTorch's weights-only "
+                f"unpickler: {reason.strip()[:200]}): it is damaged, or holds Python objects "
+                "besides tensors, which charforge does not run."
+            ) from exc
+        raise CheckpointLayoutError(
+            f"{path.name} could not be read as a {path.suffix or 'checkpoint'} file: "
+            f"{type(exc).__name__}: {text[:200]}"
+        ) from exc
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor)], state
+
+
+def renamed_tensors(
+    path: Path, renames: Mapping[str, str], prefix: str, pickled: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The tensors whose name, once renamed (``renames``: old -> new), starts with ``prefix``:
+    from ``pickled`` (a ``.ckpt``'s), else only those read from the ``.safetensors``."""
+
+    def wanted(key: str) -> bool:
+        return renames.get(key, key).startswith(prefix)
+
+    if pickled is not None:
+        return {
+            renames.get(k, k): v
+            for k, v in pickled.items()
+            if wanted(k) and isinstance(v, torch.Tensor)
+        }
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        names = handle.keys()  # a safe_open handle is not iterable itself
+        return {renames.get(k, k): handle.get_tensor(k) for k in names if wanted(k)}
+
+
+_UNPICKLER_SAYS = "WeightsUnpickler error:"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return "OutOfMemory" in type(exc).__name__ or out_of_memory(str(exc))
 
 
 def resolve_device(wanted: str) -> str:
@@ -150,20 +284,7 @@ class DiffusersEngine:
         else:
             if single_file_config is None:
                 raise ValueError("a single-file checkpoint needs a config folder")
-            index = json.loads((single_file_config / "model_index.json").read_text("utf-8"))
-            pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
-            if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
-                raise ValueError(
-                    f"model_index.json in {single_file_config} names "
-                    f"{index.get('_class_name')!r}, which diffusers cannot load from one file"
-                )
-            pipe = pipeline_class.from_single_file(
-                str(path),
-                config=str(single_file_config),
-                local_files_only=True,
-                dtype=self.dtype,
-                **_safety_off(single_file_config / "model_index.json"),
-            )
+            pipe = self._load_single_file(path, single_file_config)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self._pipe = pipe
@@ -173,6 +294,63 @@ class DiffusersEngine:
         self.loaded, self.loaded_sha256, self._identity = name, sha256, identity
         self.loads += 1
         return True
+
+    def _load_single_file(self, path: Path, config: Path) -> Any:
+        """A pipeline from one file with the configs in ``config``. A file whose text-encoder
+        keys lack ``text_model.`` (``local_keys``) gets its text encoder built from its tensors
+        renamed; everything else diffusers reads from the file itself, as for any file."""
+        index = json.loads((config / "model_index.json").read_text("utf-8"))
+        pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+        if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
+            raise ValueError(
+                f"model_index.json in {config} names "
+                f"{index.get('_class_name')!r}, which diffusers cannot load from one file"
+            )
+        keys, pickled = read_single_file(path)  # no weights read (a .ckpt is memory-mapped)
+        components: dict[str, Any] = {}
+        renames = renamed_keys(keys)
+        entry = index.get("text_encoder")
+        if renames and isinstance(entry, list) and len(entry) == 2 and entry[0]:
+            tensors = renamed_tensors(path, renames, TEXT_ENCODER, pickled)
+            components["text_encoder"] = self._component_from_tensors(
+                "text_encoder", entry, tensors, config
+            )
+            del tensors
+        del pickled  # diffusers reads the file again, for the UNet and VAE
+        try:
+            with training_metadata_allowed():
+                return pipeline_class.from_single_file(
+                    str(path),
+                    config=str(config),
+                    local_files_only=True,
+                    dtype=self.dtype,
+                    **_safety_off(config / "model_index.json"),
+                    **components,
+                )
+        except Exception as exc:
+            problem = layout_problem(keys)
+            if problem is None or _is_out_of_memory(exc):
+                raise  # a layout charforge knows: diffusers' own error says more
+            said = " ".join(str(exc).split()).split(". ")[0].rstrip(".")  # its first sentence
+            raise CheckpointLayoutError(layout_error(path.name, keys, problem, said)) from exc
+
+    def _component_from_tensors(
+        self, name: str, entry: list[Any], tensors: dict[str, Any], config: Path
+    ) -> Any:
+        """One pipeline component built by diffusers from a state dict in the original layout,
+        as ``from_single_file`` builds it from the file's."""
+        library, class_name = str(entry[0]), str(entry[1])
+        return load_single_file_sub_model(
+            library_name=library,
+            class_name=class_name,
+            name=name,
+            checkpoint=tensors,
+            pipelines=diffusers.pipelines,
+            is_pipeline_module=hasattr(diffusers.pipelines, library),
+            cached_model_config_path=str(config),
+            torch_dtype=self.dtype,
+            local_files_only=True,
+        )
 
     @staticmethod
     def _scheduler(choice: SchedulerChoice, config: Any) -> tuple[Any, str | None]:
