@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     retry_backoff_max: float = Field(default=30.0, ge=0, le=3600)
     job_lease: float = Field(default=60.0, ge=2, le=3600)
     max_queue_wait: float = Field(default=120.0, ge=0, le=86400)
+    # Pipelining: each backend takes a second job while one runs; it is prepared and waits at
+    # the backend's door (in charforge, not in the WebUI's queue) so that storing one job's
+    # images overlaps the next one's generation.
+    pipeline: bool = True
     # Backend health: probe period, consecutive failures before a backend is marked down,
     # and the longest pause between probes of a down backend (the pause doubles up to it).
     health_interval: float = Field(default=15.0, gt=0, le=3600)

@@ -85,6 +85,7 @@ def build_runner(settings: Settings, *, slots: Any = None) -> RunnerContext:
         ),
         metrics=metrics,
         slots=slots,
+        pipeline=settings.pipeline,
     )
     return RunnerContext(
         db=db,

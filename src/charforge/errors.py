@@ -6,7 +6,8 @@ Every failure a client can see is a ``CharforgeError`` and renders as one JSON e
 
     CharforgeError                      500 internal_error
     ├── InvalidInput                    422 validation_error   (names the field)
-    │   └── UnsupportedCapability       422 unsupported_capability (names backends + capability)
+    │   ├── UnsupportedCapability       422 unsupported_capability (names backends + capability)
+    │   └── LoraMissing                 422 lora_missing          elsewhere (lists what it has)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden
     ├── NotFound                        404 not_found
@@ -18,14 +19,18 @@ Every failure a client can see is a ``CharforgeError`` and renders as one JSON e
         ├── BackendRejected             502 backend_error         A1111's own message passed on;
         │                                                         retry when it was an HTTP 5xx
         ├── BackendBadResponse          502 backend_bad_response  retry (malformed JSON / image)
+        ├── BackendInterrupted          502 backend_interrupted   retry (someone stopped the run)
         ├── BackendAuthFailed           502 backend_auth_failed   elsewhere
         ├── CheckpointMissing           503 checkpoint_missing    elsewhere
         ├── WrongCheckpoint             502 wrong_checkpoint      elsewhere (ran another model)
-        └── CheckpointDrift             502 checkpoint_drift    elsewhere (same name, new weights)
+        ├── CheckpointDrift             502 checkpoint_drift      elsewhere (same name, new weights)
+        ├── CheckpointUnloadable        502 checkpoint_unloadable elsewhere (a damaged file)
+        └── NanProduced                 502 nan_error             elsewhere (needs --no-half)
 
 "retry": the fault may pass, so the job is tried again after a backoff, on another backend of
-the pool when there is one. "elsewhere": this backend cannot do it, another one of the pool
-might, so it is tried only on backends not tried yet. Everything else fails the job at once.
+the pool when there is one. "elsewhere": this backend cannot do it and would fail the same way
+again, another one of the pool might, so it is tried only on backends not tried yet.
+Everything else fails the job at once.
 """
 
 from __future__ import annotations
@@ -75,6 +80,14 @@ class UnsupportedCapability(InvalidInput):
     """The request asks for something no backend of its route can do."""
 
     code = "unsupported_capability"
+
+
+class LoraMissing(InvalidInput):
+    """A ``<lora:name>`` tag names a LoRA the backend does not have (A1111 would silently
+    render without it)."""
+
+    code = "lora_missing"
+    backend_specific = True
 
 
 class Unauthorized(CharforgeError):
@@ -129,6 +142,15 @@ class BackendBadResponse(BackendError):
     transient = True
 
 
+class BackendInterrupted(BackendError):
+    """The WebUI stopped the run before it was done (its Interrupt or Skip, by anyone): what
+    it answered is a half-made picture and is never stored."""
+
+    code = "backend_interrupted"
+    status = 502
+    transient = True
+
+
 class BackendAuthFailed(BackendError):
     code = "backend_auth_failed"
     status = 502
@@ -153,11 +175,30 @@ class CheckpointDrift(BackendError):
     backend_specific = True
 
 
+class CheckpointUnloadable(BackendError):
+    """The checkpoint file is there but cannot be loaded (truncated, damaged)."""
+
+    code = "checkpoint_unloadable"
+    status = 502
+    backend_specific = True
+
+
+class NanProduced(BackendError):
+    """The model produced NaNs: the same prompt and seed fail again on this WebUI until its
+    precision settings change."""
+
+    code = "nan_error"
+    status = 502
+    backend_specific = True
+
+
 _BY_CODE: dict[str, type[CharforgeError]] = {
     cls.code: cls
     for cls in (
         CharforgeError,
         InvalidInput,
+        UnsupportedCapability,
+        LoraMissing,
         Unauthorized,
         Forbidden,
         NotFound,
@@ -167,10 +208,13 @@ _BY_CODE: dict[str, type[CharforgeError]] = {
         BackendTimeout,
         BackendRejected,
         BackendBadResponse,
+        BackendInterrupted,
         BackendAuthFailed,
         CheckpointMissing,
         WrongCheckpoint,
         CheckpointDrift,
+        CheckpointUnloadable,
+        NanProduced,
     )
 }
 

@@ -31,6 +31,7 @@ from charforge.errors import (
     BackendUnavailable,
     CheckpointMissing,
     InvalidInput,
+    LoraMissing,
     UnsupportedCapability,
 )
 from charforge.simulator import A1111Simulator
@@ -92,8 +93,11 @@ def params(**changes: Any) -> GenerationParams:
     return replace(base, **changes)
 
 
+TASK = "charforge-job-1"
+
+
 def request(count: int = 1, checkpoint: CheckpointInfo = DIVING, **changes: Any) -> BackendRequest:
-    return BackendRequest("anime", checkpoint, params(**changes), count)
+    return BackendRequest("anime", checkpoint, params(**changes), count, task_id=TASK)
 
 
 def size_of(data: bytes) -> tuple[int, int]:
@@ -411,12 +415,34 @@ def test_other_validation_errors_quote_node_input_and_message(
     fake: FakeComfyUI, backend: ComfyUIBackend
 ) -> None:
     with pytest.raises(BackendRejected) as rejected:
-        backend.generate(request(prompt="<lora:missing:1> Sakura", hires=False))
+        backend.generate(request(prompt="<lora:detail:500> Sakura", hires=False))
 
     assert rejected.value.retriable is False
     message = rejected.value.message
-    assert "LoraLoader (node lora1) input lora_name: Value not in list" in message
-    assert "'missing.safetensors' not in" in message and fake.url not in message
+    assert "LoraLoader (node lora1) input strength_model" in message
+    assert "500" in message and fake.url not in message
+
+
+def test_an_unknown_lora_is_refused_before_anything_is_queued(
+    fake: FakeComfyUI, backend: ComfyUIBackend
+) -> None:
+    with pytest.raises(LoraMissing) as missing:
+        backend.generate(request(prompt="<lora:missing:1> Sakura", hires=False))
+
+    assert missing.value.status == 422 and missing.value.field == "prompt"
+    assert "'missing'" in missing.value.message and "detail.safetensors" in missing.value.message
+    assert missing.value.backend_specific  # another backend of the pool may have it
+    assert fake.posted("/prompt") == []
+
+
+def test_a_lora_tag_finds_its_file_in_a_subfolder(
+    fake: FakeComfyUI, backend: ComfyUIBackend
+) -> None:
+    fake.loras = ["detail.safetensors", "styles/outline.safetensors"]
+    backend.generate(request(prompt="<lora:outline:0.5> Sakura", hires=False))
+
+    (graph,) = fake.prompts()
+    assert graph["lora1"]["inputs"]["lora_name"] == "styles/outline.safetensors"
 
 
 @pytest.mark.parametrize(
@@ -497,7 +523,9 @@ def test_interrupt_stops_the_running_generation(fake: FakeComfyUI, backend: Comf
     worker, outcome = in_background(lambda: backend.generate(request(count=3, hires=False)))
     wait_for(lambda: queue_of(fake)[0], "the prompt to run")
     (running,) = queue_of(fake)[0]
-    assert backend.interrupt() is True
+    assert backend.interrupt("charforge-another-job-1") is False  # not this task: untouched
+    assert fake.posted("/interrupt") == [] and queue_of(fake)[0] == [running]
+    assert backend.interrupt(TASK) is True
     failed = finished(worker, outcome)
 
     assert isinstance(failed, BackendRejected) and failed.retriable
@@ -505,7 +533,7 @@ def test_interrupt_stops_the_running_generation(fake: FakeComfyUI, backend: Comf
     assert len(fake.posted("/prompt")) == 1  # the other two images were never queued
     assert fake.posted("/interrupt") == [{"prompt_id": running}]
     assert fake.posted("/queue") == []  # it ran: nothing to delete from the queue
-    assert backend.interrupt() is False  # nothing of ours runs any more
+    assert backend.interrupt(TASK) is False  # nothing of ours runs any more
 
 
 def test_a_prompt_still_queued_is_deleted_and_nothing_else_interrupted(
@@ -521,7 +549,7 @@ def test_a_prompt_still_queued_is_deleted_and_nothing_else_interrupted(
     wait_for(lambda: len(queue_of(fake)[1]) == 1, "charforge's prompt to wait in the queue")
     (ours,) = queue_of(fake)[1]
 
-    assert backend.interrupt() is True
+    assert backend.interrupt(TASK) is True
     failed = finished(worker, outcome)
 
     assert isinstance(failed, BackendRejected) and "interrupted" in failed.message
@@ -543,7 +571,7 @@ def test_interrupt_says_false_when_comfyui_refuses_to_stop(
     else:
         fake.faults.queue_status = 503
 
-    assert backend.interrupt() is False
+    assert backend.interrupt(TASK) is False
     failed = finished(worker, outcome)  # charforge gives up on it all the same
 
     assert isinstance(failed, BackendRejected) and "interrupted" in failed.message

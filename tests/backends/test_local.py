@@ -57,6 +57,12 @@ from charforge.backends.local_configs import (
     find_clip_bpe,
     safetensors_shapes,
 )
+from charforge.backends.local_keys import (
+    canonical_key,
+    layout_problem,
+    renamed_keys,
+    unwrap_state_dict,
+)
 from charforge.config import BackendConfig, RouteConfig
 from charforge.domain.params import GenerationParams
 from charforge.domain.routes import BackendSpec
@@ -109,11 +115,19 @@ def params(**extra: Any) -> GenerationParams:
     return GenerationParams(**values)
 
 
+TASK = "charforge-job-1"
+
+
 def request(
     checkpoint: str = "tiny-a", *, count: int = 1, on_progress: Any = None, **extra: Any
 ) -> BackendRequest:
     return BackendRequest(
-        "anime", CheckpointInfo(checkpoint, checkpoint, None), params(**extra), count, on_progress
+        "anime",
+        CheckpointInfo(checkpoint, checkpoint, None),
+        params(**extra),
+        count,
+        on_progress,
+        task_id=TASK,
     )
 
 
@@ -329,6 +343,79 @@ def test_architecture_from_the_safetensors_header(tmp_path: Path) -> None:
         safetensors_shapes(path)
 
 
+# SD 1.x's CLIP keys as A1111's older layout has them (no "text_model."), and where diffusers
+# reads them.
+OLD_TEXT_KEYS = {
+    "cond_stage_model.transformer.embeddings.token_embedding.weight": (
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    ),
+    "cond_stage_model.transformer.encoder.layers.11.mlp.fc2.bias": (
+        "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.bias"
+    ),
+    "cond_stage_model.transformer.final_layer_norm.weight": (
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    ),
+}
+
+
+def test_a1111s_older_text_encoder_keys_are_renamed_for_diffusers() -> None:
+    for old, new in OLD_TEXT_KEYS.items():
+        assert canonical_key(old) == new and canonical_key(new) == new
+    untouched = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "first_stage_model.encoder.conv_in.weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        "cond_stage_model.transformer.text_projection.weight",  # not one of A1111's three
+        "conditioner.embedders.0.transformer.embeddings.token_embedding.weight",  # SDXL: no
+    ]
+    assert renamed_keys([*OLD_TEXT_KEYS, *untouched]) == OLD_TEXT_KEYS
+    assert renamed_keys(untouched) == {}  # the layout diffusers reads: nothing to do
+    # A key that is there under both names keeps the one diffusers reads.
+    both = [*OLD_TEXT_KEYS, *OLD_TEXT_KEYS.values()]
+    assert renamed_keys(both) == {}
+
+    weights = {"model.diffusion_model.x": 1}
+    assert unwrap_state_dict({"state_dict": weights, "global_step": 470000}) == weights
+    assert unwrap_state_dict({"state_dict": {"state_dict": weights}}) == weights
+    assert unwrap_state_dict(weights) == weights
+    assert unwrap_state_dict([1, 2]) == {}
+
+    sd1 = [*SD1_KEYS, "first_stage_model.decoder.conv_out.weight"]
+    assert layout_problem(sd1) is None
+    old_layout = [k for k in sd1 if not k.startswith("cond_stage_model.")] + list(OLD_TEXT_KEYS)
+    assert layout_problem(old_layout) is None
+    assert layout_problem(SDXL_KEYS.keys() | {"first_stage_model.x"}) is None
+    assert layout_problem(["double_blocks.0.img_attn.qkv.weight"]) is None  # Flux: diffusers'
+    no_text = [k for k in sd1 if not k.startswith("cond_stage_model.")]
+    assert layout_problem(no_text) == (
+        "it has no text encoder weights under the key names charforge knows"
+    )
+    assert "no UNet and no VAE" in (layout_problem(["lora_unet_down.alpha"]) or "")
+    assert layout_problem([]) == "it holds no tensors"
+
+
+def test_sd1_files_in_the_older_key_layout_are_sd1_and_get_the_sd15_config(
+    tmp_path: Path,
+) -> None:
+    old_layout = {k: v for k, v in SD1_KEYS.items() if not k.startswith("cond_stage_model.")}
+    old_layout["cond_stage_model.transformer.embeddings.token_embedding.weight"] = (49408, 768)
+    assert detect_architecture(old_layout) == SD1
+    # Only where SD 1.x's shapes are: the rename does not make anything SD 1.x.
+    smaller = {
+        **old_layout,
+        "cond_stage_model.transformer.embeddings.token_embedding.weight": (1, 8),
+    }
+    assert detect_architecture(smaller) == UNKNOWN
+    models = tmp_path / "models"
+    models.mkdir()
+    write_safetensors_header(models / "merged.safetensors", old_layout)
+    if find_clip_bpe() is None:
+        pytest.skip("the local extra (openai-clip's BPE vocabulary) is not installed")
+    backend = LocalBackend(spec_for(models))
+    folder = backend._single_file_config(backend._locate("merged", style="a"), ModuleType("e"))
+    assert folder == models / ".charforge" / "sd15-config"
+
+
 def test_single_file_of_an_architecture_without_config_asks_for_single_file_config(
     tmp_path: Path,
 ) -> None:
@@ -455,7 +542,7 @@ def test_probe_reports_down_without_torch_diffusers_or_transformers(
 
 
 def test_interrupt_says_false_when_nothing_runs(fake_models: Path) -> None:
-    assert LocalBackend(spec_for(fake_models)).interrupt() is False
+    assert LocalBackend(spec_for(fake_models)).interrupt(TASK) is False
 
 
 def test_bad_names_are_refused_before_anything_is_loaded(fake_models: Path) -> None:
@@ -707,7 +794,8 @@ def test_progress_is_reported_up_to_the_end(engine: LocalBackend, sampler: str) 
 
 def test_interrupt_stops_the_running_generation(engine: LocalBackend) -> None:
     def stop(_progress: Progress) -> None:
-        engine.interrupt()
+        assert engine.interrupt("charforge-another-job-1") is False  # not this call's task
+        engine.interrupt(TASK)
 
     started = time.perf_counter()
     result = engine.generate(request("tiny-a", steps=50, count=3, on_progress=stop))
@@ -735,14 +823,14 @@ def test_interrupt_reaches_a_call_that_waits_for_the_lock(engine: LocalBackend) 
         deadline = time.monotonic() + 10
         while not engine._calls and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert engine.interrupt() is True
+        assert engine.interrupt(TASK) is True
     finally:
         engine._lock.release()
     thread.join(30)
     [result] = results
     assert result.images == [] and result.info["interrupted"] is True
     assert seen == [] and engine.loads == loads  # nothing rendered, nothing loaded
-    assert engine.interrupt() is False  # nothing runs any more
+    assert engine.interrupt(TASK) is False  # nothing runs any more
     # The next call is not affected by the earlier cancel.
     assert len(engine.generate(request("tiny-a", hires=False)).images) == 1
 
@@ -862,6 +950,116 @@ def test_single_file_without_a_config_for_its_architecture_is_a_clear_error(
         assert "not recognise" in caught.value.message
         assert "single_file_config" in (caught.value.hint or "")
     assert backend.loads == 0
+
+
+@pytest.fixture(scope="module")
+def layouts(tiny: dict[str, Path]) -> Iterator[tuple[LocalBackend, Path]]:
+    """tiny-a's weights in the other single-file layouts the WebUIs load, and in ones nobody
+    reads, in a models folder of their own; a backend with tiny-a's configs for it."""
+    from tests.backends import tiny_sd
+
+    folder, models = tiny["models"] / "tiny-a", tiny["root"] / "layouts"
+    models.mkdir()
+    shutil.copy(tiny["models"] / "tiny-single.safetensors", models / "text-model.safetensors")
+    tiny_sd.write_single_file(folder, models / "old-keys.safetensors", text_model=False)
+    tiny_sd.write_single_file(folder, models / "lightning.ckpt", training_state=True)
+    tiny_sd.write_single_file(
+        folder, models / "old-keys-lightning.ckpt", text_model=False, training_state=True
+    )
+    tiny_sd.write_single_file(
+        folder,
+        models / "unknown-keys.safetensors",
+        renames={tiny_sd.TEXT_MODEL: "cond_stage_model.clip."},
+    )
+    (models / "damaged.ckpt").write_bytes(b"not a pickle at all")
+    backend = LocalBackend(spec_for(models, single_file_config=tiny["config"]))
+    yield backend, models
+    backend.close()
+
+
+def test_text_encoder_keys_without_text_model_load_as_a1111_loads_them(
+    engine: LocalBackend, layouts: tuple[LocalBackend, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same weights with CLIP's keys without "text_model." render the same pixels as with
+    them: the keys were mapped onto the text encoder, not left out (diffusers refuses such a
+    file: "Failed to load CLIPTextModel")."""
+    backend, models = layouts
+    file = models / "old-keys.safetensors"
+    keys = safetensors_shapes(file)
+    assert not any("text_model." in k for k in keys)
+    assert "cond_stage_model.transformer.final_layer_norm.weight" in keys
+    before = sorted(p.relative_to(models) for p in models.rglob("*") if p.is_file())
+
+    reference = engine.generate(request("tiny-single.safetensors", seed=99, hires=False))
+    old = backend.generate(request("old-keys.safetensors", seed=99, hires=False))
+    assert old.checkpoint == "old-keys.safetensors"
+    assert pixels(old.images[0].data) == pixels(reference.images[0].data)
+    # The hash is the file's on disk, and nothing rewritten was left beside it.
+    assert old.info["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    after = sorted(p.relative_to(models) for p in models.rglob("*") if p.is_file())
+    assert {p for p in after if p not in before} <= {Path(".charforge/hashes.json")}
+
+    # The layout diffusers reads is left to diffusers: no tensor of it is read beforehand.
+    from charforge.backends import local_engine
+
+    read: list[Path] = []
+    real = local_engine.renamed_tensors
+    monkeypatch.setattr(
+        local_engine, "renamed_tensors", lambda path, *a: read.append(path) or real(path, *a)
+    )
+    same = backend.generate(request("text-model.safetensors", seed=99, hires=False))
+    assert pixels(same.images[0].data) == pixels(reference.images[0].data) and read == []
+    backend.generate(request("old-keys.safetensors", seed=99, hires=False))
+    assert read == [file]
+
+
+def test_pickled_checkpoints_with_training_state_load_as_a1111_loads_them(
+    engine: LocalBackend, layouts: tuple[LocalBackend, Path]
+) -> None:
+    """A .ckpt as CompVis saved SD 1.x: the weights under "state_dict" beside PyTorch
+    Lightning's training state, which names a class torch's weights-only unpickler refuses
+    (A1111's lets it through); in the text_model. layout and in the older one."""
+    import torch
+
+    from charforge.backends import local_engine
+
+    backend, models = layouts
+    reference = engine.generate(request("tiny-single.safetensors", seed=99, hires=False))
+    for name in ("lightning.ckpt", "old-keys-lightning.ckpt"):
+        path = models / name
+        with pytest.raises(Exception, match="ModelCheckpoint"):  # what diffusers runs into
+            torch.load(path, map_location="cpu", weights_only=True)
+        result = backend.generate(request(name, seed=99, hires=False))
+        assert pixels(result.images[0].data) == pixels(reference.images[0].data), name
+        assert result.info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        shapes = local_engine.checkpoint_shapes(path)  # what the SD 1.x check reads
+        assert "model.diffusion_model.input_blocks.0.0.weight" in shapes
+        assert not any(k in shapes for k in ("global_step", "epoch", "callbacks", "state_dict"))
+    # The unpickler's allowance for that bookkeeping ended with the loads.
+    allowed = torch.serialization.get_safe_globals()
+    assert not [g for g in allowed if isinstance(g, tuple) and "pytorch_lightning" in g[1]]
+
+
+def test_single_file_in_no_layout_charforge_knows_is_an_error_naming_it(
+    layouts: tuple[LocalBackend, Path],
+) -> None:
+    backend, _models = layouts
+    with pytest.raises(LocalCheckpointUnusable) as caught:
+        backend.generate(request("unknown-keys.safetensors"))
+    message = caught.value.message
+    assert "'unknown-keys.safetensors'" in message
+    assert "unknown-keys.safetensors is not a checkpoint layout charforge can load" in message
+    assert "no text encoder weights" in message
+    assert "cond_stage_model.clip. (" in message and "model.diffusion_model. (" in message
+    assert "cond_stage_model.transformer.[text_model.]" in message
+    assert "Failed to load CLIPTextModel" in message  # diffusers' word, as part of it
+    assert caught.value.backend_specific and caught.value.hint
+
+    with pytest.raises(LocalCheckpointUnusable) as caught:
+        backend.generate(request("damaged.ckpt"))
+    assert "damaged.ckpt could not be read as a .ckpt file" in caught.value.message
+    assert "Python objects besides tensors" in caught.value.message
+    assert backend.loaded_checkpoint() is None
 
 
 def test_generated_sd15_config_builds_sd15_exactly(tiny: dict[str, Path]) -> None:

@@ -116,6 +116,9 @@ def params(**changes: Any) -> GenerationParams:
     return GenerationParams(**{**values, **changes})
 
 
+TASK = "charforge-job-1"
+
+
 def request(
     backend: RunPodBackend,
     p: GenerationParams | None = None,
@@ -125,7 +128,7 @@ def request(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> BackendRequest:
     info = backend.find_checkpoint(checkpoint, style="realistic")
-    return BackendRequest("realistic", info, p or params(), count, on_progress)
+    return BackendRequest("realistic", info, p or params(), count, on_progress, task_id=TASK)
 
 
 def sizes(result: BackendResult) -> list[tuple[int, int]]:
@@ -312,7 +315,7 @@ def test_anything_that_ends_the_wait_cancels_the_runpod_job(
 
     assert fake.cancelled() == fake.job_ids() and len(fake.job_ids()) == 1
     assert fake.requests[-1].state == "CANCELLED"  # the GPU is not kept busy
-    assert backend.interrupt() is False  # and it is no longer counted as running
+    assert backend.interrupt(TASK) is False  # and it is no longer counted as running
 
 
 def test_comfyui_random_seed_is_picked_once_and_counted_up(
@@ -667,13 +670,13 @@ def test_interrupt_cancels_the_running_job(
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
-    assert backend.interrupt() is True
+    assert backend.interrupt(TASK) is True
     worker.join(10)
 
     assert len(fake.cancelled()) == 1
     assert len(errors) == 1 and isinstance(errors[0], BackendRejected)
     assert "cancelled" in errors[0].message
-    assert backend.interrupt() is False  # nothing runs any more
+    assert backend.interrupt(TASK) is False  # nothing runs any more
 
 
 def test_unknown_checkpoint_on_comfyui_is_checkpoint_missing(

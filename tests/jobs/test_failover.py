@@ -20,6 +20,8 @@ FAULTS: dict[str, dict[str, Any]] = {
     "broken-image": {"broken_image": True},
     "dropped-connection": {"drop_connection": True},
     "hang-past-timeout": {"delay_seconds": 5.0},
+    # Fails again on the same WebUI: tried on the other one only (not retried in place).
+    "nans": {"nan_prompts": ["garden"]},
 }
 
 
@@ -39,6 +41,7 @@ def test_a_faulty_backend_hands_the_job_to_the_other(
     assert [a["backend"] for a in history] == ["anime-cartoon-fantasy", "anime-cartoon-fantasy-2"]
     assert history[0]["outcome"] == "retried" and history[0]["errorCode"]
     assert history[1]["outcome"] == "succeeded"
+    assert len(faulty.txt2img_bodies()) == 1  # tried once there, not again
     assert job["backend"] == "anime-cartoon-fantasy-2" and job["attempts"] == 2
     assert len(job["images"]) == 1
     assert len(healthy.txt2img_bodies()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,12 +32,25 @@ class BackendRequest:
     params: GenerationParams
     count: int = 1  # images wanted, one seed after the other (A1111's n_iter)
     on_progress: Callable[[Progress], None] | None = None
+    # Names this attempt on the backend (A1111's force_task_id), so that its progress,
+    # cancel and timeout touch only it. Every process derives the same id (task_id_of).
+    task_id: str | None = None
+    # Set when the attempt must stop (cancelled, lease lost): checked before anything is sent
+    # and while it runs, so a cancel that comes before the adapter knows the task is not lost.
+    cancelled: threading.Event | None = None
+
+
+def task_id_of(job_id: str, attempt: int) -> str:
+    return f"charforge-{job_id}-{attempt}"
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
     data: bytes  # as the backend sent it; validated when stored
     seed: int
+    # Infotext fields of the run that charforge does not write itself ("Lora hashes",
+    # "TI hashes", "ControlNet 0", ...): kept in the stored PNG.
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,9 @@ class BackendResult:
     checkpoint: str | None  # the model that really ran, as the backend reports it
     checkpoint_hash: str | None
     info: dict[str, Any] = field(default_factory=dict)
+    # The sampler and schedule that ran, as the backend names them (None: as asked).
+    sampler: str | None = None
+    scheduler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,8 +88,10 @@ class ImageBackend(Protocol):
         """The checkpoint in memory now; None when the backend does not say."""
         ...
 
-    def interrupt(self) -> bool:
-        """Stop the generation running now, where the backend can; True when it was asked."""
+    def interrupt(self, task_id: str) -> bool:
+        """Stop the generation of this attempt (``BackendRequest.task_id``) and no other; True
+        when the backend was asked to. An attempt that waits behind another one is stopped
+        when it starts, never by stopping the one that runs."""
         ...
 
     def close(self) -> None: ...

@@ -81,9 +81,7 @@ from charforge.backends.transport import (
     send,
     timeout_of,
 )
-from charforge.domain.capabilities import (
-    CUSTOM_WORKFLOW_LACKS,
-)
+from charforge.domain.capabilities import CUSTOM_WORKFLOW_LACKS, lora_tags
 from charforge.domain.checkpoints import find_checkpoint_named
 from charforge.domain.params import seeds_for
 from charforge.domain.requirements import require_capabilities
@@ -98,6 +96,7 @@ from charforge.errors import (
     CharforgeError,
     CheckpointMissing,
     InvalidInput,
+    LoraMissing,
 )
 
 log = logging.getLogger(__name__)
@@ -178,6 +177,7 @@ def _sampling_passes(graph: Graph) -> int:
 class _Active:
     """One generate call: set ``interrupted`` to stop it, before or while a prompt runs."""
 
+    task_id: str | None = None
     interrupted: threading.Event = field(default_factory=threading.Event)
     prompt_id: str | None = None
 
@@ -404,9 +404,37 @@ class ComfyUIBackend:
 
     # -- generation ------------------------------------------------------------------------
 
-    def graph(self, request: BackendRequest, seed: int) -> Graph:
+    def graph(
+        self, request: BackendRequest, seed: int, loras: dict[str, str] | None = None
+    ) -> Graph:
         """The API-format graph for one image of ``request``."""
-        return graph_for(self._template, request.params, request.checkpoint.title, seed)
+        return graph_for(
+            self._template, request.params, request.checkpoint.title, seed, loras=loras
+        )
+
+    def lora_files(self, prompt: str, style: str) -> dict[str, str]:
+        """The file LoraLoader lists for each ``<lora:name>`` tag (a subfolder or extension
+        may be left out of the tag); LoraMissing naming what ComfyUI has otherwise, before
+        anything is queued."""
+        wanted = [name for name, _ in lora_tags(prompt)]
+        if not wanted:
+            return {}
+        info = self._object_info("LoraLoader", style=style, max_age=0.0)
+        listed = combo_options(info, "LoraLoader", "lora_name") or []
+        found: dict[str, str] = {}
+        for name in wanted:
+            match = find_checkpoint_named(name, listed, lambda file: file)
+            if match is None:
+                raise LoraMissing(
+                    f"LoRA '{name}' is not on ComfyUI backend '{self.spec.name}'. That backend "
+                    f"has: {', '.join(listed) or 'none'}.",
+                    field="prompt",
+                    hint="Put the file into ComfyUI's models/loras folder, or fix the "
+                    "<lora:name:weight> tag in the prompt or the character's description.",
+                    extra={"loras": listed},
+                )
+            found[name] = match
+        return found
 
     def generate(self, request: BackendRequest) -> BackendResult:
         p = request.params
@@ -417,10 +445,11 @@ class ComfyUIBackend:
         sampler, scheduler = comfy_sampler(p.sampler, p.scheduler)
         self._check_name(sampler, p.sampler, "sampler_name", "sampler", request.style)
         self._check_name(scheduler, p.scheduler, "scheduler", "scheduler", request.style)
+        loras = self.lora_files(p.prompt, request.style) if self._template is None else {}
         seeds = seeds_for(p.seed, request.count, pick=secrets.randbelow)
         deadline = time.monotonic() + self.spec.timeout
         tracker = _Tracker(request.on_progress, request.count)
-        active = _Active()
+        active = _Active(request.task_id, request.cancelled or threading.Event())
         images: list[GeneratedImage] = []
         reported: list[str | None] = []
         prompt_ids: list[str] = []
@@ -428,7 +457,7 @@ class ComfyUIBackend:
             self._active.append(active)
         try:
             for index, seed in enumerate(seeds):
-                graph = self.graph(request, seed)
+                graph = self.graph(request, seed, loras)
                 tracker.start(index, _sampling_passes(graph))
                 prompt_id, entry = self._run(graph, request.style, tracker, deadline, active)
                 data, checkpoint = self._collect(entry, graph, request.style)
@@ -848,12 +877,13 @@ class ComfyUIBackend:
         log.warning("backend %s: prompt %s stays queued", self.spec.name, prompt_id)
         return False
 
-    def interrupt(self) -> bool:
-        """Stop every generation of this adapter: the prompt running or queued now, and the
-        images of its request not queued yet. False when nothing of ours was running, or a
-        prompt of ours could not be stopped (ComfyUI refused, or did not answer)."""
+    def interrupt(self, task_id: str) -> bool:
+        """Stop the generation of this task: its prompt running or queued now, and the images
+        of its request not queued yet (other prompts, ours or anyone's, go on). False when it
+        was not running here, or its prompt could not be stopped (ComfyUI refused, or did not
+        answer)."""
         with self._lock:
-            active = list(self._active)
+            active = [a for a in self._active if a.task_id == task_id]
             prompt_ids = [a.prompt_id for a in active if a.prompt_id is not None]
             for one in active:
                 one.interrupted.set()

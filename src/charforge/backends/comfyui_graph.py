@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,16 @@ IDS = GraphIds()
 
 
 def build_graph(
-    params: GenerationParams, checkpoint: str, seed: int, *, prefix: str = "charforge"
+    params: GenerationParams,
+    checkpoint: str,
+    seed: int,
+    *,
+    prefix: str = "charforge",
+    loras: Mapping[str, str] | None = None,
 ) -> Graph:
     """txt2img (+ the high-resolution second pass, see ``hires_upscale``) as ComfyUI's default
-    workflow lays it out, with a LoraLoader per ``<lora:name:weight>`` tag of the prompt."""
+    workflow lays it out, with a LoraLoader per ``<lora:name:weight>`` tag of the prompt
+    (``loras``: a tag's name -> the file ComfyUI lists for it)."""
     sampler, scheduler = comfy_sampler(params.sampler, params.scheduler)
     graph: Graph = {
         IDS.checkpoint_loader: {
@@ -137,7 +144,9 @@ def build_graph(
     clip: list[Any] = [IDS.checkpoint_loader, 1]
     for index, (name, weight) in enumerate(lora_tags(params.prompt)):
         node = f"lora{index + 1}"
-        lora_file = name if "." in name.rsplit("/", 1)[-1] else f"{name}.safetensors"
+        lora_file = (loras or {}).get(name) or (
+            name if "." in name.rsplit("/", 1)[-1] else f"{name}.safetensors"
+        )
         graph[node] = {
             "class_type": "LoraLoader",
             "inputs": {
@@ -350,9 +359,14 @@ def checkpoints_in(graph: Graph) -> list[str]:
 
 
 def graph_for(
-    template: Graph | None, params: GenerationParams, checkpoint: str, seed: int
+    template: Graph | None,
+    params: GenerationParams,
+    checkpoint: str,
+    seed: int,
+    *,
+    loras: Mapping[str, str] | None = None,
 ) -> Graph:
     """The graph of one image: the user's workflow filled in, or charforge's own."""
     if template is not None:
         return fill_workflow(template, params, checkpoint, seed)
-    return build_graph(params, checkpoint, seed)
+    return build_graph(params, checkpoint, seed, loras=loras)

@@ -63,6 +63,7 @@ from charforge.backends.local_configs import (
     find_clip_bpe,
     safetensors_shapes,
 )
+from charforge.backends.local_keys import CheckpointLayoutError
 from charforge.backends.transport import out_of_memory
 from charforge.domain.checkpoints import file_stem, find_checkpoint_named
 from charforge.domain.params import seeds_for
@@ -450,12 +451,12 @@ class LocalBackend:
         folder = spec.models_dir or Path(spec.url.removeprefix("local:"))
         self.models_dir = folder.expanduser().absolute()
         self._lock = threading.Lock()  # one generation (and one load) at a time
-        # One event per generate call running now (hashing, waiting for the lock, loading or
-        # rendering): interrupt() sets those of the calls active when it is called, so a
-        # cancel that comes before a call takes the lock is not lost, nor does it stop a later
-        # call.
+        # One (task, event) per generate call running now (hashing, waiting for the lock,
+        # loading or rendering): interrupt(task) sets the event of that task's call, so a
+        # cancel that comes before a call takes the lock is not lost, nor does it stop
+        # another call.
         self._calls_lock = threading.Lock()
-        self._calls: list[threading.Event] = []
+        self._calls: list[tuple[str | None, threading.Event]] = []
         self._engine: DiffusersEngine | None = None
         self.hashes = HashCache(lambda: self.cache_dir() / "hashes.json")
 
@@ -544,11 +545,14 @@ class LocalBackend:
         """How many times a checkpoint was read from disk (tests and metrics)."""
         return self._engine.loads if self._engine is not None else 0
 
-    def interrupt(self) -> bool:
-        """Stop every generate call active now, wherever it is (hashing, waiting for the
-        lock, loading, rendering); False when none was."""
+    def interrupt(self, task_id: str) -> bool:
+        """Stop the generate call of this task, wherever it is (hashing, waiting for the
+        lock, loading, rendering); False when none runs."""
+        return self._stop_calls(lambda task: task == task_id)
+
+    def _stop_calls(self, which: Callable[[str | None], bool]) -> bool:
         with self._calls_lock:
-            active = list(self._calls)
+            active = [event for task, event in self._calls if which(task)]
         for event in active:
             event.set()
         return bool(active)
@@ -557,7 +561,7 @@ class LocalBackend:
         """Interrupt what runs, then free the pipeline. A generation stops at its next step;
         one that does not let go within ``timeout`` (a load is not interruptible) keeps its
         pipeline only until it returns: the backend no longer holds it."""
-        self.interrupt()
+        self._stop_calls(lambda _task: True)
         locked = self._lock.acquire(timeout=timeout)
         try:
             engine, self._engine = self._engine, None
@@ -626,14 +630,15 @@ class LocalBackend:
         return self._engine
 
     def generate(self, request: BackendRequest) -> BackendResult:
-        stop = threading.Event()
+        stop = request.cancelled or threading.Event()
+        call = (request.task_id, stop)
         with self._calls_lock:
-            self._calls.append(stop)
+            self._calls.append(call)
         try:
             return self._generate(request, stop)
         finally:
             with self._calls_lock:
-                self._calls.remove(stop)
+                self._calls.remove(call)
 
     def _generate(self, request: BackendRequest, stop: threading.Event) -> BackendResult:
         p = request.params
@@ -785,7 +790,14 @@ class LocalBackend:
             )
         detail = f"{type(exc).__name__}: {exc}".strip()[:500]
         hint = "The file may be incomplete or damaged; download it again."
-        if config is not None:
+        if isinstance(exc, CheckpointLayoutError):
+            # Its message names the file and what is missing; a config folder is no cure.
+            detail = str(exc)[:800]
+            hint = (
+                "Use a complete SD 1.x checkpoint (UNet, VAE and text encoder), or convert this "
+                "one to the diffusers folder layout."
+            )
+        elif config is not None:
             hint = (
                 f"It was read with the config folder {config}; if that is not this model's, "
                 f"set single_file_config in {self.spec.source} to the right one."

@@ -1,8 +1,17 @@
 """Every backend of every route, with what the scheduler needs to know about each.
 
-Per backend: a limit of requests in flight (1 for A1111, which runs one generation at a time
-and lets further requests hang inside their HTTP call), health (marked down after
-consecutive failures, probed again with a doubling pause), and the checkpoint it has loaded.
+A backend is a server, whatever it was called (route tables merge names of one server).
+Per backend: slots for the jobs given to it, a door that lets one generation in at a time
+(A1111 runs one at a time and lets further requests hang inside their HTTP call, where they
+can be neither followed nor withdrawn), health (marked down after consecutive failures,
+probed again with a doubling pause), and the checkpoint it has loaded.
+
+Pipelining: with ``pipeline`` on, a backend takes a second job while one runs. That job is
+claimed and prepared (checkpoint found, names checked, body built) and waits at the door; it
+goes in the moment the running one has answered and been checked, and charforge stores the
+first one's images while the GPU works on the second. It waits in charforge, not in the
+WebUI's queue: there it could not be withdrawn, and its start would clear the WebUI's
+interrupted flag before the previous task's result could be checked.
 """
 
 from __future__ import annotations
@@ -71,6 +80,16 @@ class BackendStatus:
     latency_ms: float | None = None
     last_error: str | None = None
     checked: bool = False  # probed or used at least once
+    # A checkpoint that failed to load: until a load succeeds, what the backend reports as
+    # loaded is not trusted (A1111 names the file it failed on).
+    load_failed: str | None = None
+    # The checkpoint of the last job given to it: what it will have loaded once the jobs it
+    # holds (one may wait at its door) are done. The scheduler plans with this.
+    upcoming: str | None = None
+
+    @property
+    def planned(self) -> str | None:
+        return self.upcoming or self.loaded
 
     @property
     def idle_slots(self) -> int:
@@ -97,16 +116,21 @@ class BackendPool:
         metrics: Metrics | None = None,
         slots: SlotGuard | None = None,
         factory: Callable[[BackendSpec, float], ImageBackend] = build_backend,
+        pipeline: bool = False,
     ) -> None:
         self.table = table
         self.health = health or HealthPolicy()
         self.metrics = metrics or Metrics()
         self._slots = slots
+        self.pipeline = pipeline
         self.backends: dict[str, ImageBackend] = {
             name: factory(spec, probe_timeout) for name, spec in table.backends.items()
         }
-        self._status = {name: BackendStatus(name) for name in self.backends}
+        limit = 2 if pipeline else 1  # one generating, one waiting at the door
+        self._status = {name: BackendStatus(name, limit=limit) for name in self.backends}
         self._tokens: dict[str, list[str]] = {name: [] for name in self.backends}
+        self._doors = {name: threading.Lock() for name in self.backends}
+        self._door_tokens: dict[str, str] = {}
         self._changed = threading.Condition()
         self._listeners: list[Callable[[], None]] = []
         self._probes: dict[str, tuple[float, ProbeResult]] = {}
@@ -147,7 +171,7 @@ class BackendPool:
                 return False
             status.in_flight += 1
         if self._slots is not None:
-            token = self._slots.acquire(name, self._status[name].limit)
+            token = self._slots.acquire(self._key(name), self._status[name].limit)
             if token is None:  # another worker process holds it
                 with self._changed:
                     self._status[name].in_flight -= 1
@@ -157,21 +181,36 @@ class BackendPool:
         self.metrics.in_flight.labels(name).set(self.in_flight(name))
         return True
 
+    def _key(self, name: str) -> str:
+        """The backend's name in shared slots: its identity, so that every worker, whatever
+        its configuration calls the server, counts the same slots."""
+        return self.table.backends[name].key
+
     def renew(self, name: str) -> None:
         if self._slots is not None:
             with self._changed:
                 tokens = list(self._tokens[name])
+                door = self._door_tokens.get(name)
             for token in tokens:
-                self._slots.renew(name, token)
+                self._slots.renew(self._key(name), token)
+            if door is not None:
+                self._slots.renew(self._key(name) + ":door", door)
+
+    def note_upcoming(self, name: str, checkpoint: str) -> None:
+        """A job for ``checkpoint`` was given to the backend (it may wait at the door)."""
+        with self._changed:
+            self._status[name].upcoming = strip_hash(checkpoint)
 
     def release(self, name: str) -> None:
         token = None
         with self._changed:
             self._status[name].in_flight -= 1
+            if self._status[name].in_flight == 0:
+                self._status[name].upcoming = None  # nothing held: what is loaded is what is
             if self._tokens[name]:
                 token = self._tokens[name].pop()
         if self._slots is not None and token is not None:
-            self._slots.release(name, token)
+            self._slots.release(self._key(name), token)
         self.metrics.in_flight.labels(name).set(self.in_flight(name))
         self._notify()
 
@@ -243,6 +282,37 @@ class BackendPool:
         finally:
             self.release(name)
 
+    @contextmanager
+    def door(self, name: str, *, give_up: Callable[[], bool] | None = None) -> Iterator[bool]:
+        """Hold the backend's door: one generation at a time goes in (across processes too,
+        when slots are shared). Yields False when ``give_up`` said so while waiting (the job
+        was cancelled meanwhile): the caller then sends nothing."""
+        lock = self._doors[name]
+        while not lock.acquire(timeout=0.2):
+            if give_up is not None and give_up():
+                yield False
+                return
+        token = None
+        try:
+            if self._slots is not None:
+                # Another process's job may be inside: wait for it (no notification crosses
+                # processes, so poll briefly).
+                while (token := self._slots.acquire(self._key(name) + ":door", 1)) is None:
+                    if give_up is not None and give_up():
+                        yield False
+                        return
+                    time.sleep(0.025)
+                with self._changed:
+                    self._door_tokens[name] = token
+            yield True
+        finally:
+            if token is not None:
+                with self._changed:
+                    self._door_tokens.pop(name, None)
+                assert self._slots is not None
+                self._slots.release(self._key(name) + ":door", token)
+            lock.release()
+
     # -- health ----------------------------------------------------------------------------
 
     def record_success(self, name: str, seconds: float, checkpoint: str | None) -> None:
@@ -252,6 +322,7 @@ class BackendPool:
             status.healthy, status.failures, status.down_for = True, 0, 0.0
             status.last_error = None
             status.checked = True
+            status.load_failed = None  # it loaded and ran a checkpoint: trust it again
             switched = self._set_loaded(status, checkpoint)
         self.metrics.backend_seconds.labels(name, "succeeded").observe(seconds)
         self.metrics.backend_up.labels(name).set(1)
@@ -282,8 +353,23 @@ class BackendPool:
             )
             self._notify()
 
+    def note_load_failed(self, name: str, checkpoint: str) -> None:
+        """A checkpoint failed to load: the backend's own report of what is loaded is not
+        trusted until a generation succeeds (A1111 names the file it failed on)."""
+        with self._changed:
+            status = self._status[name]
+            status.load_failed = strip_hash(checkpoint)
+            status.loaded = None
+        with self._probe_lock:
+            cached = self._probes.get(name)
+            if cached is not None:
+                self._probes[name] = (cached[0], replace(cached[1], loaded=None))
+        log.warning("backend %s failed to load %s", name, checkpoint)
+
     def note_loaded(self, name: str, checkpoint: str | None) -> None:
         with self._changed:
+            if self._status[name].load_failed is not None:
+                return  # not to be believed until a generation succeeds
             switched = self._set_loaded(self._status[name], checkpoint)
         if switched:
             self.metrics.checkpoint_switches.labels(name).inc()
@@ -299,6 +385,9 @@ class BackendPool:
 
     def apply_probe(self, name: str, result: ProbeResult) -> None:
         now = time.monotonic()
+        with self._changed:
+            if self._status[name].load_failed is not None:
+                result = replace(result, loaded=None)
         with self._probe_lock:
             self._probes[name] = (now, result)
         with self._changed:

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from charforge.backends.a1111 import error_message, parse_txt2img, txt2img_payload
+from charforge.backends.a1111 import error_text, parse_txt2img, txt2img_payload
 from charforge.backends.base import (
     BackendRequest,
     BackendResult,
@@ -68,6 +68,7 @@ from charforge.domain.routes import BackendSpec
 from charforge.errors import (
     BackendAuthFailed,
     BackendBadResponse,
+    BackendInterrupted,
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
@@ -166,7 +167,8 @@ class RunPodBackend:
             timeout=httpx.Timeout(self.pacing.call_timeout, connect=spec.connect_timeout),
             headers={"User-Agent": "charforge"},
         )
-        self._jobs: set[str] = set()  # RunPod job ids running now, for interrupt()
+        # RunPod job id -> the charforge task it serves, for interrupt(task_id).
+        self._jobs: dict[str, str] = {}
         self._jobs_lock = threading.Lock()
 
     @property
@@ -197,14 +199,15 @@ class RunPodBackend:
         if self.worker == "comfyui":
             return self._generate_comfyui(request, deadline)
         payload = txt2img_payload(request)
-        output = self._run_job(payload, request.style, deadline)
+        payload.pop("force_task_id", None)  # the worker's WebUI is its own; ids mean nothing
+        output = self._run_job(payload, request.style, deadline, request=request)
         result = parse_txt2img(output, self._where(request.style))
         self._check_sampling(result.info, request.params, request.style)
         return result
 
-    def interrupt(self) -> bool:
+    def interrupt(self, task_id: str) -> bool:
         with self._jobs_lock:
-            running = list(self._jobs)
+            running = [job for job, task in self._jobs.items() if task == task_id]
         asked = False
         for job_id in running:
             asked = self._cancel(job_id) or asked
@@ -285,7 +288,9 @@ class RunPodBackend:
         for index, seed in enumerate(seeds):
             graph = graph_for(self._template, request.params, checkpoint, seed)
             report = self._progress_reporter(request, index)
-            output = self._run_job({"workflow": graph}, request.style, deadline, report)
+            output = self._run_job(
+                {"workflow": graph}, request.style, deadline, report, request=request
+            )
             images.append(GeneratedImage(self._comfy_image(output, request.style), seed))
             if request.on_progress is not None:
                 self._report(request.on_progress, Progress((index + 1) / request.count))
@@ -386,8 +391,15 @@ class RunPodBackend:
         style: str,
         deadline: float,
         on_output: Callable[[Any], None] | None = None,
+        *,
+        request: BackendRequest | None = None,
     ) -> Any:
-        """Submit one job and wait for its output (the handler's return value)."""
+        """Submit one job and wait for its output (the handler's return value); nothing is
+        submitted once the attempt was told to stop (a ComfyUI worker request is one job per
+        image)."""
+        task = (request.task_id if request else None) or "-"
+        if request is not None and request.cancelled is not None and request.cancelled.is_set():
+            raise BackendInterrupted(f"{capitalized(self._where(style))} was told to stop.")
         # The worker stops at our deadline too, should our /cancel never arrive.
         budget_ms = max(5001, int((deadline - time.monotonic()) * 1000))
         body = {"input": job_input, "policy": {"executionTimeout": budget_ms}}
@@ -400,7 +412,7 @@ class RunPodBackend:
             )
         log.info("backend %s: RunPod job %s submitted", self.spec.name, job_id)
         job = _Watched(job_id)
-        with self._running(job_id):
+        with self._running(job_id, task):
             try:
                 return self._await(job, style, deadline, on_output)
             except BaseException:
@@ -411,14 +423,14 @@ class RunPodBackend:
                 raise
 
     @contextmanager
-    def _running(self, job_id: str) -> Iterator[None]:
+    def _running(self, job_id: str, task_id: str) -> Iterator[None]:
         with self._jobs_lock:
-            self._jobs.add(job_id)
+            self._jobs[job_id] = task_id
         try:
             yield
         finally:
             with self._jobs_lock:
-                self._jobs.discard(job_id)
+                self._jobs.pop(job_id, None)
 
     def _await(
         self,
@@ -637,7 +649,7 @@ class RunPodBackend:
                 "(https://api.runpod.ai/v2/ENDPOINT_ID).",
             )
         raise BackendRejected(
-            f"RunPod answered HTTP {status} on {path} for {where}: {error_message(response)}",
+            f"RunPod answered HTTP {status} on {path} for {where}: {error_text(response)}",
             hint="RunPod's status page and the endpoint's logs in the console show more.",
             retriable=status >= 500,  # RunPod's own fault may pass
         )

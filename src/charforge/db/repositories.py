@@ -100,7 +100,7 @@ def claim_job(
 ) -> int | None:
     """queued -> running under a lease, atomically: of two workers racing for a job, one wins.
     Returns the number of the attempt it starts (recorded in job_attempts), or None."""
-    result = session.execute(
+    claim = (
         update(Job)
         .where(Job.id == job_id, Job.state == "queued", _free_or_mine(worker, now))
         .values(
@@ -117,13 +117,21 @@ def claim_job(
         )
         .execution_options(synchronize_session=False)
     )
-    if getattr(result, "rowcount", 0) != 1:
+    number: int | None
+    if session.get_bind().dialect.update_returning:
+        # One statement that also says which attempt this is (PostgreSQL, SQLite 3.35+): the
+        # claim sits between one generation and the next on a backend.
+        number = session.scalar(claim.returning(Job.attempts))
+    else:
+        result = session.execute(claim)
+        claimed = getattr(result, "rowcount", 0) == 1
+        number = session.scalar(select(Job.attempts).where(Job.id == job_id)) if claimed else None
+    if number is None:
         return None
-    number = int(session.scalar(select(Job.attempts).where(Job.id == job_id)) or 1)
     session.add(
         JobAttempt(job_id=job_id, number=number, backend=backend, worker=worker, started_at=now)
     )
-    return number
+    return int(number)
 
 
 def _free_or_mine(worker: str, now: datetime) -> Any:
@@ -140,6 +148,17 @@ def reserve_job(session: Session, job_id: str, worker: str, now: datetime, until
         .values(lease_owner=worker, lease_until=until)
     )
     return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def release_reservations(session: Session) -> int:
+    """Embedded mode at start: queued jobs reserved by an earlier process (waiting at a
+    backend's door when it died) become free at once instead of when the lease lapses."""
+    result = session.execute(
+        update(Job)
+        .where(Job.state == "queued", Job.lease_owner.is_not(None))
+        .values(lease_owner=None, lease_until=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _held(job_id: str, number: int, worker: str) -> Any:
@@ -183,11 +202,22 @@ def requeue_for_retry(
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
-def finish_succeeded(session: Session, job_id: str, number: int, worker: str, backend: str) -> bool:
+def finish_succeeded(
+    session: Session,
+    job_id: str,
+    number: int,
+    worker: str,
+    backend: str,
+    params: dict[str, Any] | None = None,
+) -> bool:
+    """Mark the job succeeded if this attempt still holds it; ``params`` (when given) are
+    the parameters as they ran (the canonical sampler and schedule names, say)."""
+    extra: dict[str, Any] = {} if params is None else {"params": params}
     result = session.execute(
         update(Job)
         .where(_held(job_id, number, worker))
         .values(
+            **extra,
             state="succeeded",
             backend=backend,
             finished_at=utcnow(),
@@ -307,13 +337,13 @@ def requeue_abandoned(
     return requeued, failed
 
 
-def cancel_job(session: Session, owner_id: int, job_id: str) -> tuple[str, str | None] | None:
-    """Cancel a queued or running job; returns (state it was in, its backend), or None when
-    it is no longer cancellable."""
+def cancel_job(session: Session, owner_id: int, job_id: str) -> tuple[str, str | None, int] | None:
+    """Cancel a queued or running job; returns (state it was in, its backend, its attempt
+    number), or None when it is no longer cancellable."""
     job = session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
     if job is None or job.state not in ("queued", "running"):
         return None
-    previous, backend = job.state, job.backend
+    previous, backend, attempt = job.state, job.backend, job.attempts or 0
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == previous)
@@ -335,7 +365,7 @@ def cancel_job(session: Session, owner_id: int, job_id: str) -> tuple[str, str |
             .where(JobAttempt.job_id == job_id, JobAttempt.outcome == "running")
             .values(outcome="cancelled", finished_at=utcnow())
         )
-    return previous, backend
+    return previous, backend, attempt
 
 
 def queued_jobs(session: Session) -> Sequence[Job]:

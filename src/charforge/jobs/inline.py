@@ -49,7 +49,8 @@ class InlineJobQueue:
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._dispatcher: threading.Thread | None = None
-        slots = max(1, len(ctx.pool.backends))
+        # A thread per backend slot: with pipelining, one generating and one waiting at the door.
+        slots = max(1, sum(s.limit for s in ctx.pool.statuses()))
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="charforge-job")
         ctx.pool.on_change(self._wake)
 
@@ -69,6 +70,7 @@ class InlineJobQueue:
                 only_expired=False,
                 max_attempts=self._ctx.retry.max_attempts,
             )
+            repo.release_reservations(session)
         if requeued or failed:
             log.warning(
                 "an earlier process left %d job(s) running: %d re-queued, %d given up",
@@ -197,10 +199,11 @@ class InlineJobQueue:
         busy: list[tuple[str, str | None]] = []
         for name, status in statuses.items():
             orphan = any(name in pool for pool in stranded)
+            # What it will have loaded once the jobs it holds are done (pipelining).
             if status.idle_slots and (status.healthy or orphan):
-                free.append(FreeBackend(name, status.idle_slots, status.loaded))
+                free.append(FreeBackend(name, status.idle_slots, status.planned))
             else:
-                busy.append((name, status.loaded))
+                busy.append((name, status.planned))
         return free, busy
 
     def _loop(self) -> None:
@@ -223,6 +226,7 @@ class InlineJobQueue:
         if not self._ctx.pool.try_acquire(backend):
             self._fairness.running[job.owner_id] -= 1
             return
+        self._ctx.pool.note_upcoming(backend, job.checkpoint)
         with self._lock:
             if self._queued.pop(job.id, None) is None:  # cancelled meanwhile
                 self._ctx.pool.release(backend)

@@ -1,69 +1,49 @@
-"""Run one attempt of a job on one backend: claim -> generate -> verify -> store -> finish.
+"""Run one attempt of a job on one backend: prepare -> door -> claim -> generate -> verify ->
+store -> finish.
 
 Idempotent and safe against overlap: the claim is a conditional update that takes a lease
 (renewed while the attempt runs), and the images are stored only while this attempt still
 holds it, in the same transaction that marks the job succeeded; a unique (job, position)
 index makes a second copy of an image impossible even then. Files are written before the
 rows that name them are committed, so a row never points at a missing file.
+
+Pipelining (BackendPool.door): an attempt finds its checkpoint while the backend's previous
+job still runs, then waits at the backend's door as a queued job (a cancel then simply
+drops it); it claims the job only once it is let in, right before it sends anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy.exc import IntegrityError
-
-from charforge import __version__
-from charforge.backends.base import BackendRequest, BackendResult, Progress
-from charforge.backends.pool import BackendPool
+from charforge.backends.base import BackendRequest, BackendResult, CheckpointInfo
 from charforge.db import repositories as repo
-from charforge.db.engine import Database
-from charforge.db.models import Image, Job, new_id, utcnow
-from charforge.domain.checkpoints import file_stem, same_checkpoint
+from charforge.db.models import utcnow
 from charforge.domain.consistency import verify_checkpoint_ran
-from charforge.domain.infotext import build_infotext
 from charforge.domain.params import GenerationParams
 from charforge.domain.requirements import capable_backends, needs_of
-from charforge.domain.routes import RouteTable
-from charforge.errors import BackendBadResponse, CharforgeError
+from charforge.errors import (
+    BackendBadResponse,
+    BackendInterrupted,
+    CharforgeError,
+    CheckpointUnloadable,
+)
+from charforge.jobs.attempt import JobSnapshot, LeaseKeeper
+from charforge.jobs.context import RetryPolicy, RunnerContext, notice_cancel
+from charforge.jobs.storing import store_images
 from charforge.observability import logs
-from charforge.observability.metrics import Metrics
-from charforge.storage.files import ImageStore
-from charforge.storage.png import NotAnImage, embed_infotext
+
+__all__ = ["Outcome", "RetryPolicy", "RunnerContext", "notice_cancel", "run_attempt"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 3
-    backoff: float = 1.0  # first pause; doubles per attempt, with jitter
-    backoff_max: float = 30.0
-
-    def delay(self, attempt: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random, so retries of
-        many jobs that failed together do not hit the pool together again."""
-        ceiling = min(self.backoff_max, self.backoff * 2.0 ** max(0, attempt - 1))
-        jitter: float = random.uniform(0, ceiling / 2)  # noqa: S311 - not cryptographic
-        return ceiling / 2 + jitter
-
-
-@dataclass
-class RunnerContext:
-    db: Database
-    pool: BackendPool
-    table: RouteTable
-    store: ImageStore
-    metrics: Metrics
-    worker: str  # who holds the leases this process takes (host:pid)
-    lease: float = 60.0
-    retry: RetryPolicy = RetryPolicy()
+# How often an attempt waiting at a backend's door looks at its job in the database (a
+# cancel made by another process; in distributed mode it also keeps its reservation).
+_DOOR_CHECK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +52,19 @@ class Outcome:
     retry_after: float = 0.0
     backend: str | None = None
     error: str | None = None
+
+
+@dataclass
+class _Ran:
+    """What happened inside the door: the claimed attempt and its result or error."""
+
+    job: JobSnapshot
+    keeper: LeaseKeeper | None
+    listed: CheckpointInfo | None
+    result: BackendResult | None = None
+    error: CharforgeError | None = None
+    crash: Exception | None = None
+    seconds: float = 0.0
 
 
 def run_attempt(ctx: RunnerContext, job_id: str, backend: str) -> Outcome:
@@ -83,47 +76,185 @@ def run_attempt(ctx: RunnerContext, job_id: str, backend: str) -> Outcome:
         logs.job_id.reset(token)
 
 
-def _run_attempt(ctx: RunnerContext, job_id: str, backend: str) -> Outcome:
-    now = utcnow()
+def _run_attempt(ctx: RunnerContext, job_id: str, name: str) -> Outcome:
     with ctx.db.session() as session:
-        number = repo.claim_job(
-            session, job_id, ctx.worker, backend, now, now + timedelta(seconds=ctx.lease)
-        )
-        if number is None:
-            return Outcome("skipped")
         job = repo.job_any_owner(session, job_id)
-        assert job is not None
-        snapshot = _Snapshot.of(job, number)
-
-    keeper = _LeaseKeeper(ctx, snapshot, backend)
-    keeper.start()
-    started = time.monotonic()
+        if job is None or job.state != "queued":
+            return Outcome("skipped")
+        draft = JobSnapshot.of(job, 0)
+    cancelled = threading.Event()  # set by a cancel made here, or a lost lease
+    ctx.attempts[job_id] = cancelled
     try:
-        written = _generate_and_store(ctx, snapshot, backend, keeper)
+        return _attempt(ctx, draft, name, cancelled)
+    finally:
+        ctx.attempts.pop(job_id, None)
+
+
+def _attempt(
+    ctx: RunnerContext, draft: JobSnapshot, name: str, cancelled: threading.Event
+) -> Outcome:
+    job_id = draft.id
+    ran = _on_backend(ctx, draft, name, cancelled)
+    if ran is None:
+        return Outcome("skipped")
+    try:
+        if ran.crash is not None:
+            raise ran.crash
+        if ran.error is not None:
+            raise ran.error
+        assert ran.result is not None and ran.listed is not None
+        written = _check_and_store(ctx, ran.job, name, ran.result, ran.listed, ran.seconds)
     except CharforgeError as error:
-        return _after_failure(ctx, snapshot, backend, error, time.monotonic() - started)
+        return _after_failure(ctx, ran.job, name, error, ran.seconds)
     except Exception:  # a bug must fail the job visibly, not leave it running forever
         log.exception("job %s crashed", job_id)
         internal = CharforgeError(
             "charforge hit an internal error while running this job.",
             hint="The server log has the details; please report it.",
         )
-        _finish_failed(ctx, snapshot, backend, internal)
-        return Outcome("failed", backend=backend, error=internal.code)
+        _finish_failed(ctx, ran.job, name, internal)
+        return Outcome("failed", backend=name, error=internal.code)
     finally:
-        keeper.stop()
+        if ran.keeper is not None:
+            ran.keeper.stop()
     if written is None:
-        log.info("job %s was cancelled or taken over while on %s; nothing stored", job_id, backend)
-        return Outcome("cancelled", backend=backend)
+        log.info("job %s was cancelled or taken over while on %s; nothing stored", job_id, name)
+        return Outcome("cancelled", backend=name)
     ctx.metrics.jobs_finished.labels("succeeded").inc()
-    log.info("job %s succeeded on %s with %d image(s)", job_id, backend, written)
-    return Outcome("succeeded", backend=backend)
+    log.info("job %s succeeded on %s with %d image(s)", job_id, name, written)
+    return Outcome("succeeded", backend=name)
+
+
+def _claim(ctx: RunnerContext, draft: JobSnapshot, name: str) -> JobSnapshot | None:
+    now = utcnow()
+    with ctx.db.session() as session:
+        number = repo.claim_job(
+            session, draft.id, ctx.worker, name, now, now + timedelta(seconds=ctx.lease)
+        )
+    if number is None:
+        return None
+    return JobSnapshot(**{**draft.__dict__, "number": number})
+
+
+def _on_backend(
+    ctx: RunnerContext, draft: JobSnapshot, name: str, cancelled: threading.Event
+) -> _Ran | None:
+    """Prepare, wait at the door, claim and generate; None when the job was not ours to run
+    (cancelled or taken meanwhile). Only the generation itself happens behind the door."""
+    backend = ctx.pool.backends[name]
+    try:
+        listed = backend.find_checkpoint(draft.checkpoint, style=draft.style)
+        if draft.checkpoint_hash and listed.hash:
+            _verify(ctx, draft, name, listed.name, listed.hash)  # a replaced file, early
+    except Exception as exc:  # recorded on a claimed attempt, like any other outcome
+        claimed = _claim(ctx, draft, name)
+        if claimed is None:
+            return None
+        if isinstance(exc, CharforgeError):
+            return _Ran(claimed, None, None, error=exc)
+        return _Ran(claimed, None, None, crash=exc)
+    with ctx.pool.door(name, give_up=_DoorWatch(ctx, draft.id, name, cancelled)) as inside:
+        if not inside:
+            return None  # cancelled while it waited: nothing was sent
+        job = _claim(ctx, draft, name)
+        if job is None:
+            return None
+        keeper = LeaseKeeper(ctx, job, name, cancelled)
+        keeper.start()
+        ran = _Ran(job, keeper, listed)
+        started = time.monotonic()
+        try:
+            if ctx.pool.status(name).loaded is None:
+                # Not probed yet: ask, so that the switch this job may cause is counted.
+                with contextlib.suppress(CharforgeError):
+                    ctx.pool.note_loaded(name, backend.loaded_checkpoint())
+            ctx.pool.note_loaded(name, listed.name)  # A1111 switches to it before rendering
+            ran.result = backend.generate(
+                BackendRequest(
+                    job.style,
+                    listed,
+                    job.params,
+                    job.count,
+                    on_progress=keeper.progress,
+                    task_id=keeper.task_id,
+                    cancelled=cancelled,
+                )
+            )
+        except CharforgeError as error:
+            ran.error = error
+        except Exception as exc:  # handled outside the door, like any other outcome
+            ran.crash = exc
+        ran.seconds = time.monotonic() - started
+    return ran
+
+
+class _DoorWatch:
+    """Whether an attempt waiting at a door should give up: cancelled here (at once), or no
+    longer queued for us in the database (looked at every few seconds; the look also keeps a
+    distributed worker's reservation)."""
+
+    def __init__(
+        self, ctx: RunnerContext, job_id: str, backend: str, cancelled: threading.Event
+    ) -> None:
+        self._ctx, self._job_id, self._backend = ctx, job_id, backend
+        self._cancelled = cancelled
+        self._next = time.monotonic() + min(_DOOR_CHECK_SECONDS, ctx.lease / 3)
+
+    def __call__(self) -> bool:
+        if self._cancelled.is_set():
+            return True
+        if time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + min(_DOOR_CHECK_SECONDS, self._ctx.lease / 3)
+        self._ctx.pool.renew(self._backend)  # the slot it holds, shared across processes
+        return not reserve(self._ctx, self._job_id, self._ctx.lease)
+
+
+def _verify(
+    ctx: RunnerContext,
+    job: JobSnapshot,
+    name: str,
+    reported: str | None,
+    reported_hash: str | None,
+) -> None:
+    verify_checkpoint_ran(
+        expected=job.checkpoint,
+        expected_hash=job.checkpoint_hash,
+        reported=reported,
+        reported_hash=reported_hash,
+        backend=name,
+        kind=ctx.table.backends[name].kind,
+    )
+
+
+def _check_and_store(
+    ctx: RunnerContext,
+    job: JobSnapshot,
+    name: str,
+    result: BackendResult,
+    listed: CheckpointInfo,
+    seconds: float,
+) -> int | None:
+    _verify(ctx, job, name, result.checkpoint, result.checkpoint_hash)
+    ctx.pool.record_success(name, seconds, listed.name)
+    if len(result.images) < job.count:
+        raise BackendBadResponse(
+            f"Backend '{name}' returned {len(result.images)} of the {job.count} images asked "
+            "for (was it interrupted?); nothing was stored.",
+            retriable=True,
+        )
+    simulated = ctx.table.backends[name].simulated
+    return store_images(ctx, job, name, simulated, result, listed.hash)
 
 
 def _after_failure(
-    ctx: RunnerContext, job: _Snapshot, backend: str, error: CharforgeError, seconds: float
+    ctx: RunnerContext, job: JobSnapshot, backend: str, error: CharforgeError, seconds: float
 ) -> Outcome:
-    if error.retriable:  # says something about the backend's health, not about the request
+    if isinstance(error, CheckpointUnloadable):
+        ctx.pool.note_load_failed(backend, job.checkpoint)
+    # A fault that says something about the backend's health, not about the request (an
+    # interrupt pressed by someone says nothing about it).
+    if error.retriable and not isinstance(error, BackendInterrupted):
         ctx.pool.record_failure(backend, error.message, seconds)
     tried = _tried_backends(ctx, job.id) | {backend}
     route = ctx.table.route(job.style)
@@ -161,226 +292,9 @@ def _tried_backends(ctx: RunnerContext, job_id: str) -> set[str]:
         return {a.backend for a in repo.attempts_of(session, job_id)}
 
 
-class _LeaseKeeper:
-    """Renews the attempt's lease (and its backend slot) while it runs; when the lease is gone
-    (the job was cancelled, or a sweeper gave it away) it interrupts the backend's work."""
-
-    def __init__(self, ctx: RunnerContext, job: _Snapshot, backend: str) -> None:
-        self._ctx, self._job, self._backend = ctx, job, backend
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{job.id[:8]}", daemon=True)
-        self.lost = False
-        self._last_progress = 0.0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._ctx.lease / 3):
-            try:
-                self.renew()
-            except Exception:  # a database hiccup: the next renewal may work
-                log.exception("could not renew the lease of job %s", self._job.id)
-
-    def renew(self) -> None:
-        until = utcnow() + timedelta(seconds=self._ctx.lease)
-        with self._ctx.db.session() as session:
-            held = repo.renew_lease(
-                session, self._job.id, self._job.number, self._ctx.worker, until
-            )
-        self._ctx.pool.renew(self._backend)
-        if not held and not self.lost:
-            self.lost = True
-            log.info(
-                "job %s lost its lease (cancelled?); interrupting %s", self._job.id, self._backend
-            )
-            self._ctx.pool.backends[self._backend].interrupt()
-
-    def progress(self, update: Progress) -> None:
-        with self._ctx.db.session() as session:
-            held = repo.set_progress(
-                session,
-                self._job.id,
-                self._job.number,
-                self._ctx.worker,
-                update.fraction,
-                update.step,
-                update.steps,
-            )
-        if not held and not self.lost:
-            self.renew()  # find out why, and interrupt if the job is no longer ours
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    id: str
-    number: int  # this attempt
-    owner_id: int
-    character_id: str
-    style: str
-    checkpoint: str
-    checkpoint_hash: str | None
-    params: GenerationParams
-    count: int
-
-    @classmethod
-    def of(cls, job: Job, number: int) -> _Snapshot:
-        return cls(
-            job.id,
-            number,
-            job.owner_id,
-            job.character_id,
-            job.art_style,
-            job.checkpoint,
-            job.checkpoint_hash,
-            GenerationParams.from_json(job.params),
-            job.count or 1,
-        )
-
-
-def _generate_and_store(
-    ctx: RunnerContext, job: _Snapshot, name: str, keeper: _LeaseKeeper
-) -> int | None:
-    def check(reported: str | None, reported_hash: str | None) -> None:
-        verify_checkpoint_ran(
-            expected=job.checkpoint,
-            expected_hash=job.checkpoint_hash,
-            reported=reported,
-            reported_hash=reported_hash,
-            backend=name,
-            kind=ctx.table.backends[name].kind,
-        )
-
-    backend = ctx.pool.backends[name]
-    listed = backend.find_checkpoint(job.checkpoint, style=job.style)
-    if job.checkpoint_hash and listed.hash:
-        check(listed.name, listed.hash)  # a replaced file, before GPU time is spent
-    if ctx.pool.status(name).loaded is None:
-        # Not probed yet: ask, so that the switch this job may cause is seen and counted.
-        with contextlib.suppress(CharforgeError):
-            ctx.pool.note_loaded(name, backend.loaded_checkpoint())
-    started = time.monotonic()
-    ctx.pool.note_loaded(name, listed.name)  # A1111 switches to it before rendering
-    result = backend.generate(
-        BackendRequest(job.style, listed, job.params, job.count, on_progress=keeper.progress)
-    )
-    check(result.checkpoint, result.checkpoint_hash)
-    ctx.pool.record_success(name, time.monotonic() - started, listed.name)
-    if len(result.images) < job.count:
-        raise BackendBadResponse(
-            f"Backend '{name}' returned {len(result.images)} of the {job.count} images asked "
-            "for (was it interrupted?); nothing was stored.",
-            retriable=True,
-        )
-    return _store(ctx, job, name, backend.spec.simulated, result, listed.hash)
-
-
-def _store(
-    ctx: RunnerContext,
-    job: _Snapshot,
-    backend: str,
-    simulated: bool,
-    result: BackendResult,
-    listed_hash: str | None,
-) -> int | None:
-    """The images and the job's success in one transaction, only while this attempt still
-    holds the job; None when it does not (cancelled, or re-queued after a lapsed lease)."""
-    p = job.params
-    model_hash = result.checkpoint_hash or listed_hash
-    rows: list[Image] = []
-    for position, generated in enumerate(result.images[: job.count]):
-        infotext = build_infotext(
-            prompt=p.prompt,
-            negative_prompt=p.negative_prompt,
-            steps=p.steps,
-            sampler=p.sampler,
-            scheduler=p.scheduler,
-            cfg_scale=p.cfg_scale,
-            seed=generated.seed,
-            width=p.width,
-            height=p.height,
-            model=file_stem(job.checkpoint),
-            model_hash=model_hash,
-            hires=p.hires,
-            hires_scale=p.hires_scale,
-            hires_upscaler=p.hires_upscaler,
-            denoising_strength=p.denoising_strength,
-            extra={"Art style": job.style, "Version": f"charforge {__version__}"},
-        )
-        try:
-            decoded = embed_infotext(generated.data, infotext)
-        except NotAnImage as exc:
-            raise BackendBadResponse(
-                f"Backend '{backend}' sent image {position + 1} that is not a readable "
-                f"image ({exc}); nothing was stored.",
-                hint="The WebUI's console may show an encoding error.",
-            ) from exc
-        image_id = new_id()
-        relative = ctx.store.relative_path(job.owner_id, job.character_id, image_id)
-        ctx.store.save(relative, decoded.png)
-        rows.append(
-            Image(
-                id=image_id,
-                owner_id=job.owner_id,
-                character_id=job.character_id,
-                job_id=job.id,
-                position=position,
-                file_path=relative,
-                width=decoded.width,  # the real size: with hires, info still says first pass
-                height=decoded.height,
-                seed=generated.seed,
-                art_style=job.style,
-                checkpoint=job.checkpoint,
-                checkpoint_hash=model_hash,
-                backend=backend,
-                prompt=p.prompt,
-                negative_prompt=p.negative_prompt,
-                params=p.to_json(),
-                infotext=infotext,
-                simulated=simulated,
-            )
-        )
-    try:
-        with ctx.db.session() as session:
-            if not repo.finish_succeeded(session, job.id, job.number, ctx.worker, backend):
-                raise _Abandoned()  # cancelled, deleted or taken over meanwhile: keep nothing
-            session.add_all(rows)
-            session.flush()  # the unique (job, position) index refuses a second copy here
-            repo.finish_attempt(session, job.id, job.number, "succeeded")
-            character = repo.character(session, job.owner_id, job.character_id)
-            if character is not None:
-                if character.model is None:  # an older character's requested model worked
-                    character.model = job.checkpoint
-                # Remembered, so later drift is caught; only for the model this job ran (the
-                # owner may have changed the character's model while it was running).
-                if (
-                    model_hash
-                    and not character.model_hash
-                    and same_checkpoint(character.model, job.checkpoint)
-                ):
-                    character.model_hash = model_hash
-    except (_Abandoned, IntegrityError):
-        for row in rows:
-            ctx.store.delete(row.file_path)
-        with ctx.db.session() as session:
-            repo.finish_attempt(session, job.id, job.number, "cancelled")
-        return None
-    except BaseException:
-        for row in rows:  # the rows did not land, so their files must not linger
-            ctx.store.delete(row.file_path)
-        raise
-    return len(rows)
-
-
-class _Abandoned(Exception):
-    pass
-
-
-def _finish_failed(ctx: RunnerContext, job: _Snapshot, backend: str, error: CharforgeError) -> None:
+def _finish_failed(
+    ctx: RunnerContext, job: JobSnapshot, backend: str, error: CharforgeError
+) -> None:
     with ctx.db.session() as session:
         repo.finish_attempt(session, job.id, job.number, "failed", error.code, error.message)
         failed = repo.finish_failed(

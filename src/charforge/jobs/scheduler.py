@@ -78,6 +78,9 @@ def plan(
     ready = sorted((j for j in queued if j.not_before <= now), key=lambda j: j.queued_at)
     if not ready or not any(b.free for b in free):
         return []
+    # Idle backends first: a job waits behind a running one (pipelining) only when no
+    # backend that could take it is idle.
+    free = sorted(free, key=lambda b: -b.free)
     up = healthy if healthy is not None else {b.name for b in free}
     # What every backend has (or is about to have) loaded, busy or free.
     on: dict[str, str | None] = {name: model_name(c) if c else None for name, c in busy}
@@ -119,8 +122,8 @@ def plan(
         if now - job.queued_at < policy.max_wait:
             break
         candidates = [b for b in free if b.free and allowed(job, b.name)]
-        if candidates:  # prefer one that has its checkpoint loaded
-            give(job, min(candidates, key=lambda b: b.key != job.key))
+        if candidates:  # prefer one that has its checkpoint loaded, then an idle one
+            give(job, min(candidates, key=lambda b: (b.key != job.key, -b.free)))
 
     # 3. Free backends take jobs for what they have loaded.
     progress = True

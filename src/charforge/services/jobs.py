@@ -59,8 +59,9 @@ def page(
     return rows[:limit], cursors.encode(last.created_at, last.id) if last else None
 
 
-def cancel(session: Session, owner: User, job_id: str) -> tuple[str, str | None]:
-    """Cancel a queued or running job: returns (the state it was in, its backend)."""
+def cancel(session: Session, owner: User, job_id: str) -> tuple[str, str | None, int]:
+    """Cancel a queued or running job: returns (the state it was in, its backend, the number
+    of its attempt)."""
     job = get(session, owner, job_id)
     cancelled = repo.cancel_job(session, owner.id, job.id)
     if cancelled is None:

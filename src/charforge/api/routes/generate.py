@@ -38,14 +38,15 @@ def generation_outcome(c: Container, user: User, job_id: str) -> JSONResponse:
                 field="characterId",
             )
         images = list(repo.images_of_job(session, job_id))
-        character = repo.character(session, user.id, job.character_id)
         if job.state == "succeeded":
             out = GenerateOut(
                 job_id=job.id,
                 character_id=job.character_id,
                 art_style=job.art_style,
                 model=job.checkpoint,
-                model_hash=character.model_hash if character else None,
+                # The hash of the weights that ran (what the images record), not what the
+                # character remembers from an earlier run.
+                model_hash=next((i.checkpoint_hash for i in images if i.checkpoint_hash), None),
                 backend=job.backend,
                 images=[brief(i) for i in images],
                 parameters=camel_params(job.params),

@@ -15,9 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.routes.generate import submit_generation
 from charforge.api.schemas import JobOut, JobPage
+from charforge.backends.base import task_id_of
 from charforge.container import Container
 from charforge.db.models import User
 from charforge.domain.params import JobBody
+from charforge.jobs.runner import notice_cancel
 from charforge.services import jobs
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -62,11 +64,14 @@ def get_job(job_id: str, user: CurrentUser, c: ContainerDep) -> JobOut:
 def cancel_job(c: Container, user: User, job_id: str) -> JobOut:
     """Shared by the API and the pages."""
     with c.db.session() as session:
-        previous, backend = jobs.cancel(session, user, job_id)
+        previous, backend, attempt = jobs.cancel(session, user, job_id)
     c.queue.forget(job_id)
+    # An attempt of this process waiting at its backend's door gives up; a running one
+    # stores nothing (it would also notice its lease is gone, a little later).
+    notice_cancel(c.runner, job_id)
     if previous == "running" and backend in c.pool.backends:
-        # Stop the GPU work now; the runner also notices its lease is gone and stores nothing.
-        c.pool.backends[backend].interrupt()
+        # Stop this job's work now, and only its own: the backend's task for this attempt.
+        c.pool.backends[backend].interrupt(task_id_of(job_id, attempt))
     return job_out(c, user, job_id)
 
 

@@ -1,11 +1,19 @@
 """AUTOMATIC1111 / Forge WebUI over its HTTP API (``/sdapi/v1``).
 
-Facts this adapter is built on (DESIGN.md section 5):
+Facts this adapter is built on (DESIGN.md section 5, shared/reference/real-webuis.md):
 - the checkpoint is chosen per request with ``override_settings.sd_model_checkpoint``, and
   ``override_settings_restore_afterwards: false`` keeps it loaded for the next request;
-- an unknown checkpoint or sampler is silently replaced by a default, so names are checked
-  against ``/sd-models`` and ``/samplers`` first and the model that ran is checked after;
+- an unknown checkpoint, sampler or LoRA is silently replaced or ignored, so names are checked
+  against ``/sd-models``, ``/samplers``, ``/schedulers`` and ``/loras`` first and the model
+  that ran is checked after; A1111 also takes the combined "DPM++ 2M Karras" form;
 - A1111's defaults differ from ours (50 steps, CFG 7), so every parameter is sent;
+- progress and interrupt are global; each request names its task (``force_task_id``) and
+  ``POST /internal/progress`` says which task is active, so that its progress, cancel and
+  timeout touch only it (tasks.py; with ``--nowebui`` that route is missing, see there);
+- an interrupted run still answers 200 with a half-made picture: the WebUI's interrupted and
+  skipped flags are watched while the task runs and read right after it, before anything
+  else is sent, and such a result is never handed back as a success;
+- NaNs in the output and an unreadable checkpoint fail again on the same WebUI (wire.py);
 - Forge's hires pass raises ``TypeError`` unless ``hr_additional_modules`` is a list;
 - errors arrive as ``{"error", "detail", "body", "errors"}`` (Forge: ``message``);
 - ``/sd-models`` may report no hash until a checkpoint was loaded once.
@@ -13,42 +21,37 @@ Facts this adapter is built on (DESIGN.md section 5):
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+import uuid
 from dataclasses import replace
 from typing import Any
 
 import httpx
 
+from charforge.backends.a1111.client import A1111Client
+from charforge.backends.a1111.tasks import TaskStatus, TaskWatch, Watcher, WebUIState
+from charforge.backends.a1111.wire import parse_txt2img, txt2img_payload
 from charforge.backends.base import (
     BackendRequest,
     BackendResult,
     CheckpointInfo,
-    GeneratedImage,
     ProbeResult,
-    Progress,
 )
-from charforge.backends.transport import (
-    Hints,
-    capitalized,
-    decode_image_base64,
-    proxy_unavailable,
-    read_json,
-    send,
-    timeout_of,
-)
+from charforge.backends.transport import capitalized
+from charforge.domain.capabilities import lora_tags
 from charforge.domain.checkpoints import find_checkpoint_named, strip_hash
 from charforge.domain.routes import BackendSpec
+from charforge.domain.samplers import NameBook, resolve
 from charforge.errors import (
-    BackendAuthFailed,
     BackendBadResponse,
+    BackendInterrupted,
     BackendRejected,
     BackendTimeout,
+    BackendUnavailable,
     CheckpointMissing,
-    InvalidInput,
+    LoraMissing,
 )
 
 log = logging.getLogger(__name__)
@@ -57,130 +60,44 @@ _NAME_CACHE_SECONDS = 60.0
 # catches one that vanished meanwhile (A1111 would fall back, and the image is refused).
 _CHECKPOINT_CACHE_SECONDS = 10.0
 _PROGRESS_INTERVAL = 0.5
-
-
-def auth_setting(spec: BackendSpec) -> str:
-    """Where a user sets this backend's credentials."""
-    if spec.source.endswith("_URL"):
-        return spec.source[: -len("_URL")] + "_AUTH"
-    return f"auth of {spec.source}"
-
-
-def error_message(response: httpx.Response) -> str:
-    """The human part of an A1111 (``errors``), Forge (``message``) or FastAPI error body."""
-    try:
-        body = response.json()
-    except ValueError:
-        text = response.text.strip()
-        return text[:300] or f"HTTP {response.status_code}"
-    if isinstance(body, dict):
-        for key in ("errors", "message", "detail", "error"):
-            value = body.get(key)
-            if value:
-                return value if isinstance(value, str) else json.dumps(value)[:500]
-    return json.dumps(body)[:300]
+# How long a task given up on (timeout) is watched, to be stopped once it starts.
+_REAP_SECONDS = 600.0
 
 
 class A1111Backend:
     def __init__(self, spec: BackendSpec, *, probe_timeout: float = 3.0) -> None:
         self.spec = spec
         self._probe_timeout = probe_timeout
-        self._client = httpx.Client(
-            base_url=spec.url,
-            auth=httpx.BasicAuth(*spec.auth) if spec.auth else None,
-            timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
-            headers={"User-Agent": "charforge"},
-        )
-        self._names: dict[str, tuple[float, dict[str, str] | None]] = {}
-        self._names_lock = threading.Lock()
+        self._http = A1111Client(spec, probe_timeout=probe_timeout)
+        self._client = self._http.http
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._cache_lock = threading.Lock()
         self._listed: tuple[float, list[CheckpointInfo]] | None = None
+        self._watcher = Watcher(
+            spec.name,
+            read_state=self.read_state,
+            read_status=self.task_status,
+            interval=_PROGRESS_INTERVAL,
+        )
+        # Held while deciding whether to interrupt and while checking a finished task, so a
+        # cancel never lands on the task that follows in this process.
+        self._control = threading.Lock()
+        self._has_task_route: bool | None = None  # POST /internal/progress (not --nowebui)
 
     def close(self) -> None:
-        self._client.close()
-
-    # -- transport -------------------------------------------------------------------------
+        self._watcher.close()
+        self._http.close()
 
     def _where(self, style: str | None) -> str:
-        # No URL: messages reach every user, and a pod URL is access to the GPU.
-        what = f"the {style} style's backend" if style else "backend"
-        return f"{what} '{self.spec.name}'"
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        style: str | None,
-        json_body: Any = None,
-        timeout: float | None = None,
-    ) -> httpx.Response:
-        where = self._where(style)
-        response = send(
-            self._client,
-            method,
-            path,
-            where=where,
-            connect_timeout=self.spec.connect_timeout,
-            limit=timeout or self.spec.timeout,
-            hints=Hints(
-                reach=self._reach_hint(),
-                stuck=(
-                    f"Check that the WebUI behind {self.spec.source} is not stuck; for slow GPUs "
-                    "raise CHARFORGE_BACKEND_TIMEOUT (or timeout_seconds of the backend)."
-                ),
-            ),
-            json=json_body,
-            timeout=timeout_of(timeout, self.spec.connect_timeout) or httpx.USE_CLIENT_DEFAULT,
-        )
-        self._raise_for_status(response, where, path)
-        return response
-
-    def _reach_hint(self) -> str:
-        return (
-            f"Check that the A1111/Forge WebUI is running with --api and that {self.spec.source} "
-            "points at it; GET /api/styles shows which backends answer."
-        )
-
-    def _raise_for_status(self, response: httpx.Response, where: str, path: str) -> None:
-        status = response.status_code
-        if status < 400:
-            return
-        if status == 401:
-            raise BackendAuthFailed(
-                f"{capitalized(where)} refused charforge's credentials (HTTP 401).",
-                hint=f"Set {auth_setting(self.spec)} to the user:password given to --api-auth.",
-            )
-        if status == 524:
-            raise BackendTimeout(
-                f"The proxy in front of {where} gave up waiting (HTTP 524, RunPod's proxy "
-                "stops at 100 s); the WebUI may still be working.",
-                hint="Lower steps or size, or reach the pod directly instead of through the proxy.",
-            )
-        down = proxy_unavailable(response, where, server="the WebUI", hint=self._reach_hint())
-        if down is not None:
-            raise down
-        if status == 404 and path.startswith("/sdapi"):
-            raise BackendRejected(
-                f"{capitalized(where)} has no API route {path} (HTTP 404).",
-                hint="Start the WebUI with the --api flag.",
-            )
-        raise BackendRejected(
-            f"{capitalized(where)} failed (HTTP {status}): {error_message(response)}",
-            hint="This is the WebUI's own error message; its console shows the details.",
-            retriable=status >= 500,  # a server fault may pass, or another backend may do it
-        )
-
-    @staticmethod
-    def _json(response: httpx.Response, where: str) -> Any:
-        return read_json(response, where, expected="the A1111 API")
+        return self._http.where(style)
 
     # -- checkpoints -----------------------------------------------------------------------
 
     def list_checkpoints(
         self, *, style: str | None = None, timeout: float | None = None
     ) -> list[CheckpointInfo]:
-        response = self._call("GET", "/sdapi/v1/sd-models", style=style, timeout=timeout)
-        items = self._json(response, self._where(style))
+        response = self._http.call("GET", "/sdapi/v1/sd-models", style=style, timeout=timeout)
+        items = self._http.json(response, style)
         if not isinstance(items, list):
             raise BackendBadResponse(f"{self._where(style)} sent a malformed model list.")
         result = []
@@ -201,7 +118,7 @@ class A1111Backend:
         found = _match(name, available)
         if found is None:
             # A file dropped into the models folder shows up only after a refresh.
-            self._call("POST", "/sdapi/v1/refresh-checkpoints", style=style)
+            self._http.call("POST", "/sdapi/v1/refresh-checkpoints", style=style)
             available = self.list_checkpoints(style=style)
             found = _match(name, available)
         if found is None:
@@ -218,117 +135,251 @@ class A1111Backend:
         self._listed = (time.monotonic(), available)
         return found
 
-    def _known_names(self, path: str, style: str) -> dict[str, str] | None:
-        """Sampler or scheduler names (cached): every name, label and alias in lower case ->
-        the spelling txt2img looks up exactly; None when this WebUI has no such route."""
-        with self._names_lock:
-            cached = self._names.get(path)
-            if cached and time.monotonic() - cached[0] < _NAME_CACHE_SECONDS:
-                return cached[1]
+    # -- names: samplers, schedulers, LoRAs ------------------------------------------------
+
+    def _cached(self, key: str, fetch: Any) -> Any:
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit and time.monotonic() - hit[0] < _NAME_CACHE_SECONDS:
+                return hit[1]
+        value = fetch()
+        with self._cache_lock:
+            self._cache[key] = (time.monotonic(), value)
+        return value
+
+    def _list(self, path: str, style: str | None) -> list[Any] | None:
+        """A WebUI list (samplers, schedulers, loras); None when it has no such route."""
         try:
-            response = self._call("GET", path, style=style)
+            response = self._http.call("GET", path, style=style)
         except BackendRejected as exc:
-            if "404" not in exc.message:
-                raise
-            names: dict[str, str] | None = None  # A1111 before 1.9 has no /schedulers
-        else:
-            data = self._json(response, self._where(style))
-            # txt2img finds a sampler by its name only, a scheduler by name or label.
-            exact = "label" if path.endswith("schedulers") else "name"
-            names = {}
-            for item in data if isinstance(data, list) else []:
-                if isinstance(item, dict) and item.get(exact):
-                    spellings = [item.get("name"), item.get("label"), *(item.get("aliases") or [])]
-                    for spelling in spellings:
-                        if spelling:
-                            names.setdefault(str(spelling).lower(), str(item[exact]))
-        with self._names_lock:
-            self._names[path] = (time.monotonic(), names)
+            if "404" in exc.message:
+                return None  # A1111 before 1.9 has no /schedulers; no Lora extension
+            raise
+        data = self._http.json(response, style)
+        return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+    def name_book(self, style: str | None = None) -> NameBook:
+        """Every sampler and scheduler spelling this WebUI takes -> the one txt2img looks up
+        exactly (a sampler by name, a scheduler by name or label; aliases only in the lists)."""
+
+        def fetch() -> NameBook:
+            samplers = self._list("/sdapi/v1/samplers", style) or []
+            schedulers = self._list("/sdapi/v1/schedulers", style)
+            return NameBook.of(
+                ((str(s["name"]), s.get("aliases") or ()) for s in samplers if s.get("name")),
+                None
+                if schedulers is None
+                else (
+                    (str(s["label"]), (s.get("name"), *(s.get("aliases") or ())))
+                    for s in schedulers
+                    if s.get("label")
+                ),
+            )
+
+        book: NameBook = self._cached("names", fetch)
+        return book
+
+    def _lora_names(self, style: str, *, fresh: bool = False) -> list[str]:
+        """Names and aliases a ``<lora:...>`` tag may use (A1111 looks them up exactly)."""
+
+        def fetch() -> list[str]:
+            items = self._list("/sdapi/v1/loras", style) or []
+            names = [str(i[key]) for i in items for key in ("name", "alias") if i.get(key)]
+            return list(dict.fromkeys(names))
+
+        if fresh:
+            with self._cache_lock:
+                self._cache.pop("loras", None)
+        names: list[str] = self._cached("loras", fetch)
         return names
 
-    def _exact_name(self, value: str, path: str, field: str, style: str) -> str:
-        """``value`` as this WebUI spells it: A1111 looks names up exactly and silently uses
-        its default for anything else (another case, an alias)."""
-        names = self._known_names(path, style)
-        if names is None:
-            return value
-        if value.lower() not in names:
-            shown = ", ".join(dict.fromkeys(names.values()))
-            raise InvalidInput(
-                f"{field.capitalize()} '{value}' is not known to backend '{self.spec.name}'; "
-                f"A1111 would silently use another. Known: {shown}.",
-                field=field,
-                hint=f"Pick one of the {field}s listed, or leave {field} out for the default.",
+    def check_loras(self, prompt: str, style: str) -> None:
+        """Every ``<lora:name>`` tag names a LoRA this WebUI has: A1111 silently renders
+        without an unknown one, so it is refused before anything runs."""
+        wanted = [name for name, _ in lora_tags(prompt)]
+        if not wanted:
+            return
+        known = set(self._lora_names(style))
+        if any(name not in known for name in wanted):
+            # A file dropped into models/Lora shows up after a refresh.
+            self._http.call("POST", "/sdapi/v1/refresh-loras", style=style)
+            known = set(self._lora_names(style, fresh=True))
+        missing = [name for name in wanted if name not in known]
+        if missing:
+            has = ", ".join(sorted(known)) or "none"
+            near = [k for k in known for m in missing if k.lower() == m.lower()]
+            raise LoraMissing(
+                f"LoRA {', '.join(repr(m) for m in missing)} is not on backend "
+                f"'{self.spec.name}' (A1111 would silently render without it). "
+                f"That backend has: {has}.",
+                field="prompt",
+                hint=(f"Did you mean {near[0]}? LoRA names are exact. " if near else "")
+                + "Put the file into the WebUI's models/Lora folder, or fix the "
+                "<lora:name:weight> tag in the prompt or the character's description.",
+                extra={"loras": sorted(known)},
             )
-        return names[value.lower()]
 
     # -- generation ------------------------------------------------------------------------
 
     def generate(self, request: BackendRequest) -> BackendResult:
         p = request.params
-        exact = replace(
-            p,
-            sampler=self._exact_name(p.sampler, "/sdapi/v1/samplers", "sampler", request.style),
-            scheduler=self._exact_name(
-                p.scheduler, "/sdapi/v1/schedulers", "scheduler", request.style
-            ),
+        sampler, scheduler = resolve(
+            self.name_book(request.style),
+            p.sampler,
+            p.scheduler,
+            strict=True,
+            where=f"backend '{self.spec.name}'",
         )
-        request = replace(request, params=exact)
+        self.check_loras(p.prompt, request.style)
+        task_id = request.task_id or f"charforge-{uuid.uuid4().hex}"
+        request = replace(
+            request,
+            params=replace(p, sampler=sampler, scheduler=scheduler or p.scheduler),
+            task_id=task_id,
+        )
+        watch = TaskWatch(
+            task_id,
+            steps=p.steps,
+            interrupt=self._stop_if_active,
+            report=request.on_progress,
+            cancel=request.cancelled,
+        )
         where = self._where(request.style)
-        done = threading.Event()
-        watcher = None
-        if request.on_progress is not None:
-            watcher = threading.Thread(
-                target=self._watch_progress,
-                args=(request.on_progress, done),
-                name=f"progress-{self.spec.name}",
-                daemon=True,
-            )
-            watcher.start()
+        if watch.cancel.is_set():  # cancelled before anything was sent: send nothing
+            raise BackendInterrupted(f"{capitalized(where)} was asked to stop this task.")
+        self._watcher.add(watch)
         try:
-            response = self._call(
-                "POST", "/sdapi/v1/txt2img", style=request.style, json_body=txt2img_payload(request)
+            response = self._http.call(
+                "POST",
+                "/sdapi/v1/txt2img",
+                style=request.style,
+                json_body=txt2img_payload(request),
+                checkpoint=request.checkpoint.name,
             )
-        except BackendTimeout:
-            # Ours or the proxy's (524): the WebUI goes on otherwise, and the next job (or this
-            # one's retry) would queue behind it.
-            self.interrupt()
+            body = self._http.json(response, request.style)
+            with self._control:
+                result = parse_txt2img(body, where)
+                self._refuse_if_stopped(watch, result, where)
+        except (BackendTimeout, BackendUnavailable):
+            # Our timeout, the proxy's (524), a dropped connection or a proxy's error page:
+            # the WebUI may go on with the task (a closed connection does not stop it), and the
+            # next job would queue behind it. Stop it now if it runs, or as soon as it starts
+            # (where the WebUI can say which task runs; one never sent simply ends the watch).
+            if self._has_task_route:
+                watch.reap(time.monotonic() + max(_REAP_SECONDS, 2 * self.spec.timeout))
+            self.interrupt(task_id)
             raise
         finally:
-            done.set()
-            if watcher is not None:
-                watcher.join(timeout=self._probe_timeout)
-        body = self._json(response, where)
-        return parse_txt2img(body, where)
+            self._watcher.release(watch)
+        return replace(
+            result,
+            sampler=result.sampler or sampler,
+            scheduler=result.scheduler or scheduler,
+        )
 
-    def _watch_progress(self, report: Callable[[Progress], None], done: threading.Event) -> None:
-        """Poll /progress while a generation runs (A1111 has no push channel for it)."""
-        while not done.wait(_PROGRESS_INTERVAL):
-            try:
-                response = self._client.get(
-                    "/sdapi/v1/progress",
-                    params={"skip_current_image": "true"},
-                    timeout=self._probe_timeout,
-                )
-                data = response.json() if response.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
-                continue  # progress is a nicety: the generation itself decides the outcome
-            if not isinstance(data, dict) or done.is_set():
-                continue
-            state = data.get("state") if isinstance(data.get("state"), dict) else {}
-            assert isinstance(state, dict)
-            fraction = data.get("progress")
-            step, steps = state.get("sampling_step"), state.get("sampling_steps")
-            if isinstance(fraction, int | float) and state.get("job_count"):
-                report(
-                    Progress(
-                        min(max(float(fraction), 0.0), 1.0),
-                        step if isinstance(step, int) else None,
-                        steps if isinstance(steps, int) and steps > 0 else None,
-                    )
-                )
+    def _refuse_if_stopped(self, watch: TaskWatch, result: BackendResult, where: str) -> None:
+        """Right after the task answered, before anything else of ours is sent: was it
+        interrupted or skipped (by us or anyone)? Then its picture is half made."""
+        if watch.cancel.is_set():
+            raise BackendInterrupted(f"{capitalized(where)} was asked to stop this task.")
+        try:
+            state = self.read_state()
+        except Exception as exc:  # the answer itself was fine: trust what the watch saw
+            log.warning("could not read %s's state after a task: %s", self.spec.name, exc)
+            state = None
+        ours = result.info.get("job_timestamp")
+        if (
+            state is not None
+            and state.current_task in (None, watch.task_id)
+            # A task that began since cleared the flags: they would not be about ours.
+            and (not ours or not state.job_timestamp or str(ours) == state.job_timestamp)
+            and (state.interrupted or state.skipped)
+        ):
+            watch.stopped_seen = True
+        if watch.stopped_seen:
+            raise BackendInterrupted(
+                f"{capitalized(where)} was interrupted while making this image (its Interrupt "
+                "or Skip was pressed, or /sdapi/v1/interrupt called); A1111 still answered, "
+                "with a half-made picture, which was not stored.",
+                hint="It is tried again. If this keeps happening, someone else is using that "
+                "WebUI's Interrupt button.",
+            )
 
-    def interrupt(self) -> bool:
+    # -- tasks -----------------------------------------------------------------------------
+
+    def read_state(self) -> WebUIState | None:
+        response = self._client.get(
+            "/sdapi/v1/progress",
+            params={"skip_current_image": "true"},
+            timeout=self._probe_timeout,
+        )
+        return WebUIState.of(response.json()) if response.status_code == 200 else None
+
+    def task_status(self, task_id: str) -> TaskStatus | None:
+        """Where a task is, from ``POST /internal/progress``; None where the WebUI has no such
+        route (``--nowebui``) or did not answer it."""
+        if self._has_task_route is False:
+            return None
+        try:
+            response = self._client.post(
+                "/internal/progress",
+                json={"id_task": task_id, "id_live_preview": -1, "live_preview": False},
+                timeout=self._probe_timeout,
+            )
+            data = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        if response.status_code == 404:
+            log.warning(
+                "backend %s has no /internal/progress (started with --nowebui?): while a "
+                "request of charforge's is open, the task it runs is taken to be that one",
+                self.spec.name,
+            )
+            self._has_task_route = False
+            return None
+        if not isinstance(data, dict):
+            return None
+        self._has_task_route = True
+        return TaskStatus(
+            bool(data.get("active")), bool(data.get("queued")), bool(data.get("completed"))
+        )
+
+    def interrupt(self, task_id: str) -> bool:
+        """Stop this task and no other: now if it is the WebUI's current task, else (when a
+        call of this process waits on it) as soon as it starts."""
+        with self._control:
+            watch = self._watcher.get(task_id)
+            if watch is not None and not watch.done:
+                watch.cancel.set()
+                self._watcher.wake()
+            status = self.task_status(task_id)
+            if status is None:
+                # No per-task route: only the process whose request is open may take the
+                # running task for its own; its watch stops it (now, if it runs).
+                if watch is None:
+                    return False
+                try:
+                    state = self.read_state()
+                except (httpx.HTTPError, ValueError):
+                    return True
+                status = TaskStatus(watch.active(None, state), False, False)
+            if status.active:
+                log.info("interrupting A1111 task %s on %s", task_id, self.spec.name)
+                if watch is not None:
+                    watch.interrupted_elsewhere()
+                return self._interrupt_now()
+        return watch is not None or status.queued
+
+    def _stop_if_active(self, task_id: str) -> bool:
+        """The watcher's stop: only while the task is still the active one, decided under the
+        same lock as every other interrupt of this WebUI."""
+        with self._control:
+            status = self.task_status(task_id)
+            if status is not None and not status.active:
+                return False
+            return self._interrupt_now()
+
+    def _interrupt_now(self) -> bool:
         try:
             self._client.post("/sdapi/v1/interrupt", timeout=self.spec.connect_timeout)
         except httpx.HTTPError:
@@ -336,10 +387,14 @@ class A1111Backend:
             return False
         return True
 
+    # -- state -----------------------------------------------------------------------------
+
     def loaded_checkpoint(self) -> str | None:
         """The checkpoint in memory: A1111 keeps it in ``options.sd_model_checkpoint``."""
-        response = self._call("GET", "/sdapi/v1/options", style=None, timeout=self._probe_timeout)
-        options = self._json(response, self._where(None))
+        response = self._http.call(
+            "GET", "/sdapi/v1/options", style=None, timeout=self._probe_timeout
+        )
+        options = self._http.json(response, None)
         value = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
         return strip_hash(value) if isinstance(value, str) and value else None
 
@@ -355,71 +410,6 @@ class A1111Backend:
         return ProbeResult(True, latency, None, checkpoints, loaded)
 
 
-def txt2img_payload(request: BackendRequest) -> dict[str, Any]:
-    """The txt2img body for a request (also what RunPod's A1111 worker takes as input)."""
-    p = request.params
-    return {
-        "prompt": p.prompt,
-        "negative_prompt": p.negative_prompt,
-        "seed": p.seed,
-        "subseed": -1,
-        "sampler_name": p.sampler,
-        "scheduler": p.scheduler,
-        "steps": p.steps,
-        "cfg_scale": p.cfg_scale,
-        "width": p.width,
-        "height": p.height,
-        "batch_size": 1,
-        # One image after the other: several in one batch would multiply GPU memory.
-        "n_iter": request.count,
-        "enable_hr": p.hires,
-        "hr_scale": p.hires_scale,
-        "hr_upscaler": p.hires_upscaler,
-        "hr_second_pass_steps": 0,
-        "denoising_strength": p.denoising_strength,
-        # Forge's hires pass fails with a TypeError without it; A1111 ignores it.
-        "hr_additional_modules": ["Use same choices"],
-        "override_settings": {"sd_model_checkpoint": request.checkpoint.title},
-        # Keep the model loaded: restoring would reload weights on every request.
-        "override_settings_restore_afterwards": False,
-        "send_images": True,
-        "save_images": False,
-    }
-
-
 def _match(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:
     exact = next((info for info in available if info.title == name), None)
     return exact or find_checkpoint_named(name, available, lambda info: info.name)
-
-
-def parse_txt2img(body: Any, where: str) -> BackendResult:
-    """Images, seeds and the model that ran, from A1111's ``{images, parameters, info}``."""
-    if not isinstance(body, dict) or not isinstance(body.get("images"), list):
-        raise BackendBadResponse(f"{capitalized(where)} sent no image list.")
-    raw_info = body.get("info")
-    try:
-        info = json.loads(raw_info) if isinstance(raw_info, str) else raw_info
-    except ValueError as exc:
-        raise BackendBadResponse(f"{where} sent an unreadable info block.") from exc
-    if not isinstance(info, dict):
-        raise BackendBadResponse(f"{where} sent no info block, so seeds and model are unknown.")
-    first = int(info.get("index_of_first_image") or 0)
-    seeds = info.get("all_seeds") or [info.get("seed")]
-    # Extensions (ControlNet maps, ...) append extra images after the generated ones.
-    encoded = body["images"][first : first + len(seeds)]
-    if not encoded:
-        raise BackendBadResponse(f"{capitalized(where)} returned no image.")
-    images = []
-    for index, item in enumerate(encoded):
-        data = decode_image_base64(item, where)
-        seed = seeds[index] if index < len(seeds) else seeds[-1]
-        if not isinstance(seed, int):
-            raise BackendBadResponse(f"{where} reported no seed for image {index + 1}.")
-        images.append(GeneratedImage(data, seed))
-    reported = info.get("sd_model_name")
-    return BackendResult(
-        images=images,
-        checkpoint=str(reported) if reported else None,
-        checkpoint_hash=info.get("sd_model_hash") or None,
-        info=info,
-    )

@@ -1,0 +1,150 @@
+"""What one attempt of a job holds while it runs: a snapshot of the job, and its lease."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from charforge.backends.base import Progress, task_id_of
+from charforge.db import repositories as repo
+from charforge.db.models import Job, utcnow
+from charforge.domain.params import GenerationParams
+from charforge.jobs.context import RunnerContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    id: str
+    number: int  # this attempt (0 until claimed)
+    owner_id: int
+    character_id: str
+    style: str
+    checkpoint: str
+    checkpoint_hash: str | None
+    params: GenerationParams
+    count: int
+
+    @classmethod
+    def of(cls, job: Job, number: int) -> JobSnapshot:
+        return cls(
+            job.id,
+            number,
+            job.owner_id,
+            job.character_id,
+            job.art_style,
+            job.checkpoint,
+            job.checkpoint_hash,
+            GenerationParams.from_json(job.params),
+            job.count or 1,
+        )
+
+
+class Renewer:
+    """One thread per process that renews the leases of every attempt running in it, every
+    third of a lease (no thread is started per attempt: that would sit between one
+    generation and the next on a backend)."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._keepers: set[LeaseKeeper] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, keeper: LeaseKeeper) -> None:
+        with self._lock:
+            self._keepers.add(keeper)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="leases", daemon=True)
+                self._thread.start()
+
+    def remove(self, keeper: LeaseKeeper) -> None:
+        with self._lock:
+            self._keepers.discard(keeper)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            with self._lock:
+                keepers = list(self._keepers)
+                if not keepers:  # nothing runs: end, and start again with the next attempt
+                    self._thread = None
+                    return
+            for keeper in keepers:
+                try:
+                    keeper.renew()
+                except Exception:  # a database hiccup: the next renewal may work
+                    log.exception("could not renew the lease of job %s", keeper.job_id)
+
+
+_renewers_lock = threading.Lock()
+
+
+def _renewer_of(ctx: RunnerContext) -> Renewer:
+    with _renewers_lock:
+        if ctx.renewer is None:
+            ctx.renewer = Renewer(ctx.lease / 3)
+        renewer: Renewer = ctx.renewer
+        return renewer
+
+
+class LeaseKeeper:
+    """Renews the attempt's lease (and its backend slot) while it runs; when the lease is gone
+    (the job was cancelled, or a sweeper gave it away) it interrupts the attempt's task on the
+    backend, and no other."""
+
+    def __init__(
+        self, ctx: RunnerContext, job: JobSnapshot, backend: str, cancelled: threading.Event
+    ) -> None:
+        self._ctx, self._job, self._backend = ctx, job, backend
+        self.job_id = job.id
+        self.task_id = task_id_of(job.id, job.number)
+        self.cancelled = cancelled  # the attempt's stop: the adapter watches it too
+        self.lost = False
+
+    def start(self) -> None:
+        _renewer_of(self._ctx).add(self)
+
+    def stop(self) -> None:
+        _renewer_of(self._ctx).remove(self)
+
+    def renew(self) -> None:
+        until = utcnow() + timedelta(seconds=self._ctx.lease)
+        with self._ctx.db.session() as session:
+            held = repo.renew_lease(
+                session, self._job.id, self._job.number, self._ctx.worker, until
+            )
+        self._ctx.pool.renew(self._backend)
+        if not held and not self.lost:
+            self.lost = True
+            self.cancelled.set()
+            log.info(
+                "job %s lost its lease (cancelled?); interrupting its task on %s",
+                self._job.id,
+                self._backend,
+            )
+            # Off this thread: the renewer serves every attempt, and a WebUI may be slow.
+            threading.Thread(
+                target=self._ctx.pool.backends[self._backend].interrupt,
+                args=(self.task_id,),
+                name=f"interrupt-{self._job.id[:8]}",
+                daemon=True,
+            ).start()
+
+    def progress(self, update: Progress) -> None:
+        with self._ctx.db.session() as session:
+            held = repo.set_progress(
+                session,
+                self._job.id,
+                self._job.number,
+                self._ctx.worker,
+                update.fraction,
+                update.step,
+                update.steps,
+            )
+        if not held and not self.lost:
+            self.renew()  # find out why, and interrupt if the job is no longer ours

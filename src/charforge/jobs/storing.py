@@ -1,0 +1,132 @@
+"""Storing a successful attempt: the files first, then the rows and the job's success in one
+transaction, only while the attempt still holds the job."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sqlalchemy.exc import IntegrityError
+
+from charforge import __version__
+from charforge.backends.base import BackendResult
+from charforge.db import repositories as repo
+from charforge.db.models import Image, new_id
+from charforge.domain.checkpoints import file_stem, same_checkpoint
+from charforge.domain.infotext import build_infotext
+from charforge.errors import BackendBadResponse
+from charforge.jobs.attempt import JobSnapshot
+from charforge.jobs.context import RunnerContext
+from charforge.storage.png import NotAnImage, embed_infotext
+
+
+def store_images(
+    ctx: RunnerContext,
+    job: JobSnapshot,
+    backend: str,
+    simulated: bool,
+    result: BackendResult,
+    listed_hash: str | None,
+) -> int | None:
+    """The images and the job's success in one transaction, only while this attempt still
+    holds the job; None when it does not (cancelled, or re-queued after a lapsed lease)."""
+    # The names that ran, as the backend spells them (A1111's canonical ones).
+    p = replace(
+        job.params,
+        sampler=result.sampler or job.params.sampler,
+        scheduler=result.scheduler or job.params.scheduler,
+    )
+    model_hash = result.checkpoint_hash or listed_hash
+    rows: list[Image] = []
+    for position, generated in enumerate(result.images[: job.count]):
+        infotext = build_infotext(
+            prompt=p.prompt,
+            negative_prompt=p.negative_prompt,
+            steps=p.steps,
+            sampler=p.sampler,
+            scheduler=p.scheduler,
+            cfg_scale=p.cfg_scale,
+            seed=generated.seed,
+            width=p.width,
+            height=p.height,
+            model=file_stem(job.checkpoint),
+            model_hash=model_hash,
+            hires=p.hires,
+            hires_scale=p.hires_scale,
+            hires_upscaler=p.hires_upscaler,
+            denoising_strength=p.denoising_strength,
+            # The run's own fields (Lora hashes, ...) stay, as A1111's PNG Info shows them.
+            extra={
+                **generated.extra,
+                "Art style": job.style,
+                "Version": f"charforge {__version__}",
+            },
+        )
+        try:
+            decoded = embed_infotext(generated.data, infotext)
+        except NotAnImage as exc:
+            raise BackendBadResponse(
+                f"Backend '{backend}' sent image {position + 1} that is not a readable "
+                f"image ({exc}); nothing was stored.",
+                hint="The WebUI's console may show an encoding error.",
+            ) from exc
+        image_id = new_id()
+        relative = ctx.store.relative_path(job.owner_id, job.character_id, image_id)
+        ctx.store.save(relative, decoded.png)
+        rows.append(
+            Image(
+                id=image_id,
+                owner_id=job.owner_id,
+                character_id=job.character_id,
+                job_id=job.id,
+                position=position,
+                file_path=relative,
+                width=decoded.width,  # the real size: with hires, info still says first pass
+                height=decoded.height,
+                seed=generated.seed,
+                art_style=job.style,
+                checkpoint=job.checkpoint,
+                checkpoint_hash=model_hash,
+                backend=backend,
+                prompt=p.prompt,
+                negative_prompt=p.negative_prompt,
+                params=p.to_json(),
+                infotext=infotext,
+                simulated=simulated,
+            )
+        )
+    try:
+        with ctx.db.session() as session:
+            if not repo.finish_succeeded(
+                session, job.id, job.number, ctx.worker, backend, params=p.to_json()
+            ):
+                raise _Abandoned()  # cancelled, deleted or taken over meanwhile: keep nothing
+            session.add_all(rows)
+            session.flush()  # the unique (job, position) index refuses a second copy here
+            repo.finish_attempt(session, job.id, job.number, "succeeded")
+            character = repo.character(session, job.owner_id, job.character_id)
+            if character is not None:
+                if character.model is None:  # an older character's requested model worked
+                    character.model = job.checkpoint
+                # Remembered, so later drift is caught; only for the model this job ran (the
+                # owner may have changed the character's model while it was running).
+                if (
+                    model_hash
+                    and not character.model_hash
+                    and same_checkpoint(character.model, job.checkpoint)
+                ):
+                    character.model_hash = model_hash
+    except (_Abandoned, IntegrityError):
+        for row in rows:
+            ctx.store.delete(row.file_path)
+        with ctx.db.session() as session:
+            repo.finish_attempt(session, job.id, job.number, "cancelled")
+        return None
+    except BaseException:
+        for row in rows:  # the rows did not land, so their files must not linger
+            ctx.store.delete(row.file_path)
+        raise
+    return len(rows)
+
+
+class _Abandoned(Exception):
+    pass
