@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from charforge.backends.base import BackendRequest, BackendResult, CheckpointInfo
@@ -133,7 +133,7 @@ def _claim(ctx: RunnerContext, draft: JobSnapshot, name: str) -> JobSnapshot | N
         )
     if number is None:
         return None
-    return JobSnapshot(**{**draft.__dict__, "number": number})
+    return replace(draft, number=number)
 
 
 def _on_backend(

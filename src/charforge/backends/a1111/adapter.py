@@ -260,7 +260,9 @@ class A1111Backend:
             with self._control:
                 result = parse_txt2img(body, where)
                 self._refuse_if_stopped(watch, result, where)
-        except (BackendTimeout, BackendUnavailable):
+        except (BackendTimeout, BackendUnavailable) as exc:
+            if isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
+                raise  # never sent: there is nothing to stop
             # Our timeout, the proxy's (524), a dropped connection or a proxy's error page:
             # the WebUI may go on with the task (a closed connection does not stop it), and the
             # next job would queue behind it. Stop it now if it runs, or as soon as it starts
