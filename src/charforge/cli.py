@@ -494,6 +494,10 @@ def simulate_a1111(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     flavor: Annotated[str, typer.Option(help="a1111 or forge.")] = "a1111",
     api_auth: Annotated[str | None, typer.Option(help="user:password, like --api-auth.")] = None,
+    loras: Annotated[str, typer.Option(help="Comma-separated LoRA file names (models/Lora).")] = "",
+    nowebui: Annotated[
+        bool, typer.Option(help="Like --nowebui: no per-task route (/internal/progress).")
+    ] = False,
 ) -> None:
     """Run an A1111 WebUI stand-in that draws labelled placeholders (no GPU needed)."""
     from charforge.simulator import SimulatorSettings, run_simulator
@@ -510,7 +514,14 @@ def simulate_a1111(
             raise _fail("--api-auth must look like user:password", code=2)
         auth = (user, password)
     err.print(f"A1111 simulator ({flavor}) with {', '.join(names)} on http://{host}:{port}")
-    run_simulator(SimulatorSettings(models=names, flavor=flavor, api_auth=auth), host, port)  # type: ignore[arg-type]
+    settings = SimulatorSettings(
+        models=names,
+        flavor=flavor,  # type: ignore[arg-type]
+        api_auth=auth,
+        loras=[n.strip() for n in loras.split(",") if n.strip()],
+        nowebui=nowebui,
+    )
+    run_simulator(settings, host, port)
 
 
 def main() -> None:
