@@ -7,9 +7,9 @@ can be neither followed nor withdrawn), health (marked down after consecutive fa
 probed again with a doubling pause), and the checkpoint it has loaded.
 
 Pipelining: with ``pipeline`` on, a backend takes a second job while one runs. That job is
-claimed and prepared (checkpoint found, names checked, body built) and waits at the door; it
-goes in the moment the running one has answered and been checked, and charforge stores the
-first one's images while the GPU works on the second. It waits in charforge, not in the
+prepared (its checkpoint found) and waits at the door, still queued; it is claimed and goes
+in the moment the running one has answered and been checked, and charforge stores the first
+one's images while the GPU works on the second. It waits in charforge, not in the
 WebUI's queue: there it could not be withdrawn, and its start would clear the WebUI's
 interrupted flag before the previous task's result could be checked.
 """
@@ -122,7 +122,6 @@ class BackendPool:
         self.health = health or HealthPolicy()
         self.metrics = metrics or Metrics()
         self._slots = slots
-        self.pipeline = pipeline
         self.backends: dict[str, ImageBackend] = {
             name: factory(spec, probe_timeout) for name, spec in table.backends.items()
         }
@@ -186,6 +185,9 @@ class BackendPool:
         its configuration calls the server, counts the same slots."""
         return self.table.backends[name].key
 
+    def _door_key(self, name: str) -> str:
+        return self._key(name) + ":door"
+
     def renew(self, name: str) -> None:
         if self._slots is not None:
             with self._changed:
@@ -194,7 +196,7 @@ class BackendPool:
             for token in tokens:
                 self._slots.renew(self._key(name), token)
             if door is not None:
-                self._slots.renew(self._key(name) + ":door", door)
+                self._slots.renew(self._door_key(name), door)
 
     def note_upcoming(self, name: str, checkpoint: str) -> None:
         """A job for ``checkpoint`` was given to the backend (it may wait at the door)."""
@@ -297,7 +299,7 @@ class BackendPool:
             if self._slots is not None:
                 # Another process's job may be inside: wait for it (no notification crosses
                 # processes, so poll briefly).
-                while (token := self._slots.acquire(self._key(name) + ":door", 1)) is None:
+                while (token := self._slots.acquire(self._door_key(name), 1)) is None:
                     if give_up is not None and give_up():
                         yield False
                         return
@@ -310,7 +312,7 @@ class BackendPool:
                 with self._changed:
                     self._door_tokens.pop(name, None)
                 assert self._slots is not None
-                self._slots.release(self._key(name) + ":door", token)
+                self._slots.release(self._door_key(name), token)
             lock.release()
 
     # -- health ----------------------------------------------------------------------------

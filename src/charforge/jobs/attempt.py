@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -44,54 +43,6 @@ class JobSnapshot:
         )
 
 
-class Renewer:
-    """One thread per process that renews the leases of every attempt running in it, every
-    third of a lease (no thread is started per attempt: that would sit between one
-    generation and the next on a backend)."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._keepers: set[LeaseKeeper] = set()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def add(self, keeper: LeaseKeeper) -> None:
-        with self._lock:
-            self._keepers.add(keeper)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="leases", daemon=True)
-                self._thread.start()
-
-    def remove(self, keeper: LeaseKeeper) -> None:
-        with self._lock:
-            self._keepers.discard(keeper)
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(self._interval)
-            with self._lock:
-                keepers = list(self._keepers)
-                if not keepers:  # nothing runs: end, and start again with the next attempt
-                    self._thread = None
-                    return
-            for keeper in keepers:
-                try:
-                    keeper.renew()
-                except Exception:  # a database hiccup: the next renewal may work
-                    log.exception("could not renew the lease of job %s", keeper.job_id)
-
-
-_renewers_lock = threading.Lock()
-
-
-def _renewer_of(ctx: RunnerContext) -> Renewer:
-    with _renewers_lock:
-        if ctx.renewer is None:
-            ctx.renewer = Renewer(ctx.lease / 3)
-        renewer: Renewer = ctx.renewer
-        return renewer
-
-
 class LeaseKeeper:
     """Renews the attempt's lease (and its backend slot) while it runs; when the lease is gone
     (the job was cancelled, or a sweeper gave it away) it interrupts the attempt's task on the
@@ -107,10 +58,10 @@ class LeaseKeeper:
         self.lost = False
 
     def start(self) -> None:
-        _renewer_of(self._ctx).add(self)
+        self._ctx.renewer.add(self)
 
     def stop(self) -> None:
-        _renewer_of(self._ctx).remove(self)
+        self._ctx.renewer.remove(self)
 
     def renew(self) -> None:
         until = utcnow() + timedelta(seconds=self._ctx.lease)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from charforge.backends.pool import BackendPool
 from charforge.db.engine import Database
@@ -13,8 +15,7 @@ from charforge.domain.routes import RouteTable
 from charforge.observability.metrics import Metrics
 from charforge.storage.files import ImageStore
 
-if TYPE_CHECKING:
-    from charforge.jobs.attempt import Renewer
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,50 @@ class RetryPolicy:
         return ceiling / 2 + jitter
 
 
+class Renewable(Protocol):
+    job_id: str
+
+    def renew(self) -> None: ...
+
+
+class Renewer:
+    """One thread per process that renews the leases of every attempt running in it, every
+    third of a lease (no thread is started per attempt: that would sit between one
+    generation and the next on a backend). It ends when nothing runs and starts again with
+    the next attempt."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._leases: set[Renewable] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: Renewable) -> None:
+        with self._lock:
+            self._leases.add(lease)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="leases", daemon=True)
+                self._thread.start()
+
+    def remove(self, lease: Renewable) -> None:
+        with self._lock:
+            self._leases.discard(lease)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            with self._lock:
+                leases = list(self._leases)
+                if not leases:
+                    self._thread = None
+                    return
+            for lease in leases:
+                try:
+                    lease.renew()
+                except Exception:  # a database hiccup: the next renewal may work
+                    log.exception("could not renew the lease of job %s", lease.job_id)
+
+
 @dataclass
 class RunnerContext:
     db: Database
@@ -45,7 +90,10 @@ class RunnerContext:
     # door or running: a cancel made here reaches them at once instead of at their next look
     # at the database, and before the backend knows their task.
     attempts: dict[str, threading.Event] = field(default_factory=dict)
-    renewer: Renewer | None = None  # renews the leases of the attempts running here
+    renewer: Renewer = field(init=False)  # renews the leases of the attempts running here
+
+    def __post_init__(self) -> None:
+        self.renewer = Renewer(self.lease / 3)
 
 
 def notice_cancel(ctx: RunnerContext, job_id: str) -> None:

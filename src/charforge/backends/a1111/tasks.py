@@ -34,7 +34,6 @@ class WebUIState:
     """``GET /sdapi/v1/progress``, reduced to what a task needs."""
 
     current_task: str | None
-    names_task: bool  # whether the WebUI says which task is current at all (A1111 >= 1.6)
     running: bool  # a task runs now (job_count != 0)
     interrupted: bool
     skipped: bool
@@ -53,7 +52,6 @@ class WebUIState:
         current = data.get("current_task")
         return cls(
             current_task=current if isinstance(current, str) else None,
-            names_task="current_task" in data,
             running=bool(state.get("job_count")),
             interrupted=bool(state.get("interrupted")),
             skipped=bool(state.get("skipped")),
