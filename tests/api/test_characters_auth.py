@@ -75,14 +75,23 @@ def test_character_crud_in_camel_case(live: Live) -> None:
     sakura = created.json()
     assert created.headers["location"] == f"/api/characters/{sakura['id']}"
     assert sakura["artStyle"] == {"primaryStyle": "anime"}
-    assert sakura["imageGeneration"] == {"model": "diving.safetensors", "modelHash": None}
+    assert sakura["imageGeneration"] == {
+        "model": "diving.safetensors",
+        "modelHash": None,
+        "identityStrength": 0.6,
+        "loras": [],
+        "seed": None,
+    }
     assert set(sakura) == {
         "id",
         "name",
         "description",
         "appearance",
+        "negativePrompt",
         "artStyle",
         "imageGeneration",
+        "referenceCount",
+        "importedCard",
         "createdAt",
         "updatedAt",
     }

@@ -149,7 +149,7 @@ def test_older_character_goes_to_anime_and_keeps_it(
 ) -> None:
     client = live.user("alice")
     old = create(client, "Oldie", style=None)
-    assert old["artStyle"] is None and old["imageGeneration"] is None
+    assert old["artStyle"] is None and old["imageGeneration"]["model"] is None
 
     response = generate(client, old)
     assert response.status_code == 200, response.text
@@ -196,7 +196,7 @@ def test_mismatching_request_is_409_and_nothing_is_generated(
     error = response.json()["error"]
     assert error["code"] == "style_mismatch" and error["field"] == field
     assert "anime" in error["message"] and "diving.safetensors" in error["message"]
-    assert "style transfer" in error["hint"]
+    assert "styleTransfer" in error["hint"]
     assert sims[0].txt2img_bodies() == [] and sims[1].txt2img_bodies() == []
 
 

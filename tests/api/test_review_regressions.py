@@ -39,7 +39,7 @@ def test_a_mistyped_model_does_not_stick_to_an_older_character(
     old = create(client, "Oldie", style=None)
     typo = generate(client, old, model="divng.safetensors")
     assert typo.status_code == 503
-    assert client.get(f"/api/characters/{old['id']}").json()["imageGeneration"] is None
+    assert client.get(f"/api/characters/{old['id']}").json()["imageGeneration"]["model"] is None
     fixed = generate(client, old, model="diving.safetensors")
     assert fixed.status_code == 200, fixed.text
     stored = client.get(f"/api/characters/{old['id']}").json()
@@ -74,7 +74,8 @@ def test_changing_the_model_during_a_job_does_not_poison_the_hash(
         assert patched.status_code == 200
         assert running.result().status_code == 200
     stored = client.get(f"/api/characters/{sakura['id']}").json()
-    assert stored["imageGeneration"] == {"model": "other.safetensors", "modelHash": None}
+    assert stored["imageGeneration"]["model"] == "other.safetensors"
+    assert stored["imageGeneration"]["modelHash"] is None
     sims[1].faults.delay_seconds = 0
     assert generate(client, sakura).status_code == 200  # no false drift
 

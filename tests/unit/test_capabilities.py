@@ -34,7 +34,10 @@ def test_each_kind_declares_what_it_can_do() -> None:
     assert C.CHECKPOINT_LIST not in runpod_comfy and C.CHECKPOINT_HASH not in runpod_comfy
     assert C.CHECKPOINT_HASH in capabilities_for("runpod", worker="a1111")
     assert C.LORA not in capabilities_for("local")
-    assert all(C.REFERENCE_IMAGE not in capabilities_for(k) for k in ("a1111", "local"))
+    # Reference images need an extension that a probe confirms; the local engine has none.
+    assert C.REFERENCE_IMAGE in capabilities_for("a1111")
+    assert C.REFERENCE_IMAGE in capabilities_for("runpod", worker="comfyui")
+    assert C.REFERENCE_IMAGE not in capabilities_for("local")
 
 
 def test_lora_tags_are_read_and_stripped() -> None:

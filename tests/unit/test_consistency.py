@@ -84,7 +84,7 @@ def test_contradicting_request_is_a_style_mismatch(
         resolve(look("anime", "diving.safetensors"), requested_style, requested_model, table)
     assert caught.value.field == field
     assert "anime" in caught.value.message and "diving.safetensors" in caught.value.message
-    assert "style transfer" in (caught.value.hint or "")
+    assert "styleTransfer" in (caught.value.hint or "")
 
 
 def test_model_contradicting_the_style_route_is_a_mismatch(table: RouteTable) -> None:

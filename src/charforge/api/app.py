@@ -11,7 +11,16 @@ from fastapi import FastAPI, Request, Response
 
 from charforge import __version__
 from charforge.api.errors import install_error_handlers
-from charforge.api.routes import characters, generate, health, images, jobs, styles
+from charforge.api.routes import (
+    cards,
+    characters,
+    generate,
+    health,
+    images,
+    jobs,
+    references,
+    styles,
+)
 from charforge.container import Container
 from charforge.observability import logs
 from charforge.web.app import install_web, render_error, wants_html
@@ -40,7 +49,7 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
     )
     app.state.container = container
     install_error_handlers(app, html=(wants_html, render_error))
-    for module in (health, characters, images, generate, jobs, styles):
+    for module in (health, cards, characters, references, images, generate, jobs, styles):
         app.include_router(module.router)
     install_web(app, container)
 

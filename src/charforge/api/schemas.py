@@ -8,8 +8,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 from pydantic.alias_generators import to_camel
 
-from charforge.db.models import Character, Image, Job, JobAttempt
-from charforge.services.characters import CharacterFields
+from charforge.db.models import Character, Image, Job, JobAttempt, Reference
+from charforge.domain.params import SEED_MAX
+from charforge.services.characters import DEFAULT_IDENTITY_STRENGTH, MAX_LORAS, CharacterFields
 from charforge.services.jobs import JobView
 
 
@@ -28,10 +29,21 @@ class ArtStyleIn(Wire):
     primary_style: str | None = None
 
 
+class LoraIn(Wire):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # As the backend lists it (A1111's /sdapi/v1/loras name, ComfyUI's file name without
+    # extension); the characters that would break a <lora:name:weight> tag are refused.
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^<>:\n]+$")
+    weight: float = Field(default=1.0, ge=-5.0, le=5.0)
+
+
 class ImageGenerationIn(Wire):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
     model: str | None = None
     model_hash: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{8,64}$")
+    identity_strength: float | None = Field(default=None, ge=0.0, le=1.0)
+    loras: list[LoraIn] | None = Field(default=None, max_length=MAX_LORAS)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
 
 
 class CharacterIn(Wire):
@@ -42,6 +54,7 @@ class CharacterIn(Wire):
     appearance: str | None = None
     # The original stores {"primaryStyle": ...}; a bare string is accepted too.
     art_style: ArtStyleIn | str | None = None
+    negative_prompt: str | None = None
     image_generation: ImageGenerationIn | None = None
 
     def to_fields(self) -> CharacterFields:
@@ -62,6 +75,13 @@ class CharacterIn(Wire):
             model=(gen.model or None) if gen else None,
             model_hash=gen.model_hash if gen else None,
             clear_model_hash=clears_hash,
+            negative_prompt=self.negative_prompt,
+            identity_strength=gen.identity_strength if gen else None,
+            loras=[(x.name.strip(), x.weight) for x in gen.loras]
+            if gen and gen.loras is not None
+            else None,
+            seed=gen.seed if gen else None,
+            clear_seed=gen is not None and "seed" in gen.model_fields_set and gen.seed is None,
         )
 
 
@@ -69,9 +89,17 @@ class ArtStyleOut(Wire):
     primary_style: str | None
 
 
+class LoraOut(Wire):
+    name: str
+    weight: float
+
+
 class ImageGenerationOut(Wire):
     model: str | None
     model_hash: str | None
+    identity_strength: float
+    loras: list[LoraOut]
+    seed: int | None
 
 
 class CharacterOut(Wire):
@@ -79,25 +107,69 @@ class CharacterOut(Wire):
     name: str
     description: str
     appearance: str
+    negative_prompt: str
     art_style: ArtStyleOut | None
-    image_generation: ImageGenerationOut | None
+    image_generation: ImageGenerationOut
+    reference_count: int
+    imported_card: bool  # made from a SillyTavern card (its other fields are kept)
     created_at: datetime
     updated_at: datetime
 
     @classmethod
-    def of(cls, c: Character) -> CharacterOut:
+    def of(cls, c: Character, reference_count: int = 0) -> CharacterOut:
         return cls(
             id=c.id,
             name=c.name,
             description=c.description,
             appearance=c.appearance,
+            negative_prompt=c.negative_prompt or "",
             art_style=ArtStyleOut(primary_style=c.primary_style) if c.primary_style else None,
-            image_generation=(
-                ImageGenerationOut(model=c.model, model_hash=c.model_hash) if c.model else None
+            image_generation=ImageGenerationOut(
+                model=c.model,
+                model_hash=c.model_hash,
+                identity_strength=c.identity_strength
+                if c.identity_strength is not None
+                else DEFAULT_IDENTITY_STRENGTH,
+                loras=[LoraOut(name=x["name"], weight=x["weight"]) for x in c.loras or []],
+                seed=c.seed,
             ),
+            reference_count=reference_count,
+            imported_card=c.card is not None,
             created_at=c.created_at,
             updated_at=c.updated_at,
         )
+
+
+def reference_url(character_id: str, reference_id: str) -> str:
+    return f"/api/characters/{character_id}/references/{reference_id}/file"
+
+
+class ReferenceOut(Wire):
+    id: str
+    url: str
+    width: int
+    height: int
+    sha256: str
+    source: str  # upload | image | card
+    image_id: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, r: Reference) -> ReferenceOut:
+        return cls(
+            id=r.id,
+            url=reference_url(r.character_id, r.id),
+            width=r.width,
+            height=r.height,
+            sha256=r.sha256,
+            source=r.source,
+            image_id=r.image_id,
+            created_at=r.created_at,
+        )
+
+
+class ReferenceList(Wire):
+    items: list[ReferenceOut]
 
 
 def image_url(image_id: str) -> str:
@@ -110,6 +182,12 @@ class ImageBrief(Wire):
     seed: int
     width: int
     height: int
+    # {applied, strength, method} or {applied: false, reason}; None: no references then.
+    identity: dict[str, Any] | None = None
+    # {score (0..1, 0.5 = same person, null when it cannot tell), method, reason?,
+    # reachedMinScore?}; None when the character had no reference image.
+    consistency: dict[str, Any] | None = None
+    style_transfer: dict[str, Any] | None = None
 
 
 class ImageOut(ImageBrief):
@@ -134,6 +212,9 @@ class ImageOut(ImageBrief):
             seed=i.seed,
             width=i.width,
             height=i.height,
+            identity=i.identity,
+            consistency=i.consistency,
+            style_transfer=i.style_transfer,
             character_id=i.character_id,
             job_id=i.job_id,
             art_style=i.art_style,
@@ -194,6 +275,9 @@ class JobOut(Wire):
     steps: int | None
     queue_position: int | None
     attempt_history: list[AttemptOut] | None
+    # {references, strength, minScore, maxTries, tries: [{try, seed, score}], applied, ...}
+    identity: dict[str, Any] | None
+    style_transfer: dict[str, Any] | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -237,6 +321,8 @@ class JobOut(Wire):
                 if attempts is not None
                 else None
             ),
+            identity=identity_view(j.identity),
+            style_transfer=j.style_transfer,
             created_at=j.created_at,
             started_at=j.started_at,
             finished_at=j.finished_at,
@@ -253,7 +339,30 @@ class JobPage(Wire):
 
 
 def brief(i: Image) -> ImageBrief:
-    return ImageBrief(id=i.id, url=image_url(i.id), seed=i.seed, width=i.width, height=i.height)
+    return ImageBrief(
+        id=i.id,
+        url=image_url(i.id),
+        seed=i.seed,
+        width=i.width,
+        height=i.height,
+        identity=i.identity,
+        consistency=i.consistency,
+        style_transfer=i.style_transfer,
+    )
+
+
+def identity_view(plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's identity as clients read it: what was asked, each try, and the outcome."""
+    if plan is None:
+        return None
+    return {
+        "references": plan.get("references", []),
+        "strength": plan.get("strength"),
+        "minScore": plan.get("minScore"),
+        "maxTries": plan.get("maxTries"),
+        "tries": plan.get("tries", []),
+        **(plan.get("result") or {"applied": None}),
+    }
 
 
 class GenerateOut(Wire):
@@ -266,6 +375,8 @@ class GenerateOut(Wire):
     images: list[ImageBrief]
     parameters: dict[str, Any]
     simulated: bool
+    identity: dict[str, Any] | None = None
+    style_transfer: dict[str, Any] | None = None
 
 
 class BackendHealth(Wire):

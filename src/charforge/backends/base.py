@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from charforge.domain.capabilities import Capability
 from charforge.domain.params import GenerationParams
 from charforge.domain.routes import BackendSpec
 
@@ -26,6 +27,28 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class ReferenceImage:
+    """A character's reference picture, as stored (PNG)."""
+
+    sha256: str
+    png: bytes
+
+
+@dataclass(frozen=True)
+class IdentityUse:
+    """Whether a generation was conditioned on the references, and how; or why not."""
+
+    applied: bool
+    method: str | None = None  # "controlnet ip-adapter (ip-adapter-plus-face_sd15)", ...
+    reason: str | None = None
+
+    def to_json(self, strength: float) -> dict[str, Any]:
+        if self.applied:
+            return {"applied": True, "strength": strength, "method": self.method}
+        return {"applied": False, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class BackendRequest:
     style: str
     checkpoint: CheckpointInfo
@@ -38,6 +61,9 @@ class BackendRequest:
     # Set when the attempt must stop (cancelled, lease lost): checked before anything is sent
     # and while it runs, so a cancel that comes before the adapter knows the task is not lost.
     cancelled: threading.Event | None = None
+    # Conditioning pictures, used at params.identity_strength (0: none). Without a way to use
+    # them the adapter refuses when params.identity_required, else runs without and says so.
+    references: tuple[ReferenceImage, ...] = ()
 
 
 def task_id_of(job_id: str, attempt: int) -> str:
@@ -62,6 +88,7 @@ class BackendResult:
     # The sampler and schedule that ran, as the backend names them (None: as asked).
     sampler: str | None = None
     scheduler: str | None = None
+    identity: IdentityUse | None = None  # None: no conditioning was asked for
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,10 @@ class ProbeResult:
     error: str | None = None
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     loaded: str | None = None  # the checkpoint in memory now, where the backend says
+    # What its kind can do but this one cannot, found out by asking it (A1111 without the
+    # ControlNet extension lacks reference_image); None: not asked (it did not answer).
+    lacking: frozenset[Capability] | None = None
+    identity_method: str | None = None  # how it conditions on references, when it can
 
 
 class ImageBackend(Protocol):

@@ -86,6 +86,10 @@ class BackendStatus:
     # The checkpoint of the last job given to it: what it will have loaded once the jobs it
     # holds (one may wait at its door) are done. The scheduler plans with this.
     upcoming: str | None = None
+    # Found missing at its last probe (see ProbeResult.lacking), and how it conditions on
+    # reference images where it can.
+    lacking: frozenset[Capability] = frozenset()
+    identity_method: str | None = None
 
     @property
     def planned(self) -> str | None:
@@ -146,6 +150,10 @@ class BackendPool:
     def statuses(self, names: Iterable[str] | None = None) -> list[BackendStatus]:
         with self._changed:
             return [replace(self._status[n]) for n in (names or self._status)]
+
+    def capabilities(self, name: str) -> frozenset[Capability]:
+        """What the backend can do: its kind's capabilities less what its probe found missing."""
+        return self.backends[name].spec.capabilities - self.status(name).lacking
 
     def in_flight(self, name: str) -> int:
         return self.status(name).in_flight
@@ -405,6 +413,9 @@ class BackendPool:
                     status.last_error = None
                 status.latency_ms = result.latency_ms
                 status.next_probe = now + self.health.interval
+                if result.lacking is not None:
+                    status.lacking = result.lacking
+                    status.identity_method = result.identity_method
                 if result.loaded and status.in_flight == 0:
                     # Busy backends report what they are switching to themselves.
                     status.loaded = strip_hash(result.loaded)

@@ -72,8 +72,35 @@ class Character(Base):
     primary_style: Mapped[str | None] = mapped_column(String(32))
     model: Mapped[str | None] = mapped_column(String(255))
     model_hash: Mapped[str | None] = mapped_column(String(64))
+    # The look beyond the appearance text: its own negative prompt, LoRAs ([{name, weight}])
+    # added to every prompt, an optional fixed seed, and how strongly its reference images
+    # condition a generation by default.
+    negative_prompt: Mapped[str] = mapped_column(Text, default="", server_default="")
+    loras: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    identity_strength: Mapped[float] = mapped_column(Float, default=0.6, server_default="0.6")
+    # The SillyTavern card it was imported from, every field kept for a lossless export.
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Reference(Base):
+    """A reference image of a character: what identity conditioning and scoring compare to."""
+
+    __tablename__ = "character_references"
+    __table_args__ = (Index("ix_references_character_created", "character_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    character_id: Mapped[str] = mapped_column(ForeignKey("characters.id", ondelete="CASCADE"))
+    file_path: Mapped[str] = mapped_column(String(512))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))  # upload | image | card
+    image_id: Mapped[str | None] = mapped_column(String(36))  # the promoted image, if any
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Job(Base):
@@ -114,6 +141,10 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     error_hint: Mapped[str | None] = mapped_column(Text)
     error_field: Mapped[str | None] = mapped_column(String(64))
+    # Identity: the references, strength and score threshold asked for, and each try's seed
+    # and score (see jobs.identity). Style transfer: {"from": style, "to": style}.
+    identity: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    style_transfer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -164,4 +195,9 @@ class Image(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     infotext: Mapped[str] = mapped_column(Text)
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # {applied, strength, method} or {applied: false, reason}; {score, method, reason,
+    # reachedMinScore}; {from, to}. None for images made before identity existed.
+    identity: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    consistency: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    style_transfer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -209,10 +209,14 @@ def finish_succeeded(
     worker: str,
     backend: str,
     params: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> bool:
     """Mark the job succeeded if this attempt still holds it; ``params`` (when given) are
-    the parameters as they ran (the canonical sampler and schedule names, say)."""
+    the parameters as they ran (the canonical sampler and schedule names, say); ``identity``
+    the identity plan with its tries and outcome."""
     extra: dict[str, Any] = {} if params is None else {"params": params}
+    if identity is not None:
+        extra["identity"] = identity
     result = session.execute(
         update(Job)
         .where(_held(job_id, number, worker))

@@ -25,7 +25,7 @@ class Capability(StrEnum):
 DESCRIPTIONS: dict[Capability, str] = {
     Capability.HIRES: "the high-resolution second pass",
     Capability.LORA: "LoRA tags (<lora:name:weight>) in the prompt",
-    Capability.REFERENCE_IMAGE: "a reference image",
+    Capability.REFERENCE_IMAGE: "identity conditioning on reference images",
     Capability.PROGRESS: "step progress",
     Capability.CANCEL: "cancelling a running generation",
     Capability.CHECKPOINT_LIST: "listing its checkpoints",
@@ -36,20 +36,22 @@ DESCRIPTIONS: dict[Capability, str] = {
 FIELDS: dict[Capability, str] = {
     Capability.HIRES: "hires",
     Capability.LORA: "prompt",
-    Capability.REFERENCE_IMAGE: "referenceImage",
+    Capability.REFERENCE_IMAGE: "identity",
 }
 
-_ALL = frozenset(Capability) - {Capability.REFERENCE_IMAGE}
+_ALL = frozenset(Capability)
 
 # The kinds of backend and what each can do. ComfyUI reports no hashes; RunPod serverless
 # has no way to list a worker's models, and only the ComfyUI worker reports its steps; the
-# local engine does not load LoRA files yet. None of them takes a reference image yet.
+# local engine loads neither LoRA files nor IP-Adapter weights yet. Reference images need an
+# extension (A1111's ControlNet, ComfyUI's IPAdapter nodes): a backend found without it at
+# its probe loses the capability (BackendPool.capabilities).
 KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
     "a1111": _ALL,
     "comfyui": _ALL - {Capability.CHECKPOINT_HASH},
     "runpod-a1111": _ALL - {Capability.CHECKPOINT_LIST, Capability.PROGRESS},
     "runpod-comfyui": _ALL - {Capability.CHECKPOINT_LIST, Capability.CHECKPOINT_HASH},
-    "local": _ALL - {Capability.LORA},
+    "local": _ALL - {Capability.LORA, Capability.REFERENCE_IMAGE},
 }
 
 # A user's own ComfyUI workflow decides its passes and loaders: charforge only fills in the

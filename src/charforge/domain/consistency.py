@@ -44,9 +44,9 @@ def _mismatch(character: StoredLook, style: str, checkpoint: str, asked: str) ->
         field="artStyle" if asked.startswith("style") else "model",
         hint=(
             "Leave artStyle and model out (the server uses the character's own), or send "
-            f"artStyle={style} and model={checkpoint}. Showing a character in another style is "
-            "style transfer, an explicit operation not available yet; until then, create a new "
-            "character in that style."
+            f"artStyle={style} and model={checkpoint}. To show the character in another "
+            'style, send "styleTransfer": true with that artStyle: it renders on that style\'s '
+            "checkpoint and leaves the character's own style and model as they are."
         ),
     )
 

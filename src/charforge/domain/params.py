@@ -27,6 +27,20 @@ OUTPUT_PIXELS_MAX = 2048 * 2048
 SFW_NEGATIVE = "nsfw, nude, explicit"
 
 
+class IdentityIn(BaseModel):
+    """How the character's reference images condition and judge this generation."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    # 0 turns conditioning off; absent: the character's own imageGeneration.identityStrength.
+    strength: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Reference ids of the character; absent: all of them.
+    references: list[str] | None = Field(default=None, min_length=1, max_length=8)
+    # Generate again (next seed) while the consistency score is below this, up to maxTries.
+    min_score: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_tries: int | None = Field(default=None, ge=1, le=5)
+
+
 class GenerateBody(BaseModel):
     """``POST /api/image-generation/generate`` as the original system sent it (camelCase)."""
 
@@ -49,6 +63,10 @@ class GenerateBody(BaseModel):
     sampler: str | None = Field(default=None, max_length=64)
     scheduler: str | None = Field(default=None, max_length=64)
     hires: bool | None = None
+    identity: IdentityIn | None = None
+    # With artStyle naming another style: render the character on that style's route and
+    # checkpoint, carrying its appearance, negative prompt and references.
+    style_transfer: bool = False
 
     @field_validator("width", "height")
     @classmethod
@@ -91,6 +109,10 @@ class GenerationParams:
     hires_scale: float
     hires_upscaler: str
     denoising_strength: float
+    # Identity conditioning on the character's reference images: 0 is none. Required: the
+    # request asked for it, so a backend that cannot do it must not run the job without it.
+    identity_strength: float = 0.0
+    identity_required: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,11 +13,16 @@ from charforge.errors import UnsupportedCapability
 _ADVICE: dict[Capability, str] = {
     Capability.HIRES: "Send hires=false",
     Capability.LORA: "Remove the <lora:...> tags from the prompt and the character's description",
+    Capability.REFERENCE_IMAGE: "Send identity.strength=0 (or leave identity out to let the "
+    "server go without it)",
 }
 
 
 def needs_of(params: GenerationParams) -> frozenset[Capability]:
-    return needed(hires=params.hires, prompt=params.prompt)
+    needs = needed(hires=params.hires, prompt=params.prompt)
+    if params.identity_required and params.identity_strength > 0:
+        needs |= {Capability.REFERENCE_IMAGE}
+    return needs
 
 
 def capable_backends(

@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from charforge.backends.base import Progress, task_id_of
 from charforge.db import repositories as repo
@@ -27,6 +28,8 @@ class JobSnapshot:
     checkpoint_hash: str | None
     params: GenerationParams
     count: int
+    identity: dict[str, Any] | None = None  # the plan made at submit (services.identity_plan)
+    style_transfer: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, job: Job, number: int) -> JobSnapshot:
@@ -40,6 +43,8 @@ class JobSnapshot:
             job.checkpoint_hash,
             GenerationParams.from_json(job.params),
             job.count or 1,
+            job.identity,
+            job.style_transfer,
         )
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
-from charforge.backends.base import BackendRequest, BackendResult, CheckpointInfo
+from charforge.backends.base import BackendRequest, BackendResult, CheckpointInfo, ReferenceImage
 from charforge.db import repositories as repo
 from charforge.db.models import utcnow
 from charforge.domain.consistency import verify_checkpoint_ran
@@ -35,6 +35,7 @@ from charforge.errors import (
 )
 from charforge.jobs.attempt import JobSnapshot, LeaseKeeper
 from charforge.jobs.context import RetryPolicy, RunnerContext, notice_cancel
+from charforge.jobs.identity import Scored, generate_scored, load_references, score_images
 from charforge.jobs.storing import store_images
 from charforge.observability import logs
 
@@ -62,6 +63,8 @@ class _Ran:
     keeper: LeaseKeeper | None
     listed: CheckpointInfo | None
     result: BackendResult | None = None
+    scored: Scored | None = None  # scored (and tried again) behind the door: identity.minScore
+    references: tuple[ReferenceImage, ...] = ()
     error: CharforgeError | None = None
     crash: Exception | None = None
     seconds: float = 0.0
@@ -103,7 +106,7 @@ def _attempt(
         if ran.error is not None:
             raise ran.error
         assert ran.result is not None and ran.listed is not None
-        written = _check_and_store(ctx, ran.job, name, ran.result, ran.listed, ran.seconds)
+        written = _check_and_store(ctx, ran, name)
     except CharforgeError as error:
         return _after_failure(ctx, ran.job, name, error, ran.seconds)
     except Exception:  # a bug must fail the job visibly, not leave it running forever
@@ -143,6 +146,7 @@ def _on_backend(
     (cancelled or taken meanwhile). Only the generation itself happens behind the door."""
     backend = ctx.pool.backends[name]
     try:
+        references = load_references(ctx, draft.identity)
         listed = backend.find_checkpoint(draft.checkpoint, style=draft.style)
         if draft.checkpoint_hash and listed.hash:
             _verify(ctx, draft, name, listed.name, listed.hash)  # a replaced file, early
@@ -161,7 +165,7 @@ def _on_backend(
             return None
         keeper = LeaseKeeper(ctx, job, name, cancelled)
         keeper.start()
-        ran = _Ran(job, keeper, listed)
+        ran = _Ran(job, keeper, listed, references=references)
         started = time.monotonic()
         try:
             if ctx.pool.status(name).loaded is None:
@@ -169,17 +173,21 @@ def _on_backend(
                 with contextlib.suppress(CharforgeError):
                     ctx.pool.note_loaded(name, backend.loaded_checkpoint())
             ctx.pool.note_loaded(name, listed.name)  # A1111 switches to it before rendering
-            ran.result = backend.generate(
-                BackendRequest(
-                    job.style,
-                    listed,
-                    job.params,
-                    job.count,
-                    on_progress=keeper.progress,
-                    task_id=keeper.task_id,
-                    cancelled=cancelled,
-                )
+            request = BackendRequest(
+                job.style,
+                listed,
+                job.params,
+                job.count,
+                on_progress=keeper.progress,
+                task_id=keeper.task_id,
+                cancelled=cancelled,
+                references=references if job.params.identity_strength > 0 else (),
             )
+            if job.identity and job.identity.get("minScore") is not None and references:
+                ran.scored = generate_scored(backend.generate, request, job.identity)
+                ran.result = ran.scored.result
+            else:
+                ran.result = backend.generate(request)
         except CharforgeError as error:
             ran.error = error
         except Exception as exc:  # handled outside the door, like any other outcome
@@ -227,16 +235,11 @@ def _verify(
     )
 
 
-def _check_and_store(
-    ctx: RunnerContext,
-    job: JobSnapshot,
-    name: str,
-    result: BackendResult,
-    listed: CheckpointInfo,
-    seconds: float,
-) -> int | None:
+def _check_and_store(ctx: RunnerContext, ran: _Ran, name: str) -> int | None:
+    job, result, listed = ran.job, ran.result, ran.listed
+    assert result is not None and listed is not None
     _verify(ctx, job, name, result.checkpoint, result.checkpoint_hash)
-    ctx.pool.record_success(name, seconds, listed.name)
+    ctx.pool.record_success(name, ran.seconds, listed.name)
     if len(result.images) < job.count:
         raise BackendBadResponse(
             f"Backend '{name}' returned {len(result.images)} of the {job.count} images asked "
@@ -244,7 +247,15 @@ def _check_and_store(
             retriable=True,
         )
     simulated = ctx.table.backends[name].simulated
-    return store_images(ctx, job, name, simulated, result, listed.hash)
+    scored = ran.scored
+    if scored is None and job.identity:  # scored here, outside the door: the backend is free
+        images = result.images[: job.count]
+        scored = Scored(result, score_images(ran.references, images))
+        scored.tries = [
+            {"try": 1, "seed": i.seed, "score": s.score}
+            for i, s in zip(images, scored.scores, strict=True)
+        ]
+    return store_images(ctx, job, name, simulated, result, listed.hash, scored)
 
 
 def _after_failure(

@@ -4,6 +4,7 @@ transaction, only while the attempt still holds the job."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
@@ -16,6 +17,7 @@ from charforge.domain.infotext import build_infotext
 from charforge.errors import BackendBadResponse
 from charforge.jobs.attempt import JobSnapshot
 from charforge.jobs.context import RunnerContext
+from charforge.jobs.identity import Scored, image_consistency
 from charforge.storage.png import NotAnImage, embed_infotext
 
 
@@ -26,6 +28,7 @@ def store_images(
     simulated: bool,
     result: BackendResult,
     listed_hash: str | None,
+    scored: Scored | None = None,
 ) -> int | None:
     """The images and the job's success in one transaction, only while this attempt still
     holds the job; None when it does not (cancelled, or re-queued after a lapsed lease)."""
@@ -36,8 +39,12 @@ def store_images(
         scheduler=result.scheduler or job.params.scheduler,
     )
     model_hash = result.checkpoint_hash or listed_hash
+    plan = job.identity
+    identity = _identity_of(job, result)
     rows: list[Image] = []
     for position, generated in enumerate(result.images[: job.count]):
+        score = scored.scores[position] if scored and position < len(scored.scores) else None
+        consistency = image_consistency(score, plan or {}) if score is not None else None
         infotext = build_infotext(
             prompt=p.prompt,
             negative_prompt=p.negative_prompt,
@@ -58,6 +65,7 @@ def store_images(
             extra={
                 **generated.extra,
                 "Art style": job.style,
+                **_identity_infotext(identity, consistency, job.style_transfer),
                 "Version": f"charforge {__version__}",
             },
         )
@@ -92,12 +100,26 @@ def store_images(
                 params=p.to_json(),
                 infotext=infotext,
                 simulated=simulated,
+                identity=identity,
+                consistency=consistency,
+                style_transfer=job.style_transfer,
             )
         )
     try:
         with ctx.db.session() as session:
+            outcome = (
+                {**plan, "tries": scored.tries if scored else [], "result": identity}
+                if plan is not None
+                else None
+            )
             if not repo.finish_succeeded(
-                session, job.id, job.number, ctx.worker, backend, params=p.to_json()
+                session,
+                job.id,
+                job.number,
+                ctx.worker,
+                backend,
+                params=p.to_json(),
+                identity=outcome,
             ):
                 raise _Abandoned()  # cancelled, deleted or taken over meanwhile: keep nothing
             session.add_all(rows)
@@ -130,3 +152,31 @@ def store_images(
 
 class _Abandoned(Exception):
     pass
+
+
+def _identity_of(job: JobSnapshot, result: BackendResult) -> dict[str, Any] | None:
+    """What the image says of identity conditioning: applied (how, how strongly) or why not."""
+    plan = job.identity
+    if plan is None:
+        return None
+    strength = job.params.identity_strength
+    if strength > 0 and result.identity is not None:
+        return result.identity.to_json(strength)
+    if strength > 0:  # an adapter that cannot condition and said nothing: never claim it
+        return {"applied": False, "reason": "the backend did not report using the references"}
+    return {"applied": False, "reason": plan.get("reason") or "identity.strength is 0"}
+
+
+def _identity_infotext(
+    identity: dict[str, Any] | None,
+    consistency: dict[str, Any] | None,
+    transfer: dict[str, Any] | None,
+) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    if identity and identity.get("applied"):
+        fields["Identity"] = f"{identity['method']}, strength {identity['strength']:g}"
+    if consistency and consistency.get("score") is not None:
+        fields["Consistency score"] = f"{consistency['score']:.3f} ({consistency['method']})"
+    if transfer:
+        fields["Style transfer"] = f"{transfer['from']} to {transfer['to']}"
+    return fields

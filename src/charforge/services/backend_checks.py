@@ -60,7 +60,7 @@ def check_routes(table: RouteTable, pool: BackendPool, *, max_age: float = 5.0) 
                 BackendCheck(
                     name=name,
                     kind=spec.label,
-                    capabilities=sorted(spec.capabilities),
+                    capabilities=sorted(pool.capabilities(name)),
                     reachable=probe.ok,
                     latency_ms=round(probe.latency_ms, 1) if probe.latency_ms is not None else None,
                     error=probe.error,

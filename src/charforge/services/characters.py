@@ -9,11 +9,15 @@ from sqlalchemy.orm import Session
 
 from charforge.db import repositories as repo
 from charforge.db.models import Character, User
+from charforge.db.references import reference_paths_of_character
 from charforge.domain.consistency import StoredLook
 from charforge.domain.routes import RouteTable
 from charforge.errors import InvalidInput, NotFound
 
 NAME_MAX, DESCRIPTION_MAX, APPEARANCE_MAX, MODEL_MAX = 100, 5000, 2000, 255
+NEGATIVE_MAX = 2000
+MAX_LORAS = 8
+DEFAULT_IDENTITY_STRENGTH = 0.6
 
 
 @dataclass
@@ -27,6 +31,20 @@ class CharacterFields:
     model: str | None = None
     model_hash: str | None = None
     clear_model_hash: bool = False
+    negative_prompt: str | None = None
+    identity_strength: float | None = None
+    loras: list[tuple[str, float]] | None = None  # replaces the list; [] clears it
+    seed: int | None = None
+    clear_seed: bool = False
+
+
+def _lora_json(loras: list[tuple[str, float]]) -> list[dict[str, object]]:
+    return [{"name": name, "weight": weight} for name, weight in loras]
+
+
+def lora_suffix(character: Character) -> str:
+    """The character's LoRAs as prompt tags (A1111 reads them; ComfyUI gets LoraLoader nodes)."""
+    return ", ".join(f"<lora:{x['name']}:{x['weight']:g}>" for x in character.loras or [])
 
 
 def look_of(character: Character) -> StoredLook:
@@ -48,7 +66,11 @@ def _checked(fields: CharacterFields, table: RouteTable) -> CharacterFields:
                 field="name",
                 hint="Give the character a name such as 'Sakura'.",
             )
-    for attr, limit in (("description", DESCRIPTION_MAX), ("appearance", APPEARANCE_MAX)):
+    for attr, limit in (
+        ("description", DESCRIPTION_MAX),
+        ("appearance", APPEARANCE_MAX),
+        ("negative_prompt", NEGATIVE_MAX),
+    ):
         value = getattr(fields, attr)
         if value is not None and len(value) > limit:
             raise InvalidInput(
@@ -82,6 +104,12 @@ def create(session: Session, owner: User, fields: CharacterFields, table: RouteT
         primary_style=fields.art_style,
         model=model,
         model_hash=fields.model_hash,
+        negative_prompt=fields.negative_prompt or "",
+        identity_strength=DEFAULT_IDENTITY_STRENGTH
+        if fields.identity_strength is None
+        else fields.identity_strength,
+        loras=_lora_json(fields.loras or []),
+        seed=fields.seed,
     )
     session.add(character)
     session.flush()
@@ -125,7 +153,7 @@ def update(
 ) -> Character:
     character = get(session, owner, character_id)
     fields = _checked(fields, table)
-    for attr in ("name", "description", "appearance"):
+    for attr in ("name", "description", "appearance", "negative_prompt", "identity_strength"):
         value = getattr(fields, attr)
         if value is not None:
             setattr(character, attr, value)
@@ -144,14 +172,21 @@ def update(
         character.model_hash = fields.model_hash
     if fields.clear_model_hash:
         character.model_hash = None
+    if fields.loras is not None:
+        character.loras = _lora_json(fields.loras)
+    if fields.seed is not None:
+        character.seed = fields.seed
+    if fields.clear_seed:
+        character.seed = None
     session.flush()
     return character
 
 
 def delete(session: Session, owner: User, character_id: str) -> list[str]:
-    """Deletes the character with its jobs and images; returns the image files to remove."""
+    """Deletes the character with its jobs, images and references; returns the files to remove."""
     character = get(session, owner, character_id)
     paths = repo.image_paths_of_character(session, owner.id, character.id)
+    paths += reference_paths_of_character(session, owner.id, character.id)
     session.delete(character)
     session.flush()
     return paths

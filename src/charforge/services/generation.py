@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from sqlalchemy.orm import Session
 
 from charforge.config import GenerationDefaults
 from charforge.db import repositories as repo
-from charforge.db.models import Job, User, utcnow
+from charforge.db.models import Character, Job, User, utcnow
 from charforge.domain.checkpoints import same_checkpoint
 from charforge.domain.consistency import resolve
-from charforge.domain.params import GenerateBody, apply_defaults
+from charforge.domain.params import GenerateBody, GenerationParams, apply_defaults
 from charforge.domain.prompt import compose_negative, compose_prompt
 from charforge.domain.requirements import fit_to_route
 from charforge.domain.routes import RouteTable
+from charforge.errors import InvalidInput
 from charforge.services import characters
-from charforge.services.characters import look_of
+from charforge.services.characters import look_of, lora_suffix
+from charforge.services.identity_plan import CapabilitiesOf, plan_identity
 
 
 def submit(
@@ -25,19 +30,30 @@ def submit(
     defaults: GenerationDefaults,
     *,
     count: int = 1,
+    capabilities: CapabilitiesOf | None = None,
 ) -> Job:
     character = characters.get(session, owner, body.character_id)
     requested_style = (
         table.normalize_style(body.art_style, field="artStyle") if body.art_style else None
     )
+    if body.seed is None and character.seed is not None:
+        body = body.model_copy(update={"seed": character.seed})  # the character's fixed seed
     # Every check on the request comes before anything about the character is written.
     params = apply_defaults(
         body,
         defaults,
-        prompt=compose_prompt(body.prompt, character.appearance),
-        negative=compose_negative(body.negative_prompt, nsfw=body.nsfw),
+        prompt=with_loras(compose_prompt(body.prompt, character.appearance), character),
+        negative=compose_negative(
+            join_negative(body.negative_prompt, character.negative_prompt), nsfw=body.nsfw
+        ),
     )
+    if body.style_transfer:
+        return _submit_transfer(session, owner, body, character, params, table, count, capabilities)
     resolution = resolve(look_of(character), requested_style, body.model, table)
+    identity = plan_identity(
+        session, character, body.identity, resolution.route, table, capabilities
+    )
+    params = with_identity(params, identity)
     fitted = fit_to_route(
         params, hires_asked=body.hires is not None, route=resolution.route, table=table
     )
@@ -55,24 +71,131 @@ def submit(
         session.refresh(character)
         if not won:  # another request decided first: follow what is stored now
             resolution = resolve(look_of(character), requested_style, body.model, table)
+            identity = plan_identity(
+                session, character, body.identity, resolution.route, table, capabilities
+            )
+            params = with_identity(params, identity)
             fitted = fit_to_route(
                 params, hires_asked=body.hires is not None, route=resolution.route, table=table
             )
+    return _queue(
+        session,
+        owner,
+        body,
+        character.id,
+        resolution.style,
+        resolution.checkpoint,
+        character.model_hash,
+        fitted,
+        count,
+        identity,
+        None,
+    )
 
+
+def _queue(
+    session: Session,
+    owner: User,
+    body: GenerateBody,
+    character_id: str,
+    style: str,
+    checkpoint: str,
+    checkpoint_hash: str | None,
+    fitted: GenerationParams,
+    count: int,
+    identity: dict[str, Any] | None,
+    transfer: dict[str, str] | None,
+) -> Job:
     job = Job(
         owner_id=owner.id,
-        character_id=character.id,
+        character_id=character_id,
         state="queued",
-        art_style=resolution.style,
-        checkpoint=resolution.checkpoint,
-        checkpoint_hash=character.model_hash,
+        art_style=style,
+        checkpoint=checkpoint,
+        checkpoint_hash=checkpoint_hash,
         params=fitted.to_json(),
         user_prompt=body.prompt,
         request=body.model_dump(mode="json", by_alias=True, exclude_none=True),
         attempts=0,
         count=count,
+        identity=identity,
+        style_transfer=transfer,
         created_at=utcnow(),
     )
     session.add(job)
     session.flush()
     return job
+
+
+def _submit_transfer(
+    session: Session,
+    owner: User,
+    body: GenerateBody,
+    character: Character,
+    params: GenerationParams,
+    table: RouteTable,
+    count: int,
+    capabilities: CapabilitiesOf | None,
+) -> Job:
+    """Style transfer: the character on another style's route and checkpoint, carrying its
+    appearance, negative prompt, LoRAs and references; the character itself is unchanged."""
+    if not body.art_style:
+        raise InvalidInput(
+            "styleTransfer needs artStyle: the style to render the character in.",
+            field="artStyle",
+            hint=f"Send artStyle as one of: {', '.join(table.routes)}.",
+        )
+    target = table.normalize_style(body.art_style, field="artStyle")
+    own = resolve(look_of(character), None, None, table)
+    if body.model is not None and not same_checkpoint(body.model, table.route(target).checkpoint):
+        raise InvalidInput(
+            f"Style transfer renders on the {target} style's checkpoint "
+            f"({table.route(target).checkpoint}); another model cannot be named with it.",
+            field="model",
+            hint="Leave model out with styleTransfer.",
+        )
+    route = table.route(target)
+    identity = plan_identity(session, character, body.identity, route, table, capabilities)
+    fitted = fit_to_route(
+        with_identity(params, identity),
+        hires_asked=body.hires is not None,
+        route=route,
+        table=table,
+    )
+    transfer = {"from": own.style, "to": target}
+    return _queue(
+        session,
+        owner,
+        body,
+        character.id,
+        target,
+        route.checkpoint,
+        None,
+        fitted,
+        count,
+        identity,
+        transfer,
+    )
+
+
+def with_identity(params: GenerationParams, identity: dict[str, Any] | None) -> GenerationParams:
+    if identity is None:
+        return params
+    return replace(
+        params,
+        identity_strength=float(identity["strength"]),
+        identity_required=bool(identity["required"]),
+    )
+
+
+def join_negative(asked: str, own: str | None) -> str:
+    """The request's negative prompt, then the character's own (what it must never show)."""
+    own = (own or "").strip().strip(",").strip()
+    if not own or own.lower() in asked.lower():
+        return asked
+    return f"{asked}, {own}" if asked else own
+
+
+def with_loras(prompt: str, character: Character) -> str:
+    tags = lora_suffix(character)
+    return f"{prompt}, {tags}" if tags else prompt

@@ -23,6 +23,10 @@ class ImageStore:
     def relative_path(owner_id: int, character_id: str, image_id: str) -> str:
         return f"images/{owner_id}/{character_id}/{image_id}.png"
 
+    @staticmethod
+    def reference_path(owner_id: int, character_id: str, reference_id: str) -> str:
+        return f"references/{owner_id}/{character_id}/{reference_id}.png"
+
     def path(self, relative: str) -> Path:
         full = (self.root / relative).resolve()
         if not full.is_relative_to(self.root):

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.schemas import CharacterIn, CharacterOut
+from charforge.db.references import reference_counts
 from charforge.services import characters
 
 router = APIRouter(prefix="/api/characters", tags=["characters"])
@@ -25,13 +26,17 @@ def create_character(
 @router.get("", response_model=list[CharacterOut])
 def list_characters(user: CurrentUser, c: ContainerDep) -> list[CharacterOut]:
     with c.db.session() as session:
-        return [CharacterOut.of(ch) for ch in characters.list_for(session, user)]
+        counts = reference_counts(session, user.id)
+        return [
+            CharacterOut.of(ch, counts.get(ch.id, 0)) for ch in characters.list_for(session, user)
+        ]
 
 
 @router.get("/{character_id}", response_model=CharacterOut)
 def get_character(character_id: str, user: CurrentUser, c: ContainerDep) -> CharacterOut:
     with c.db.session() as session:
-        return CharacterOut.of(characters.get(session, user, character_id))
+        character = characters.get(session, user, character_id)
+        return CharacterOut.of(character, reference_counts(session, user.id).get(character.id, 0))
 
 
 @router.patch("/{character_id}", response_model=CharacterOut)
@@ -39,9 +44,8 @@ def update_character(
     character_id: str, body: CharacterIn, user: CurrentUser, c: ContainerDep
 ) -> CharacterOut:
     with c.db.session() as session:
-        return CharacterOut.of(
-            characters.update(session, user, character_id, body.to_fields(), c.table)
-        )
+        character = characters.update(session, user, character_id, body.to_fields(), c.table)
+        return CharacterOut.of(character, reference_counts(session, user.id).get(character.id, 0))
 
 
 @router.delete("/{character_id}", status_code=204)

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.errors import error_response
-from charforge.api.schemas import GenerateOut, JobOut, brief, camel_params
+from charforge.api.schemas import GenerateOut, JobOut, brief, camel_params, identity_view
 from charforge.container import Container
 from charforge.db import repositories as repo
 from charforge.db.models import User
@@ -22,7 +22,15 @@ router = APIRouter(tags=["generation"])
 
 def submit_generation(c: Container, user: User, body: GenerateBody, count: int = 1) -> JobTicket:
     with c.db.session() as session:
-        job = generation.submit(session, user, body, c.table, c.settings.defaults, count=count)
+        job = generation.submit(
+            session,
+            user,
+            body,
+            c.table,
+            c.settings.defaults,
+            count=count,
+            capabilities=c.pool.capabilities,
+        )
         ticket = JobTicket.of(job)
     # the with-block has committed: only now may a worker see the job
     c.queue.submit(ticket)
@@ -51,6 +59,8 @@ def generation_outcome(c: Container, user: User, job_id: str) -> JSONResponse:
                 images=[brief(i) for i in images],
                 parameters=camel_params(job.params),
                 simulated=any(i.simulated for i in images),
+                identity=identity_view(job.identity),
+                style_transfer=job.style_transfer,
             )
             return JSONResponse(out.model_dump(mode="json", by_alias=True))
         if job.state == "failed":

@@ -16,7 +16,8 @@ Facts this adapter is built on (DESIGN.md section 5, shared/reference/real-webui
 - NaNs in the output and an unreadable checkpoint fail again on the same WebUI (wire.py);
 - Forge's hires pass raises ``TypeError`` unless ``hr_additional_modules`` is a list;
 - errors arrive as ``{"error", "detail", "body", "errors"}`` (Forge: ``message``);
-- ``/sd-models`` may report no hash until a checkpoint was loaded once.
+- ``/sd-models`` may report no hash until a checkpoint was loaded once;
+- identity conditioning goes through the ControlNet extension (controlnet.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ from typing import Any
 import httpx
 
 from charforge.backends.a1111.client import A1111Client
+from charforge.backends.a1111.controlnet import (
+    ControlNetProbe,
+    script_missing,
+    units_reported,
+    with_units,
+)
 from charforge.backends.a1111.tasks import TaskStatus, TaskWatch, Watcher, WebUIState
 from charforge.backends.a1111.wire import parse_txt2img, txt2img_payload
 from charforge.backends.base import (
@@ -40,7 +47,7 @@ from charforge.backends.base import (
     ProbeResult,
 )
 from charforge.backends.transport import capitalized
-from charforge.domain.capabilities import lora_tags
+from charforge.domain.capabilities import Capability, lora_tags
 from charforge.domain.checkpoints import find_checkpoint_named, strip_hash
 from charforge.domain.routes import BackendSpec
 from charforge.domain.samplers import NameBook, resolve
@@ -83,6 +90,7 @@ class A1111Backend:
         # cancel never lands on the task that follows in this process.
         self._control = threading.Lock()
         self._has_task_route: bool | None = None  # POST /internal/progress (not --nowebui)
+        self.controlnet = ControlNetProbe(spec, self._http)
 
     def close(self) -> None:
         self._watcher.close()
@@ -247,15 +255,32 @@ class A1111Backend:
         where = self._where(request.style)
         if watch.cancel.is_set():  # cancelled before anything was sent: send nothing
             raise BackendInterrupted(f"{capitalized(where)} was asked to stop this task.")
+        units, identity = self.controlnet.conditioning(request)
+        payload = txt2img_payload(request)
         self._watcher.add(watch)
         try:
-            response = self._http.call(
-                "POST",
-                "/sdapi/v1/txt2img",
-                style=request.style,
-                json_body=txt2img_payload(request),
-                checkpoint=request.checkpoint.name,
-            )
+            try:
+                response = self._http.call(
+                    "POST",
+                    "/sdapi/v1/txt2img",
+                    style=request.style,
+                    json_body=with_units(payload, units) if units else payload,
+                    checkpoint=request.checkpoint.name,
+                )
+            except BackendRejected as exc:
+                if not (units and script_missing(exc.message)):
+                    raise
+                # The extension went away since it was listed: forget it, and go without.
+                self.controlnet.forget()
+                identity = self.controlnet.without(request, "the WebUI has no ControlNet extension")
+                units = []
+                response = self._http.call(
+                    "POST",
+                    "/sdapi/v1/txt2img",
+                    style=request.style,
+                    json_body=payload,
+                    checkpoint=request.checkpoint.name,
+                )
             body = self._http.json(response, request.style)
             with self._control:
                 result = parse_txt2img(body, where)
@@ -273,10 +298,17 @@ class A1111Backend:
             raise
         finally:
             self._watcher.release(watch)
+        if units and not units_reported(result.info, len(units)):
+            # The extension names every unit it ran; one it skipped (a model that would not
+            # load, say) leaves the image unconditioned, and that is never claimed.
+            identity = self.controlnet.without(
+                request, "the ControlNet extension did not apply the units"
+            )
         return replace(
             result,
             sampler=result.sampler or sampler,
             scheduler=result.scheduler or scheduler,
+            identity=identity,
         )
 
     def _refuse_if_stopped(self, watch: TaskWatch, result: BackendResult, where: str) -> None:
@@ -409,7 +441,22 @@ class A1111Backend:
         except Exception as exc:  # any failure means "does not answer properly"
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             return ProbeResult(False, None, message)
-        return ProbeResult(True, latency, None, checkpoints, loaded)
+        try:
+            self.controlnet.forget()  # the probe is when the extension is asked again
+            method = self.controlnet.method("realistic")
+        except Exception as exc:  # the extension's routes failing is not the WebUI failing
+            log.warning("could not ask %s about ControlNet: %s", self.spec.name, exc)
+            return ProbeResult(True, latency, None, checkpoints, loaded)
+        lacking = frozenset() if method else frozenset({Capability.REFERENCE_IMAGE})
+        return ProbeResult(
+            True,
+            latency,
+            None,
+            checkpoints,
+            loaded,
+            lacking=lacking,
+            identity_method=method.label if method else None,
+        )
 
 
 def _match(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:

@@ -1,0 +1,188 @@
+"""Identity conditioning through A1111's ControlNet extension (Forge has it built in).
+
+What is installed is asked of the extension (``/controlnet/module_list``, ``/model_list``):
+an IP-Adapter model when there is one (a face variant for realistic styles), otherwise
+``reference_only``, which needs no model. One unit per reference image, weighted by the
+strength; ``save_detected_map: false`` so that no preprocessor map is appended to the
+answer (the answer parser keeps only the generated images in any case). A WebUI without the
+extension answers 404 on those routes and 422 to any ``alwayson_scripts.controlnet``.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from charforge.backends.base import BackendRequest, IdentityUse, ReferenceImage
+from charforge.domain.capabilities import Capability
+from charforge.domain.checkpoints import strip_hash
+from charforge.domain.routes import BackendSpec
+from charforge.errors import BackendRejected, IdentityUnavailable
+
+if TYPE_CHECKING:
+    from charforge.backends.a1111.client import A1111Client
+
+_LIST_CACHE_SECONDS = 60.0
+
+_FACE_STYLES = frozenset({"realistic"})
+# Names Forge gives its built-in IP-Adapter preprocessors, and the extension's.
+_IP_MODULES = ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_h")
+
+
+@dataclass(frozen=True)
+class ControlNetMethod:
+    module: str
+    model: str  # "None" for a model-free preprocessor such as reference_only
+    label: str  # what images record as the identity method
+
+    def units(
+        self, references: tuple[ReferenceImage, ...], strength: float
+    ) -> list[dict[str, Any]]:
+        return [
+            {
+                "enabled": True,  # the extension's default is false: a unit without it is ignored
+                "module": self.module,
+                "model": self.model,
+                "image": base64.b64encode(ref.png).decode("ascii"),
+                "weight": strength,
+                "resize_mode": "Crop and Resize",
+                "control_mode": "Balanced",
+                "pixel_perfect": False,
+                "save_detected_map": False,
+            }
+            for ref in references
+        ]
+
+
+REFERENCE_ONLY = ControlNetMethod("reference_only", "None", "controlnet reference_only")
+
+
+def choose_method(modules: list[str], models: list[str], *, style: str) -> ControlNetMethod | None:
+    """The best identity method the extension offers for this style; None when none."""
+    ip_models = [m for m in models if "ip-adapter" in m.lower() or "ip_adapter" in m.lower()]
+    if ip_models:
+        faces = [m for m in ip_models if "face" in m.lower()]
+        plain = [m for m in ip_models if "face" not in m.lower()]
+        # A face model keeps a photographic face; on drawn styles it fights the style.
+        pick = (faces or plain)[0] if style in _FACE_STYLES else (plain or faces)[0]
+        module = _module_for(pick, modules)
+        if module is not None:
+            return ControlNetMethod(module, pick, f"controlnet ip-adapter ({strip_hash(pick)})")
+    if "reference_only" in modules:
+        return REFERENCE_ONLY
+    return None
+
+
+def _module_for(model: str, modules: list[str]) -> str | None:
+    lowered = model.lower()
+    if "faceid" in lowered or "face_id" in lowered:
+        wanted = [m for m in modules if "face_id" in m.lower()]
+        return wanted[0] if wanted else None  # FaceID models need the InsightFace module
+    for name in _IP_MODULES:
+        if name in modules:
+            return name
+    return next((m for m in modules if m.lower().startswith("ip-adapter")), None)
+
+
+def with_units(payload: dict[str, Any], units: list[dict[str, Any]]) -> dict[str, Any]:
+    scripts = dict(payload.get("alwayson_scripts") or {})
+    scripts["controlnet"] = {"args": units}
+    return {**payload, "alwayson_scripts": scripts}
+
+
+def units_reported(info: dict[str, Any], count: int) -> bool:
+    """The extension names each unit it ran in the infotext (``ControlNet 0``, ...)."""
+    extra = info.get("extra_generation_params")
+    if not isinstance(extra, dict):
+        return False
+    return all(f"ControlNet {index}" in extra for index in range(count))
+
+
+def script_missing(message: str) -> bool:
+    """A1111's 422 for an ``alwayson_scripts`` entry it has no script for: "Script
+    'controlnet' not found" (seen on 1.10) or "always on script controlnet not found"."""
+    lowered = message.lower()
+    return "controlnet" in lowered and "not found" in lowered
+
+
+class ControlNetProbe:
+    """What one WebUI's ControlNet extension offers (asked again at each health probe, and
+    at most once a minute otherwise), and the units a request gets from it."""
+
+    def __init__(self, spec: BackendSpec, http: A1111Client) -> None:
+        self._spec, self._http = spec, http
+        self._lock = threading.Lock()
+        self._lists: tuple[float, tuple[list[str], list[str]] | None] | None = None
+
+    def forget(self) -> None:
+        with self._lock:
+            self._lists = None
+
+    def lists(self, style: str | None = None) -> tuple[list[str], list[str]] | None:
+        """(modules, models) of the extension; None when it is not installed."""
+        with self._lock:
+            cached = self._lists
+        if cached is not None and time.monotonic() - cached[0] < _LIST_CACHE_SECONDS:
+            return cached[1]
+        try:
+            modules = self._http.json(
+                self._http.call("GET", "/controlnet/module_list", style=style), style
+            )
+            models = self._http.json(
+                self._http.call("GET", "/controlnet/model_list", style=style), style
+            )
+        except BackendRejected as exc:
+            if "404" not in exc.message:
+                raise
+            found = None
+        else:
+            names = modules.get("module_list") if isinstance(modules, dict) else None
+            files = models.get("model_list") if isinstance(models, dict) else None
+            found = (
+                [m for m in names or [] if isinstance(m, str)],
+                [m for m in files or [] if isinstance(m, str) and m != "None"],
+            )
+        with self._lock:
+            self._lists = (time.monotonic(), found)
+        return found
+
+    def method(self, style: str) -> ControlNetMethod | None:
+        lists = self.lists(style)
+        return choose_method(*lists, style=style) if lists is not None else None
+
+    def without(self, request: BackendRequest, why: str) -> IdentityUse:
+        """Identity asked for explicitly is refused here (another backend may have it);
+        asked for by default, the image is made without it and says so."""
+        if request.params.identity_required:
+            raise IdentityUnavailable(
+                f"Backend '{self._spec.name}' cannot condition on reference images: {why}.",
+                field="identity",
+                hint="Install the ControlNet extension (sd-webui-controlnet; Forge has it "
+                "built in) on that WebUI, or send identity.strength=0.",
+                extra={
+                    "capability": Capability.REFERENCE_IMAGE.value,
+                    "backends": [self._spec.name],
+                },
+            )
+        return IdentityUse(False, reason=f"backend '{self._spec.name}': {why}")
+
+    def conditioning(
+        self, request: BackendRequest
+    ) -> tuple[list[dict[str, Any]], IdentityUse | None]:
+        """The units for this request, and what the image will say about identity."""
+        p = request.params
+        if not request.references or p.identity_strength <= 0:
+            return [], None
+        method = self.method(request.style)
+        if method is None:
+            why = (
+                "the WebUI has no ControlNet extension"
+                if self.lists(request.style) is None
+                else "its ControlNet extension has neither an IP-Adapter model nor reference_only"
+            )
+            return [], self.without(request, why)
+        units = method.units(request.references, p.identity_strength)
+        return units, IdentityUse(True, method.label)
