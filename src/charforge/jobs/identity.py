@@ -131,6 +131,7 @@ def generate_scored(
     generate: Callable[[BackendRequest], BackendResult],
     request: BackendRequest,
     plan: dict[str, Any],
+    references: tuple[ReferenceImage, ...],
 ) -> Scored:
     """Generate, score, and while an image is below ``minScore`` generate again with the
     next seeds, up to ``maxTries``; keep the best-scoring image of each position."""
@@ -143,7 +144,7 @@ def generate_scored(
     for number in range(1, tries_left + 1):
         last = generate(current)
         images = last.images[:count]
-        scores = score_images(request.references, images)
+        scores = score_images(references, images)
         for position, (image, score) in enumerate(zip(images, scores, strict=True)):
             tries.append({"try": number, "seed": image.seed, "score": score.score})
             if _better(score, best[position][0]):
@@ -151,6 +152,7 @@ def generate_scored(
         reached = min_score is None or all(
             s is not None and s.score is not None and s.score >= min_score for s, _ in best
         )
+        # No face in the references: another seed cannot help.
         hopeless = any(s.reason and "reference" in s.reason for s in scores)
         cancelled = request.cancelled is not None and request.cancelled.is_set()
         if reached or hopeless or cancelled or len(images) < count:

@@ -184,7 +184,7 @@ def _on_backend(
                 references=references if job.params.identity_strength > 0 else (),
             )
             if job.identity and job.identity.get("minScore") is not None and references:
-                ran.scored = generate_scored(backend.generate, request, job.identity)
+                ran.scored = generate_scored(backend.generate, request, job.identity, references)
                 ran.result = ran.scored.result
             else:
                 ran.result = backend.generate(request)

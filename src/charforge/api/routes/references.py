@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response, UploadFile
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.schemas import ReferenceList, ReferenceOut, Wire
