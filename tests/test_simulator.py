@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
+import hashlib
 import io
 import json
 import re
@@ -14,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from charforge.simulator import A1111Simulator, Faults, SimulatorSettings, create_simulator_app
 from charforge.simulator.config import Flavor
@@ -1303,3 +1306,306 @@ def test_task_runs_record_the_sampler_and_schedule_that_ran(
         "Karras",  # Automatic resolves to the fallback sampler's own schedule
     )
     assert sim.task_runs["task(u)"]["sampler_name"] == "DPM++ 2M"
+
+
+# --------------------------------------------------------------------------- ControlNet, photos
+
+IP_MODELS = ["ip-adapter-plus-face_sd15 [71693645]", "ip-adapter_sd15 [6a3f6166]"]
+REFERENCE_ONLY_INFOTEXT = (
+    "Module: reference_only, Model: None, Weight: 0.8, Resize Mode: Crop and Resize,"
+    " Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0,"
+    " Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced"
+)
+
+
+def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+@functools.cache
+def _reference_png() -> bytes:
+    """120x80, not square: red left third, blue right third, a green middle (kept by a crop)."""
+    image = Image.new("RGB", (120, 80), (220, 20, 20))
+    image.paste((20, 200, 40), (40, 0, 80, 80))
+    image.paste((20, 40, 220), (80, 0, 120, 80))
+    return _encoded(image)
+
+
+def _reference_b64() -> str:
+    return base64.b64encode(_reference_png()).decode()
+
+
+def _unit(**fields: Any) -> dict[str, Any]:
+    unit = {"enabled": True, "module": "reference_only", "model": "None", "weight": 0.8}
+    return {**unit, "image": _reference_b64(), **fields}
+
+
+def _cn_body(*units: Any, **extra: Any) -> dict[str, Any]:
+    body = {"prompt": "a portrait", "seed": 7, "steps": 2, "width": 64, "height": 64}
+    return {**body, "alwayson_scripts": {"controlnet": {"args": list(units)}}, **extra}
+
+
+def _pixels(b64: str) -> bytes:
+    return _png(b64).convert("RGB").tobytes()
+
+
+def _plain_pixels(client: httpx.Client) -> bytes:
+    body = {"prompt": "a portrait", "seed": 7, "steps": 2, "width": 64, "height": 64}
+    answer = client.post(TXT2IMG, json=body)
+    assert answer.status_code == 200, answer.text
+    return _pixels(answer.json()["images"][0])
+
+
+@pytest.fixture
+def cn(sim: A1111Simulator) -> Iterator[A1111Simulator]:
+    """The shared simulator with sd-webui-controlnet installed (no model files yet)."""
+    original = sim.settings
+    sim.settings = dataclasses.replace(original, controlnet=True, controlnet_models=[])
+    yield sim
+    sim.settings = original
+
+
+def test_without_controlnet_the_script_and_routes_are_missing(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    for path in ("/controlnet/version", "/controlnet/model_list", "/controlnet/module_list"):
+        answer = client.get(path)
+        assert (answer.status_code, answer.json()) == (404, {"detail": "Not Found"}), path
+    for key in ("controlnet", "ControlNet"):
+        answer = client.post(TXT2IMG, json=_cn_body(_unit()) | {"alwayson_scripts": {key: {}}})
+        assert answer.status_code == 422
+        assert answer.json() == {
+            "error": "HTTPException",
+            "detail": f"Script '{key}' not found",
+            "body": "",
+            "errors": "",
+        }
+    assert sim.task_runs == {} and sim.generations == 0  # refused before it was queued
+    # A1111's own always-on scripts are there; a selectable one is refused.
+    refiner = client.post(TXT2IMG, json=_cn_body() | {"alwayson_scripts": {"Refiner": {}}})
+    assert refiner.status_code == 200, refiner.text
+    xyz = client.post(TXT2IMG, json=_cn_body() | {"alwayson_scripts": {"x/y/z plot": {}}})
+    assert xyz.status_code == 422
+    assert xyz.json()["detail"] == "Cannot have a selectable script in the always on scripts params"
+
+
+def test_controlnet_routes(cn: A1111Simulator, client: httpx.Client) -> None:
+    assert client.get("/controlnet/version").json() == {"version": 3}
+    assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
+    assert client.get("/controlnet/model_list").json() == {"model_list": []}  # no "None"
+    assert client.post("/controlnet/version").status_code == 405
+    assert client.get("/controlnet/nosuch").status_code == 404
+
+    modules = client.get("/controlnet/module_list").json()
+    names, detail = modules["module_list"], modules["module_detail"]
+    assert names[0] == "none" and len(names) == len(set(names)) > 40
+    for name in ("reference_only", "reference_adain", "reference_adain+attn"):
+        assert detail[name]["model_free"] is True, name
+    for name in (
+        "none",
+        "canny",
+        "ip-adapter-auto",
+        "ip-adapter_clip_sd15",
+        "ip-adapter_face_id_plus",
+    ):
+        assert detail[name]["model_free"] is False, name
+    assert [(s["name"], s["value"]) for s in detail["reference_only"]["sliders"]] == [
+        ("Resolution", 512),
+        ("Style Fidelity (only for Balanced mode)", 0.5),
+    ]
+    aliased = client.get("/controlnet/module_list", params={"alias_names": "true"}).json()
+    assert "ip-adapter_clip_h" in aliased["module_list"]
+    assert "ip-adapter_clip_sd15" not in aliased["module_list"]
+    assert "reference_only" in aliased["module_list"]
+
+    types = client.get("/controlnet/control_types").json()["control_types"]
+    assert types["Reference"]["module_list"] == [
+        "none",
+        "reference_only",
+        "reference_adain+attn",
+        "reference_adain",
+    ]
+    assert types["Reference"]["model_list"] == ["None"]
+    assert "ip-adapter-auto" in types["IP-Adapter"]["module_list"]
+
+    cn.settings = dataclasses.replace(cn.settings, controlnet_models=list(IP_MODELS))
+    assert client.get("/controlnet/model_list").json() == {"model_list": IP_MODELS}
+    ip_types = client.get("/controlnet/control_types").json()["control_types"]["IP-Adapter"]
+    assert ip_types["model_list"] == ["None", *IP_MODELS]
+
+    # Registered by the extension on the app itself: --api-auth does not cover them.
+    cn.settings = dataclasses.replace(cn.settings, api_auth=("u", "p"))
+    assert client.get("/sdapi/v1/sd-models").status_code == 401
+    assert client.get("/controlnet/version").status_code == 200
+
+
+def test_reference_only_unit_is_applied_with_its_detected_map(
+    cn: A1111Simulator, client: httpx.Client
+) -> None:
+    plain = _plain_pixels(client)
+    answer = client.post(TXT2IMG, json=_cn_body(_unit()))
+    images, info = answer.json()["images"], _info(answer)
+    assert len(images) == 2  # the generated image, then the detected map
+    assert _pixels(images[0]) != plain
+    expected_map = ImageOps.fit(
+        Image.open(io.BytesIO(_reference_png())).convert("RGB"), (64, 64), Image.Resampling.LANCZOS
+    )
+    detected = _png(images[1])
+    assert detected.size == (64, 64)
+    assert detected.convert("RGB").tobytes() == expected_map.tobytes()  # centre crop, resized
+    assert "parameters" not in detected.info
+    assert info["extra_generation_params"]["ControlNet 0"] == REFERENCE_ONLY_INFOTEXT
+    assert f'ControlNet 0: "{REFERENCE_ONLY_INFOTEXT}"' in info["infotexts"][0]
+    assert len(info["infotexts"]) == 1
+    assert _parse_infotext(info["infotexts"][0])[2]["ControlNet 0"] == REFERENCE_ONLY_INFOTEXT
+    sent = answer.json()["parameters"]["alwayson_scripts"]["controlnet"]["args"][0]
+    assert sent["image"] == _reference_b64()  # parameters echo the request
+
+    again = client.post(TXT2IMG, json=_cn_body(_unit())).json()["images"]
+    assert _pixels(again[0]) == _pixels(images[0])  # deterministic
+
+    no_map = client.post(TXT2IMG, json=_cn_body(_unit(save_detected_map=False))).json()
+    assert len(no_map["images"]) == 1
+    assert _pixels(no_map["images"][0]) == _pixels(images[0])
+
+    zero = client.post(TXT2IMG, json=_cn_body(_unit(weight=0))).json()
+    assert len(zero["images"]) == 2 and _pixels(zero["images"][0]) == plain
+    stronger = client.post(TXT2IMG, json=_cn_body(_unit(weight=1.6))).json()["images"][0]
+    assert _pixels(stronger) not in (plain, _pixels(images[0]))
+
+    data_url = "data:image/png;base64," + _reference_b64()
+    via_url = client.post(TXT2IMG, json=_cn_body(_unit(image=data_url))).json()["images"]
+    alias = _unit(input_image=_reference_b64())
+    del alias["image"]
+    via_alias = client.post(TXT2IMG, json=_cn_body(alias)).json()["images"]
+    assert _pixels(via_url[0]) == _pixels(via_alias[0]) == _pixels(images[0])
+
+    records = cn.controlnet_units
+    assert len(records) == 8 and records[0] == []  # the plain request had no unit
+    first = records[1][0]
+    assert first["applied"] is True and first["skipped"] is None
+    assert (first["unit"], first["module"], first["weight"]) == (0, "reference_only", 0.8)
+    assert first["image_sha256"] == hashlib.sha256(_reference_png()).hexdigest()
+    assert first["image_size"] == [120, 80]
+    assert cn.task_runs[cn.finished_tasks[1]]["controlnet"] == records[1]
+
+
+def test_a_unit_must_be_enabled(cn: A1111Simulator, client: httpx.Client) -> None:
+    plain = _plain_pixels(client)
+    for unit in (_unit(enabled=False), {k: v for k, v in _unit().items() if k != "enabled"}):
+        answer = client.post(TXT2IMG, json=_cn_body(unit))
+        assert len(answer.json()["images"]) == 1
+        assert _pixels(answer.json()["images"][0]) == plain
+        assert "ControlNet 0" not in _info(answer)["extra_generation_params"]
+    assert cn.controlnet_units == [[], [], []]  # the plain request, then the two
+
+
+def test_units_that_fail_are_silently_left_out(cn: A1111Simulator, client: httpx.Client) -> None:
+    plain = _plain_pixels(client)
+    ip = {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15"}
+    rgba = base64.b64encode(_encoded(Image.new("RGBA", (32, 32), (9, 9, 9, 128)))).decode()
+    cases = [
+        (_unit(**ip), "RuntimeError: model not found: None"),
+        (_unit(module="canny"), "RuntimeError: You have not selected any ControlNet Model."),
+        (_unit(image=None), "ValueError: controlnet is enabled but no input image is given"),
+        ({k: v for k, v in _unit().items() if k != "image"}, "ValueError: controlnet is enabled"),
+        (_unit(image="bm90IGFuIGltYWdl"), "HTTPException: Invalid encoded image"),
+        (_unit(image=rgba), "AssertionError"),
+    ]
+    for unit, reason in cases:
+        answer = client.post(TXT2IMG, json=_cn_body(unit))
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["images"]) == 1, reason  # no detected map
+        assert _pixels(answer.json()["images"][0]) == plain, reason
+        # get_enabled_units wrote the infotext before the unit failed
+        assert _info(answer)["extra_generation_params"]["ControlNet 0"].startswith("Module: ")
+        record = cn.controlnet_units[-1][0]
+        assert record["applied"] is False and record["skipped"].startswith(reason), record
+
+    cn.settings = dataclasses.replace(cn.settings, controlnet_models=list(IP_MODELS))
+    answer = client.post(TXT2IMG, json=_cn_body(_unit(**ip)))
+    assert len(answer.json()["images"]) == 2
+    assert _pixels(answer.json()["images"][0]) != plain
+    assert cn.controlnet_units[-1][0]["model_resolved"] == "ip-adapter_sd15 [6a3f6166]"
+    face = _unit(module="ip-adapter-auto", model="plus-face")  # shortest name containing it
+    client.post(TXT2IMG, json=_cn_body(face))
+    assert cn.controlnet_units[-1][0]["model_resolved"] == "ip-adapter-plus-face_sd15 [71693645]"
+
+
+def test_bad_units_fail_the_request_like_the_extension(
+    cn: A1111Simulator, client: httpx.Client
+) -> None:
+    answer = client.post(TXT2IMG, json=_cn_body(_unit(module="nosuchmodule")))
+    assert answer.status_code == 500
+    assert answer.json() == {
+        "error": "ValidationError",
+        "detail": "",
+        "body": "",
+        "errors": "1 validation error for ControlNetUnit\nmodule\n"
+        "  module(nosuchmodule) not found in supported modules. (type=value_error)",
+    }
+    disabled = client.post(TXT2IMG, json=_cn_body(_unit(module="nope", enabled=False)))
+    assert disabled.status_code == 500  # the module is checked even on a disabled unit
+    heavy = client.post(TXT2IMG, json=_cn_body(_unit(weight=3)))
+    assert heavy.status_code == 500
+    assert "weight\n  ensure this value is less than or equal to 2.0" in heavy.json()["errors"]
+    backwards = client.post(TXT2IMG, json=_cn_body(_unit(guidance_start=0.8, guidance_end=0.2)))
+    assert "guidance_start(0.8) > guidance_end(0.2)" in backwards.json()["errors"]
+    # Model names are not checked at that stage.
+    assert client.post(TXT2IMG, json=_cn_body(_unit(model="whatever"))).status_code == 200
+
+
+def test_only_three_units_are_read_and_n_counts_enabled_ones(
+    cn: A1111Simulator, client: httpx.Client
+) -> None:
+    units = [_unit(enabled=False), _unit(weight=0.5), _unit(weight=1.0), _unit(weight=1.5)]
+    answer = client.post(TXT2IMG, json=_cn_body(*units))
+    extra = _info(answer)["extra_generation_params"]
+    assert [k for k in extra if k.startswith("ControlNet")] == ["ControlNet 0", "ControlNet 1"]
+    assert "Weight: 0.5," in extra["ControlNet 0"] and "Weight: 1.0," in extra["ControlNet 1"]
+    assert len(answer.json()["images"]) == 3  # one image, two maps
+    assert [(r["unit"], r["slot"]) for r in cn.controlnet_units[-1]] == [(0, 1), (1, 2)]
+
+
+def test_photo_outputs_replace_the_placeholder_in_order(
+    sim: A1111Simulator, client: httpx.Client
+) -> None:
+    red = _encoded(Image.new("RGB", (200, 100), (250, 0, 0)), "JPEG")
+    blue = _encoded(Image.new("RGB", (90, 90), (0, 0, 250)))
+    original = sim.settings
+    sim.settings = dataclasses.replace(original, photo_outputs=[red, blue])
+    try:
+
+        def colours(**extra: Any) -> list[tuple[int, ...]]:
+            body = {"prompt": "p", "seed": 3, "steps": 1, "width": 48, "height": 64, **extra}
+            answer = client.post(TXT2IMG, json=body)
+            pictures = [_png(b64) for b64 in answer.json()["images"]]
+            assert all(p.size == (48, 64) for p in pictures)
+            assert all("Seed: 3" in p.info["parameters"] for p in pictures[:1])
+            return [p.convert("RGB").getpixel((24, 32)) for p in pictures]
+
+        first = colours()[0]
+        assert first[0] > 200 and first[2] < 40  # the first photo
+        assert colours()[0] == (0, 0, 250)
+        assert colours(batch_size=2) == [(0, 0, 250), (0, 0, 250)]  # the last one repeats
+        sim.reset()
+        both = colours(batch_size=2)
+        assert both[0][0] > 200 and both[1] == (0, 0, 250)
+
+        sim.settings = dataclasses.replace(sim.settings, photo_outputs=[b"not a picture"])
+        answer = client.post(TXT2IMG, json={"steps": 1, "width": 48, "height": 48})
+        assert answer.status_code == 500 and "photo_outputs[0]" in answer.json()["errors"]
+    finally:
+        sim.settings = original
+
+
+def test_controlnet_blends_into_photo_outputs(cn: A1111Simulator, client: httpx.Client) -> None:
+    grey = _encoded(Image.new("RGB", (64, 64), (128, 128, 128)))
+    cn.settings = dataclasses.replace(cn.settings, photo_outputs=[grey])
+    plain = client.post(TXT2IMG, json=_cn_body()).json()["images"]
+    conditioned = client.post(TXT2IMG, json=_cn_body(_unit())).json()["images"]
+    assert _png(plain[0]).convert("RGB").getpixel((32, 32)) == (128, 128, 128)
+    assert _png(conditioned[0]).convert("RGB").getpixel((32, 32)) != (128, 128, 128)
+    assert len(conditioned) == 2

@@ -439,7 +439,14 @@ def generate(
                 body = GenerateBody(
                     prompt=prompt, negative_prompt=negative, character_id=target.id, seed=seed
                 )
-                job = generation.submit(session, owner, body, container.table, settings.defaults)
+                job = generation.submit(
+                    session,
+                    owner,
+                    body,
+                    container.table,
+                    settings.defaults,
+                    capabilities=container.pool.capabilities,
+                )
                 job_id, owner_id = job.id, owner.id
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -498,6 +505,22 @@ def simulate_a1111(
     nowebui: Annotated[
         bool, typer.Option(help="Like --nowebui: no per-task route (/internal/progress).")
     ] = False,
+    controlnet: Annotated[
+        bool,
+        typer.Option(
+            help="Act as if sd-webui-controlnet is installed: /controlnet/* routes and the"
+            " controlnet always-on script (reference_only and friends need no model)."
+        ),
+    ] = False,
+    controlnet_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--controlnet-model",
+            metavar="NAME",
+            help="A ControlNet / IP-Adapter model the extension lists, as 'name \\[hash]'"
+            " (repeatable), e.g. 'ip-adapter_sd15 \\[6a3f6166]'.",
+        ),
+    ] = None,
 ) -> None:
     """Run an A1111 WebUI stand-in that draws labelled placeholders (no GPU needed)."""
     from charforge.simulator import SimulatorSettings, run_simulator
@@ -520,6 +543,8 @@ def simulate_a1111(
         api_auth=auth,
         loras=[n.strip() for n in loras.split(",") if n.strip()],
         nowebui=nowebui,
+        controlnet=controlnet,
+        controlnet_models=[m.strip() for m in controlnet_model or [] if m.strip()],
     )
     run_simulator(settings, host, port)
 

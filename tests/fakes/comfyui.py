@@ -17,7 +17,11 @@ It follows ComfyUI's server.py / execution.py / main.py where charforge depends 
   ``POST /interrupt {"prompt_id"}`` stops only that prompt, and only while it runs (older
   ComfyUI, ``interrupt_ignores_prompt_id``, stops whatever runs);
 - the nodes of charforge's graphs: the latent hires pass (``LatentUpscaleBy``) and the pixel
-  one (``VAEDecode`` -> ``ImageScaleBy`` -> ``VAEEncode``), each scaling the image it renders.
+  one (``VAEDecode`` -> ``ImageScaleBy`` -> ``VAEEncode``), each scaling the image it renders;
+- identity conditioning (see ``comfy_identity``): ``POST /upload/image`` (multipart ``image``,
+  ``type``, ``subfolder``, ``overwrite``; a clash is renamed ``x (1).png``), ``LoadImage``, and
+  with ``ipadapter=True`` the ``IPAdapterUnifiedLoader`` / ``IPAdapterAdvanced`` nodes, whose
+  reference blends into the saved picture by weight (without the pack they are unknown nodes).
 It records every request (and websocket) it receives and can be told to fail: ``faults``.
 """
 
@@ -41,8 +45,18 @@ from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from charforge.simulator.render import Placeholder, render_placeholder
+from tests.fakes.comfy_identity import (
+    IPADAPTER_NODES,
+    InputFolder,
+    Upload,
+    blend_references,
+    load_image_error,
+    open_picture,
+    spec_inputs,
+)
 from tests.helpers import LiveServer
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
@@ -60,9 +74,13 @@ RETURNS: dict[str, tuple[str, ...]] = {
     "VAEDecode": ("IMAGE",),
     "ImageScaleBy": ("IMAGE",),
     "VAEEncode": ("LATENT",),
+    "LoadImage": ("IMAGE", "MASK"),
     "SaveImage": (),
 }
-_VALUE_TYPES = {"INT", "FLOAT", "STRING", "COMBO"}
+IPADAPTER_RETURNS: dict[str, tuple[str, ...]] = {
+    name: tuple(spec["output"]) for name, spec in IPADAPTER_NODES.items()
+}
+_VALUE_TYPES = {"INT", "FLOAT", "STRING", "COMBO", "UPLOAD"}
 
 
 # A user's own API-format workflow: one pass, charforge fills the placeholders.
@@ -166,11 +184,14 @@ class FakeComfyUI:
         loras: list[str] | None = None,
         object_info_shape: str = "new",  # "old": [[...], {}]; "new": ["COMBO", {"options"}]
         auth: tuple[str, str] | None = None,
+        ipadapter: bool = False,  # cubiq/ComfyUI_IPAdapter_plus installed
     ) -> None:
         self.checkpoints = checkpoints or ["diving.safetensors", "sd15/other.safetensors"]
         self.loras = loras or ["detail.safetensors"]
         self.object_info_shape = object_info_shape
         self.auth = auth
+        self.ipadapter = ipadapter
+        self.folders = InputFolder()  # input / temp / output files that were uploaded
         self.faults = ComfyFaults()
         self.requests: list[Recorded] = []
         self.files: dict[tuple[str, str], bytes] = {}
@@ -218,6 +239,19 @@ class FakeComfyUI:
     def posted(self, path: str) -> list[Any]:
         return [r.body for r in self.requests if r.method == "POST" and r.path == path]
 
+    @property
+    def uploads(self) -> list[Upload]:
+        """Every ``POST /upload/image`` that stored (or deduplicated) a file, in order."""
+        return list(self.folders.uploads)
+
+    def input_file(self, name: str, subfolder: str = "") -> bytes | None:
+        """An uploaded input file as ComfyUI would read it."""
+        return self.folders.get("input", subfolder, name)
+
+    def _returns(self) -> dict[str, tuple[str, ...]]:
+        """The node classes this ComfyUI has and what each returns."""
+        return {**RETURNS, **(IPADAPTER_RETURNS if self.ipadapter else {})}
+
     # -- nodes ------------------------------------------------------------------------------
 
     def _inputs(self) -> dict[str, dict[str, tuple[str, Any]]]:
@@ -263,13 +297,27 @@ class FakeComfyUI:
                 "scale_by": ("FLOAT", {"min": 0.01, "max": 8.0}),
             },
             "VAEEncode": {"pixels": ("IMAGE", None), "vae": ("VAE", None)},
+            "LoadImage": {"image": ("UPLOAD", self.folders.listing())},
             "SaveImage": {"images": ("IMAGE", None), "filename_prefix": ("STRING", {})},
+            **{
+                name: spec_inputs(spec["input"]["required"])
+                for name, spec in IPADAPTER_NODES.items()
+                if self.ipadapter
+            },
         }
 
+    def _optional_inputs(self, name: str) -> dict[str, tuple[str, Any]]:
+        spec = IPADAPTER_NODES.get(name) if self.ipadapter else None
+        return spec_inputs(spec["input"].get("optional", {})) if spec else {}
+
     def node_info(self, name: str) -> dict[str, Any]:
+        if name in IPADAPTER_NODES:
+            return self._v1_node_info(name)
         required: dict[str, list[Any]] = {}
         for key, (kind, options) in self._inputs()[name].items():
-            if kind == "COMBO" and self.object_info_shape == "old":
+            if kind == "UPLOAD":  # nodes.py LoadImage: (sorted(files), {"image_upload": True})
+                required[key] = [list(options), {"image_upload": True}]
+            elif kind == "COMBO" and self.object_info_shape == "old":
                 required[key] = [list(options), {}]
             elif kind == "COMBO":
                 required[key] = ["COMBO", {"options": list(options), "multiselect": False}]
@@ -286,8 +334,26 @@ class FakeComfyUI:
             "display_name": name,
             "description": "",
             "python_module": "nodes",
-            "category": "sampling",
+            "category": "image" if name == "LoadImage" else "sampling",
             "output_node": name in OUTPUT_NODES,
+        }
+
+    def _v1_node_info(self, name: str) -> dict[str, Any]:
+        """A custom node's entry: its INPUT_TYPES as declared (combos as bare lists)."""
+        spec = IPADAPTER_NODES[name]
+        inputs = spec["input"]
+        return {
+            "input": inputs,
+            "input_order": {key: list(value) for key, value in inputs.items()},
+            "output": list(spec["output"]),
+            "output_is_list": [False] * len(spec["output"]),
+            "output_name": list(spec["output_name"]),
+            "name": name,
+            "display_name": name,
+            "description": "",
+            "python_module": "custom_nodes.ComfyUI_IPAdapter_plus",
+            "category": "ipadapter",
+            "output_node": False,
         }
 
     # -- validation (execution.validate_prompt) ---------------------------------------------
@@ -300,7 +366,7 @@ class FakeComfyUI:
             if not isinstance(node, dict) or "class_type" not in node:
                 message = "Cannot execute because a node is missing the class_type property."
                 return _reason("invalid_prompt", message, f"Node ID '#{node_id}'"), [], {}
-            if node["class_type"] not in RETURNS:
+            if node["class_type"] not in self._returns():
                 message = f"Cannot execute because node {node['class_type']} does not exist."
                 return _reason("invalid_prompt", message, f"Node ID '#{node_id}'"), [], {}
         outputs = [n for n, node in prompt.items() if node["class_type"] in OUTPUT_NODES]
@@ -333,7 +399,9 @@ class FakeComfyUI:
         given = node.setdefault("inputs", {})
         errors: list[dict[str, Any]] = []
         valid = True
-        for name, (kind, options) in self._inputs()[node["class_type"]].items():
+        optional = self._optional_inputs(node["class_type"])
+        present = {name: spec for name, spec in optional.items() if name in given}
+        for name, (kind, options) in {**self._inputs()[node["class_type"]], **present}.items():
             config = [kind, options]
             if name not in given:
                 errors.append(
@@ -343,8 +411,13 @@ class FakeComfyUI:
                 )
                 continue
             value = given[name]
+            if kind == "UPLOAD" and not isinstance(value, list):
+                # LoadImage.VALIDATE_INPUTS(image) replaces the combo check
+                if self.folders.resolve(value) is None:
+                    errors.append(load_image_error(str(value)))
+                continue
             if kind not in _VALUE_TYPES or isinstance(value, list):
-                problem = self._check_link(prompt, name, kind, value)
+                problem = self._check_link(prompt, name, kind, value, self._returns())
                 if problem is not None:
                     errors.append(problem)
                 elif not self._validate_node(prompt, str(value[0]), validated):
@@ -358,12 +431,16 @@ class FakeComfyUI:
 
     @staticmethod
     def _check_link(
-        prompt: dict[str, Any], name: str, kind: str, value: Any
+        prompt: dict[str, Any],
+        name: str,
+        kind: str,
+        value: Any,
+        node_returns: dict[str, tuple[str, ...]],
     ) -> dict[str, Any] | None:
         if not isinstance(value, list) or len(value) != 2 or str(value[0]) not in prompt:
             message = "Bad linked input, must be a length-2 list of [node_id, slot_index]"
             return _reason("bad_linked_input", message, name, input_name=name, received_value=value)
-        returns = RETURNS[prompt[str(value[0])]["class_type"]]
+        returns = node_returns[prompt[str(value[0])]["class_type"]]
         received = (
             returns[value[1]] if isinstance(value[1], int) and value[1] < len(returns) else "?"
         )
@@ -502,6 +579,9 @@ class FakeComfyUI:
                 else v
                 for key, v in node["inputs"].items()
             }
+            if node["class_type"] == "LoadImage":  # IS_CHANGED: the file's sha256
+                data = self.folders.resolve(node["inputs"].get("image")) or b""
+                inputs = {**inputs, "__is_changed": hashlib.sha256(data).hexdigest()}
             text = json.dumps([node["class_type"], inputs], sort_keys=True)
             memo[node_id] = hashlib.sha256(text.encode()).hexdigest()
         return memo[node_id]
@@ -579,7 +659,31 @@ class FakeComfyUI:
             return (
                 {**pixels, "width": pixels["width"] // 8 * 8, "height": pixels["height"] // 8 * 8},
             ), None
+        if kind in ("LoadImage", "IPAdapterUnifiedLoader", "IPAdapterAdvanced"):
+            return self._identity_node(kind, a), None
         return (), self._save(run, a["images"], str(a["filename_prefix"]))
+
+    def _identity_node(self, kind: str, a: dict[str, Any]) -> tuple[Any, ...]:
+        if kind == "LoadImage":
+            data = self.folders.resolve(a["image"]) or b""
+            try:
+                picture = open_picture(data, str(a["image"]))
+            except ValueError as exc:
+                raise _NodeFailed("PIL.UnidentifiedImageError", str(exc)) from exc
+            image = {"picture": picture, "width": picture.width, "height": picture.height}
+            return image, {"mask": a["image"]}
+        if kind == "IPAdapterUnifiedLoader":
+            return a["model"], {"preset": a["preset"]}
+        adapter = {
+            "picture": a["image"]["picture"],
+            "weight": a["weight"],
+            "start_at": a["start_at"],
+            "end_at": a["end_at"],
+            "weight_type": a["weight_type"],
+            "preset": a["ipadapter"]["preset"],
+        }
+        model = a["model"]
+        return ({**model, "ipadapters": [*model.get("ipadapters", []), adapter]},)
 
     def _sample(self, run: _Run, client: str | None, node_id: str, steps: int) -> None:
         for step in range(1, steps + 1):
@@ -599,21 +703,27 @@ class FakeComfyUI:
         self.saves += 1
         subfolder, _, name = prefix.rpartition("/")
         filename = f"{name}_{self.saves:05}_.png"
-        placeholder = Placeholder(
-            width=image["width"],
-            height=image["height"],
-            seed=image["seed"],
-            checkpoint=image["model"]["checkpoint"],
-            sampler=image["sampler"],
-            steps=image["steps"],
-            cfg_scale=image["cfg"],
-            prompt=image["prompt"],
-            first_pass=image["first"],
-        )
+        size = (image["width"], image["height"])
+        if "seed" not in image:  # pixels straight from LoadImage (maybe scaled)
+            picture = image["picture"].resize(size)
+        else:
+            placeholder = Placeholder(
+                width=image["width"],
+                height=image["height"],
+                seed=image["seed"],
+                checkpoint=image["model"]["checkpoint"],
+                sampler=image["sampler"],
+                steps=image["steps"],
+                cfg_scale=image["cfg"],
+                prompt=image["prompt"],
+                first_pass=image.get("first"),
+            )
+            adapters = image["model"].get("ipadapters", [])
+            picture = blend_references(render_placeholder(placeholder), adapters)
         info = PngInfo()  # SaveImage writes the graph as the "prompt" text chunk
         info.add_text("prompt", json.dumps(run.prompt))
         out = io.BytesIO()
-        render_placeholder(placeholder).save(out, format="PNG", pnginfo=info, compress_level=1)
+        picture.save(out, format="PNG", pnginfo=info, compress_level=1)
         self.files[(subfolder, filename)] = out.getvalue()
         return {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}
 
@@ -729,21 +839,46 @@ class FakeComfyUI:
             entry = self.history.get(prompt_id)
             return JSONResponse({prompt_id: entry} if entry is not None else {})
 
+        @app.post("/upload/image")
+        async def upload_image(request: Request) -> Response:
+            async with request.form() as form:  # closes the spooled files
+                image = form.get("image")
+                if not isinstance(image, StarletteUpload):
+                    return Response(status_code=400)
+                data, filename = await image.read(), image.filename or ""
+                kind, subfolder = form.get("type"), form.get("subfolder", "")
+                overwrite = form.get("overwrite")
+            try:
+                answer = self.folders.upload(
+                    data,
+                    filename,
+                    type_=kind if isinstance(kind, str) else "input",
+                    subfolder=subfolder if isinstance(subfolder, str) else "",
+                    overwrite=overwrite if isinstance(overwrite, str) else None,
+                )
+            except ValueError:
+                return Response(status_code=400)
+            except KeyError:  # get_dir_by_type leaves type_dir unbound
+                text = "500 Internal Server Error\n\nServer got itself in trouble"
+                return Response(text, status_code=500)
+            return JSONResponse(answer)
+
         @app.get("/view")
         async def view(filename: str, subfolder: str = "", type: str = "output") -> Response:
-            data = self.files.get((subfolder, filename))
-            if data is None or type != "output" or self.faults.missing_view:
+            data = self.files.get((subfolder, filename)) if type == "output" else None
+            data = data or self.folders.get(type, subfolder, filename)
+            if data is None or self.faults.missing_view:
                 return Response(status_code=404)
             headers = {"Content-Disposition": f'filename="{filename}"'}
             return Response(data, media_type="image/png", headers=headers)
 
         @app.get("/object_info")
         async def object_info() -> dict[str, Any]:
-            return {name: self.node_info(name) for name in RETURNS}
+            return {name: self.node_info(name) for name in self._returns()}
 
         @app.get("/object_info/{node}")
         async def object_info_node(node: str) -> dict[str, Any]:
-            return {node: self.node_info(node)} if node in RETURNS else {}
+            return {node: self.node_info(node)} if node in self._returns() else {}
 
         @app.get("/system_stats")
         async def system_stats() -> dict[str, Any]:

@@ -9,10 +9,15 @@ is checked on each (401 otherwise). A job answers IN_QUEUE, then IN_PROGRESS, th
   an unknown checkpoint silently keeps the model in memory, an unknown sampler or schedule
   type silently becomes the default, and ``info`` says what really ran (``sd_model_name``,
   ``sampler_name``, ``extra_generation_params["Schedule type"]``);
-- ``comfyui``: runpod-workers/worker-comfyui 5.x, ``{"workflow": graph}`` in, ``{"images":
-  [{filename, type, data}]}`` out (base64 or an S3 link this server serves itself, or the
-  pre-5.0 ``{"status": "success", "message": ...}``); an unknown ``ckpt_name`` fails the job
-  with ComfyUI's validation error as the worker words it.
+- ``comfyui``: runpod-workers/worker-comfyui 5.x, ``{"workflow": graph, "images"?: [{name,
+  image}]}`` in, ``{"images": [{filename, type, data}]}`` out (base64 or an S3 link this server
+  serves itself, or the pre-5.0 ``{"status": "success", "message": ...}``). ``input.images``
+  are uploaded to the worker's ComfyUI first (``/upload/image`` with ``overwrite=true``, a
+  data-URL prefix cut at the first comma; a bad one fails the job with "Failed to upload one
+  or more input images"); ``LoadImage`` reads them (a missing file fails validation, a file
+  that is not a picture fails execution) and, with ``ipadapter=True``, ``IPAdapterAdvanced``
+  nodes on the sampler's model blend their image into the picture. An unknown ``ckpt_name``
+  or a missing file fails the job with ComfyUI's validation error as the worker words it.
 
 Every request is recorded (method, path, lower-case headers, JSON body) so tests can assert
 what was really sent; ``faults`` injects 429s, 500s and FAILED / TIMED_OUT / CANCELLED /
@@ -22,6 +27,7 @@ stuck jobs.
 from __future__ import annotations
 
 import base64
+import binascii
 import itertools
 import json
 import threading
@@ -37,6 +43,14 @@ from charforge.simulator.config import SimulatorSettings
 from charforge.simulator.engine import SimulatorEngine
 from charforge.simulator.render import Placeholder, png_bytes, render_placeholder
 from charforge.simulator.txt2img import Txt2ImgRequest
+from tests.fakes.comfy_identity import (
+    IPADAPTER_NODES,
+    InputFolder,
+    Upload,
+    blend_references,
+    load_image_error,
+    open_picture,
+)
 from tests.helpers import LiveServer
 
 Worker = Literal["a1111", "comfyui"]
@@ -88,13 +102,24 @@ class RunPodFake:
         queue_polls: int = 1,
         progress_polls: int = 1,
         comfy_output: ComfyOutput = "base64",
+        ipadapter: bool = False,  # the comfyui worker's ComfyUI has ComfyUI_IPAdapter_plus
+        controlnet: bool = False,  # the a1111 worker's WebUI has sd-webui-controlnet
+        controlnet_models: tuple[str, ...] = (),
     ) -> None:
         self.worker, self.models, self.api_key = worker, list(models), api_key
         self.endpoint_id = endpoint_id
         self.queue_polls, self.progress_polls = queue_polls, progress_polls
         self.comfy_output: ComfyOutput = comfy_output
+        self.ipadapter = ipadapter
         self.faults = RunPodFaults()
-        self._engine = SimulatorEngine(SimulatorSettings(models=list(models), name="rp-a1111"))
+        settings = SimulatorSettings(
+            models=list(models),
+            name="rp-a1111",
+            controlnet=controlnet,
+            controlnet_models=list(controlnet_models),
+        )
+        self._engine = SimulatorEngine(settings)
+        self.comfy_folders = InputFolder()  # the comfyui worker's ComfyUI input folder
         self._jobs: dict[str, _Job] = {}
         self._seen: list[Seen] = []
         self._s3: dict[str, bytes] = {}
@@ -151,6 +176,12 @@ class RunPodFake:
 
     def cancelled(self) -> list[str]:
         return [r.path.rsplit("/", 1)[1] for r in self.requests if r.path.startswith("/cancel/")]
+
+    @property
+    def comfy_uploads(self) -> list[Upload]:
+        """The ``/upload/image`` calls the comfyui worker made to its ComfyUI, in order."""
+        with self._lock:
+            return list(self.comfy_folders.uploads)
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -298,22 +329,36 @@ class RunPodFake:
 
     def _a1111(self, job_input: Any) -> dict[str, Any]:
         # worker-a1111 returns A1111's answer as is: its info names what ran, not what was asked
+        # alwayson_scripts (ControlNet units) go through untouched, like the rest of input
         outcome = self._engine.txt2img(Txt2ImgRequest.model_validate(job_input))
         if outcome.body is not None:
             return dict(outcome.body)
         error = outcome.error
         assert error is not None, outcome.kind
-        return error_body("a1111", error.error, error.message)  # what A1111 answered
+        return error_body("a1111", error.error, error.message, error.detail)  # A1111's answer
 
     def _comfy(self, job: _Job) -> dict[str, Any]:
-        graph = job.input.get("workflow") if isinstance(job.input, dict) else None
+        job_input = job.input
+        graph = job_input.get("workflow") if isinstance(job_input, dict) else None
         if not isinstance(graph, dict):
             return {"error": "Missing 'workflow' parameter"}
+        images = job_input.get("images")
+        if images is not None and (
+            not isinstance(images, list)
+            or not all(isinstance(i, dict) and "name" in i and "image" in i for i in images)
+        ):
+            return {"error": "'images' must be a list of objects with 'name' and 'image' keys"}
+        failures = [problem for image in images or [] if (problem := self._upload(image))]
+        if failures:
+            return {"error": "Failed to upload one or more input images", "details": failures}
         unknown = self._validation_error(graph)
         if unknown:
             return {"error": unknown}
+        try:
+            data = _render_graph(graph, self._adapters(graph))
+        except _LoadFailed as exc:
+            return {"error": "Job processing failed", "details": [str(exc)]}
         name = f"ComfyUI_{next(self._files):05d}_.png"
-        data = _render_graph(graph)
         if self.comfy_output == "legacy":
             return {"status": "success", "message": base64.b64encode(data).decode()}
         if self.comfy_output == "s3_url":
@@ -323,33 +368,101 @@ class RunPodFake:
         encoded = base64.b64encode(data).decode()
         return {"images": [{"filename": name, "type": "base64", "data": encoded}]}
 
+    def _upload(self, image: dict[str, Any]) -> str | None:
+        """worker-comfyui's ``upload_images`` for one entry: the error it collects, or None."""
+        name = image["name"]
+        try:
+            text = image["image"]
+            payload = text.split(",", 1)[1] if "," in text else text
+            blob = base64.b64decode(payload)
+        except binascii.Error as exc:
+            return f"Error decoding base64 for {name}: {exc}"
+        except Exception as exc:  # the worker's catch-all
+            return f"Unexpected error uploading {name}: {exc}"
+        try:
+            self.comfy_folders.upload(blob, str(name), overwrite="true")
+        except (ValueError, KeyError):  # ComfyUI answered 400; raise_for_status()
+            url = "http://127.0.0.1:8188/upload/image"
+            return f"Error uploading {name}: 400 Client Error: Bad Request for url: {url}"
+        return None
+
+    def _adapters(self, graph: dict[str, Any]) -> list[dict[str, Any]]:
+        """The IPAdapterAdvanced nodes on the KSampler's model, from the checkpoint outwards,
+        with their pictures (``_LoadFailed`` when LoadImage cannot open one)."""
+        samplers = [n for n in graph.values() if n.get("class_type") == "KSampler"]
+        link = samplers[0].get("inputs", {}).get("model") if samplers else None
+        found: list[dict[str, Any]] = []
+        while isinstance(link, list) and str(link[0]) in graph:
+            node = graph[str(link[0])]
+            inputs = node.get("inputs", {})
+            if node.get("class_type") == "IPAdapterAdvanced":
+                picture = self._load_image(graph, inputs.get("image"))
+                found.insert(0, {**inputs, "picture": picture})
+            link = inputs.get("model")
+        return found
+
+    def _load_image(self, graph: dict[str, Any], link: Any) -> Any:
+        node_id = str(link[0]) if isinstance(link, list) and link else ""
+        node = graph.get(node_id, {})
+        if node.get("class_type") != "LoadImage":
+            return None  # an image this fake does not make: the adapter is not blended
+        name = str(node.get("inputs", {}).get("image"))
+        try:
+            return open_picture(self.comfy_folders.resolve(name) or b"", name, "/comfyui/input")
+        except ValueError as exc:
+            raise _LoadFailed(
+                "Workflow execution error: Node Type: LoadImage, "
+                f"Node ID: {node_id}, Message: {exc}"
+            ) from exc
+
     def _validation_error(self, graph: dict[str, Any]) -> str | None:
-        """ComfyUI's /prompt 400 for a ckpt_name it does not have, formatted as
-        worker-comfyui's queue_workflow words it."""
-        lines = []
+        """ComfyUI's /prompt 400 for what this fake checks (an IPAdapter node without the pack,
+        a ``ckpt_name`` it does not have, a ``LoadImage`` file that is not there), formatted
+        as worker-comfyui's queue_workflow words it."""
         for node_id, node in graph.items():
-            wanted = node.get("inputs", {}).get("ckpt_name")
-            if wanted is None or wanted in self.models:
+            kind = node.get("class_type")
+            if kind in IPADAPTER_NODES and not self.ipadapter:
+                message = f"Cannot execute because node {kind} does not exist."
+                error = {"type": "invalid_prompt", "message": message}
+                error.update(details=f"Node ID '#{node_id}'", extra_info={})
+                raw = json.dumps({"error": error, "node_errors": {}})
+                return f"{message}. Raw response: {raw}"
+        lines, checkpoints = [], False
+        saves = [n for n, node in graph.items() if node.get("class_type") == "SaveImage"]
+        for node_id, node in graph.items():
+            inputs = node.get("inputs", {})
+            wanted = inputs.get("ckpt_name")
+            if wanted is not None and wanted not in self.models:
+                checkpoints = True
+                error = {
+                    "type": "value_not_in_list",
+                    "message": "Value not in list",
+                    "details": f"ckpt_name: '{wanted}' not in {self.models}",
+                    "extra_info": {"input_name": "ckpt_name", "received_value": wanted},
+                }
+                dependents = ["9"]
+            elif node.get("class_type") == "LoadImage" and (
+                self.comfy_folders.resolve(inputs.get("image")) is None
+            ):
+                error, dependents = load_image_error(str(inputs.get("image"))), saves
+            else:
                 continue
-            error = {
-                "type": "value_not_in_list",
-                "message": "Value not in list",
-                "details": f"ckpt_name: '{wanted}' not in {self.models}",
-                "extra_info": {"input_name": "ckpt_name", "received_value": wanted},
-            }
-            node_errors = {"errors": [error], "dependent_outputs": ["9"]}
+            node_errors = {"errors": [error], "dependent_outputs": dependents}
             node_errors["class_type"] = node.get("class_type")
             lines += [f"• Node {node_id} ({kind}): {msg}" for kind, msg in node_errors.items()]
         if not lines:
             return None
-        return (
-            "Workflow validation failed:\n"
-            + "\n".join(lines)
-            + f"\n\nAvailable checkpoint models: {', '.join(self.models)}"
-        )
+        message = "Workflow validation failed:\n" + "\n".join(lines)
+        if checkpoints:
+            message += f"\n\nAvailable checkpoint models: {', '.join(self.models)}"
+        return message
 
 
-def _render_graph(graph: dict[str, Any]) -> bytes:
+class _LoadFailed(Exception):
+    """LoadImage could not open its file: the worker's execution_error."""
+
+
+def _render_graph(graph: dict[str, Any], adapters: list[dict[str, Any]] | None = None) -> bytes:
     """A placeholder of the size the graph would produce (its LatentUpscaleBy included)."""
 
     def first(kind: str) -> dict[str, Any]:
@@ -372,4 +485,4 @@ def _render_graph(graph: dict[str, Any]) -> bytes:
         prompt=str(first("CLIPTextEncode").get("text", "")),
         first_pass=(width, height) if scale != 1.0 else None,
     )
-    return png_bytes(render_placeholder(spec), None)
+    return png_bytes(blend_references(render_placeholder(spec), adapters or []), None)

@@ -16,7 +16,7 @@ from charforge.simulator import A1111Simulator
 from tests.api.test_references import upload
 from tests.conftest import Live
 from tests.jobs.conftest import create_character, submit, wait_final
-from tests.photos import astronaut_png, kafka_png
+from tests.photos import astronaut_png, kafka_png, on_canvas
 
 
 @pytest.fixture
@@ -291,3 +291,26 @@ def test_the_characters_loras_are_added_and_checked(
         json={"imageGeneration": {"loras": [{"name": "a>b"}]}},
     )
     assert bad.status_code == 422
+
+
+def test_no_more_units_than_the_extension_takes(
+    live_factory: Any, sims: tuple[A1111Simulator, A1111Simulator], stand_ins: Any
+) -> None:
+    stand_ins(controlnet=True)
+    realistic, anime = sims
+    live = live_factory(realistic.url, anime.url)
+    client, character_id, first = _with_reference(live)
+    for photo in (
+        kafka_png(),
+        on_canvas(astronaut_png(), 256, 256),
+        on_canvas(kafka_png(), 300, 200),
+    ):
+        assert upload(client, character_id, photo).status_code == 201
+    job = wait_final(client, submit(client, character_id)["id"])
+    units = realistic.txt2img_bodies()[-1]["alwayson_scripts"]["controlnet"]["args"]
+    assert len(units) == 3  # the extension's default "Max models": a fourth would be dropped
+    stored = client.get(f"/api/characters/{character_id}/references/{first}/file").content
+    assert base64.b64decode(units[0]["image"]) == stored  # the main picture first
+    assert all(u["applied"] for u in realistic.controlnet_units[-1])
+    identity = client.get(f"/api/images/{job['images'][0]['id']}").json()["identity"]
+    assert identity["applied"] is True and "3 of 4 references" in identity["method"]

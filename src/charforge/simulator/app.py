@@ -4,6 +4,10 @@ Like the real WebUIs, ``/sdapi/v1/loras``, ``/sdapi/v1/refresh-loras`` and the U
 ``/internal/progress`` and ``/internal/ping`` are registered on the app directly, so
 ``--api-auth`` does not cover them; the ``/internal/*`` routes are missing with ``nowebui``.
 
+With ``SimulatorSettings.controlnet`` the sd-webui-controlnet extension's ``/controlnet/*``
+routes answer (registered on the app by ``on_app_started``: no ``--api-auth`` either); without
+it they are 404 like any unknown path. The setting is read per request.
+
 Besides the WebUI routes there are control routes under ``/_simulator/`` (never recorded,
 never behind auth) so that tests in another process can read what was sent and set faults.
 """
@@ -11,6 +15,7 @@ never behind auth) so that tests in another process can read what was sent and s
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import time
@@ -28,7 +33,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from charforge.domain.samplers import SAMPLERS, SCHEDULERS
 from charforge.simulator.catalog import sampler_item, scheduler_item
 from charforge.simulator.config import Faults, RecordedRequest
+from charforge.simulator.controlnet import decode_image, detected_map
+from charforge.simulator.controlnet_units import (
+    API_VERSION,
+    UNIT_COUNT,
+    ControlNetUnit,
+    UnitError,
+    control_types,
+    find_preprocessor,
+    module_list,
+)
 from charforge.simulator.engine import SimulatorEngine, Txt2ImgOutcome
+from charforge.simulator.render import png_bytes
 from charforge.simulator.state import InternalProgressError
 from charforge.simulator.txt2img import ForgeTxt2ImgRequest, GenerationError, Txt2ImgRequest
 
@@ -67,7 +83,8 @@ def error_body(flavor: str, error: str, message: str, detail: Any = "") -> dict[
 
 
 def _error_response(engine: SimulatorEngine, exc: GenerationError) -> JSONResponse:
-    return JSONResponse(error_body(engine.flavor, exc.error, exc.message), status_code=exc.status)
+    body = error_body(engine.flavor, exc.error, exc.message, detail=exc.detail)
+    return JSONResponse(body, status_code=exc.status)
 
 
 class _RecordingMiddleware:
@@ -296,6 +313,8 @@ def create_simulator_app(sim: A1111Simulator | SimulatorEngine) -> FastAPI:
         def ping() -> dict[str, Any]:
             return {}
 
+    _add_controlnet_routes(app, engine)
+
     @app.post("/sdapi/v1/refresh-checkpoints", dependencies=guarded)
     def refresh_checkpoints() -> None:
         engine.refresh_checkpoints_queued()
@@ -343,3 +362,79 @@ def create_simulator_app(sim: A1111Simulator | SimulatorEngine) -> FastAPI:
     app.add_middleware(GZipMiddleware, minimum_size=1000)
     app.add_middleware(_RecordingMiddleware, engine=engine)
     return app
+
+
+_CONTROLNET_ROUTES = {
+    "version": "GET",
+    "model_list": "GET",
+    "module_list": "GET",
+    "control_types": "GET",
+    "settings": "GET",
+    "detect": "POST",
+}
+_TRUE_QUERY = ("1", "true", "on", "yes", "t", "y")
+
+
+def _http_exception(engine: SimulatorEngine, status: int, detail: str) -> JSONResponse:
+    # Starlette 0.26's HTTPException has no args, so A1111's "errors" (str(e)) is empty.
+    return JSONResponse(error_body(engine.flavor, "HTTPException", "", detail), status)
+
+
+def _add_controlnet_routes(app: FastAPI, engine: SimulatorEngine) -> None:
+    """``scripts/api.py`` of sd-webui-controlnet, present only while the extension is."""
+
+    @app.api_route(
+        "/controlnet/{rest:path}",
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        include_in_schema=False,
+    )
+    async def controlnet(rest: str, request: Request) -> Response:
+        settings = engine.settings
+        if not settings.controlnet or rest not in _CONTROLNET_ROUTES:
+            return JSONResponse({"detail": "Not Found"}, 404)
+        if request.method != _CONTROLNET_ROUTES[rest]:
+            return JSONResponse({"detail": "Method Not Allowed"}, 405)
+        if rest == "version":
+            return JSONResponse({"version": API_VERSION})
+        if rest == "settings":
+            return JSONResponse({"control_net_unit_count": UNIT_COUNT})
+        if rest == "model_list":
+            return JSONResponse({"model_list": list(settings.controlnet_models)})
+        if rest == "module_list":
+            alias = request.query_params.get("alias_names", "false").lower() in _TRUE_QUERY
+            return JSONResponse(module_list(alias))
+        if rest == "control_types":
+            return JSONResponse(control_types(list(settings.controlnet_models)))
+        return _detect(engine, _parse_json(await request.body()))
+
+
+def _detect(engine: SimulatorEngine, body: Any) -> JSONResponse:
+    """``POST /controlnet/detect``: each input image through the preprocessor, at its own
+    size scaled so that the short side is the processor resolution (512 by default)."""
+    body = body if isinstance(body, dict) else {}
+    module = body.get("controlnet_module", "none")
+    preprocessor = find_preprocessor(module)
+    if preprocessor is None:
+        return _http_exception(engine, 422, "Module not available")
+    if preprocessor.name in ("clip_vision", "revision_clipvision", "revision_ignore_prompt"):
+        return _http_exception(engine, 422, "Module not supported")
+    if preprocessor.name == "ip-adapter-auto":
+        return _http_exception(engine, 422, "Module not supported")
+    images = body.get("controlnet_input_images") or []
+    if not isinstance(images, list) or not images:
+        return _http_exception(engine, 422, "No image selected")
+    resolution = body.get("controlnet_processor_res", -1)
+    if not isinstance(resolution, (int, float)) or not 128 <= resolution <= 2048:
+        resolution = 512
+    unit = ControlNetUnit(enabled=True, module=preprocessor.name, resize_mode="Just Resize")
+    encoded = []
+    for image in images:
+        try:
+            picture, _ = decode_image(image)
+        except UnitError as exc:
+            return JSONResponse(error_body(engine.flavor, exc.error, exc.message), 500)
+        scale = resolution / min(picture.size)
+        size = (round(picture.width * scale), round(picture.height * scale))
+        found = png_bytes(detected_map(unit, picture, size), None)
+        encoded.append(base64.b64encode(found).decode())
+    return JSONResponse({"info": "Success", "images": encoded})

@@ -75,6 +75,19 @@ class SimulatorSettings:
     nowebui: bool = False
     """Like ``--nowebui``: API only. The UI's routes (``/internal/progress``,
     ``/internal/ping``) are then missing (404), as in A1111 1.10's ``api_only()``."""
+    controlnet: bool = False
+    """Whether the sd-webui-controlnet extension (1.1.455, API v3) is installed: its
+    ``/controlnet/*`` routes and the ``controlnet`` always-on script. Without it those routes
+    answer 404 and a txt2img naming the script answers 422 "Script 'controlnet' not found"."""
+    controlnet_models: list[str] = field(default_factory=list)
+    """ControlNet / IP-Adapter model files the extension lists, as titles ``name [hash]``, e.g.
+    ``["ip-adapter-plus-face_sd15 [71693645]", "ip-adapter_sd15 [6a3f6166]"]``. A unit whose
+    module needs a model that is not here is silently not applied (HTTP 200)."""
+    photo_outputs: list[bytes] = field(default_factory=list)
+    """Encoded pictures (PNG, JPEG, ...) to answer with instead of the placeholder: the N-th
+    image generated since start (or ``reset()``) is ``photo_outputs[min(N, len - 1)]``, scaled
+    and centre-cropped to the image's size. Seeds, infotexts and ControlNet detected maps are
+    unchanged, and applied ControlNet units still blend their reference in."""
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
+from charforge.simulator.alwayson import check_alwayson_scripts
 from charforge.simulator.config import Faults, RecordedRequest, SimulatorSettings
+from charforge.simulator.controlnet import ControlNetRun, controlnet_for, with_controlnet
 from charforge.simulator.loras import AppliedLora
 from charforge.simulator.models import ModelState, Selection
-from charforge.simulator.render import Placeholder, png_bytes, render_placeholder
+from charforge.simulator.render import Placeholder, photo_picture, png_bytes, render_placeholder
 from charforge.simulator.state import IterationResult, WebUIState, create_task_id
 from charforge.simulator.txt2img import (
     A1111_VERSION,
@@ -62,6 +66,8 @@ class SimulatorEngine:
         self._max_active = 0
         self._in_flight = 0  # txt2img requests generating or queued
         self._max_in_flight = 0
+        self._images_made = 0  # pictures generated since reset (indexes photo_outputs)
+        self._controlnet_units: list[list[dict[str, Any]]] = []
 
     def _initial_state(self) -> None:
         """First model loaded (and hashed), default options, no history."""
@@ -69,6 +75,8 @@ class SimulatorEngine:
         self.webui.reset()
         self._records.clear()
         self._generations = self._max_active = 0
+        self._images_made = 0
+        self._controlnet_units.clear()
         self._max_in_flight = self._in_flight  # requests still queued keep counting
 
     # ----------------------------------------------------------------- introspection
@@ -117,6 +125,14 @@ class SimulatorEngine:
         return self.models.loads
 
     @property
+    def controlnet_units(self) -> list[list[dict[str, Any]]]:
+        """Per txt2img that reached ControlNet (extension installed, units parsed), one record
+        per enabled unit: ``unit`` (N), ``slot``, module, model, ``model_resolved``, weight,
+        ``image_sha256``, ``image_size``, ``applied`` and ``skipped`` (why not applied)."""
+        with self._state_lock:
+            return [[dict(unit) for unit in units] for units in self._controlnet_units]
+
+    @property
     def failed_checkpoint_loads(self) -> list[dict[str, Any]]:
         return self.models.failed_loads
 
@@ -132,6 +148,7 @@ class SimulatorEngine:
                 "max_in_flight": self._max_in_flight,
                 "checkpoint_loads": self.models.loads,
                 "failed_checkpoint_loads": self.models.failed_loads,
+                "controlnet_units": [[dict(u) for u in units] for units in self._controlnet_units],
                 "loras": [item["name"] for item in self.models.loras()],
                 "faults": self.faults.as_dict(),
                 **self.webui.snapshot(),
@@ -255,6 +272,9 @@ class SimulatorEngine:
         task that failed stays ``current_task`` until the next one starts.
         """
         task_id = req.force_task_id or create_task_id("txt2img")
+        refused = check_alwayson_scripts(req.alwayson_scripts, controlnet=self.settings.controlnet)
+        if refused is not None:  # init_script_args raises before the task is queued
+            return Txt2ImgOutcome("error", status=refused.status, error=refused)
         self.webui.add_pending(task_id)
         with self._state_lock:
             self._in_flight += 1
@@ -344,6 +364,18 @@ class SimulatorEngine:
                 and getattr(req, "hr_additional_modules", None) is None
             ):
                 raise GenerationError("TypeError", "argument of type 'NoneType' is not iterable")
+            settings = self.settings
+            controlnet = controlnet_for(
+                req.alwayson_scripts,
+                installed=settings.controlnet,
+                models=settings.controlnet_models,
+            )
+            plan.extra_generation_params = with_controlnet(plan.extra_generation_params, controlnet)
+            if controlnet is not None:
+                records = controlnet.records()
+                run["controlnet"] = records
+                with self._state_lock:
+                    self._controlnet_units.append(records)
             applied: list[AppliedLora] = []
             hashes: str | None = None
             if not req.disable_extra_networks:
@@ -368,9 +400,12 @@ class SimulatorEngine:
             texts = [infotext(plan, i, model, clip_skip, self.version) for i in range(len(made))]
             render_keys = tuple(sorted(key for a in applied if (key := a.render_key)))
             images = [
-                self._image(plan, i, model_name, texts[i], render_keys, it)
+                self._image(plan, i, model_name, texts[i], render_keys, it, controlnet)
                 for i, it in enumerate(made)
             ]
+            if controlnet is not None:
+                maps = controlnet.detected_maps((plan.width, plan.height))
+                images += [base64.b64encode(png_bytes(m, None)).decode("ascii") for m in maps]
         finally:
             if req.override_settings_restore_afterwards is not False:
                 self.models.restore(overrides)
@@ -399,14 +434,15 @@ class SimulatorEngine:
             ),
         }
 
-    @staticmethod
     def _image(
+        self,
         plan: Plan,
         index: int,
         checkpoint: str,
         text: str,
         loras: tuple[str, ...],
         it: IterationResult,
+        controlnet: ControlNetRun | None,
     ) -> str:
         hires = it.hires is not None  # an interrupt in the first pass skips the hires pass
         stopped: tuple[int, int] | None = None
@@ -427,4 +463,21 @@ class SimulatorEngine:
             loras=loras,
             stopped_at=stopped,
         )
-        return base64.b64encode(png_bytes(render_placeholder(spec), text)).decode("ascii")
+        picture = self._picture(spec)
+        if controlnet is not None:
+            picture = controlnet.apply(picture)
+        return base64.b64encode(png_bytes(picture, text)).decode("ascii")
+
+    def _picture(self, spec: Placeholder) -> Image.Image:
+        """The placeholder, or the next of ``settings.photo_outputs`` when there are some."""
+        photos = self.settings.photo_outputs
+        with self._state_lock:
+            number = self._images_made
+            self._images_made += 1
+        if not photos:
+            return render_placeholder(spec)
+        chosen = min(number, len(photos) - 1)
+        try:
+            return photo_picture(photos[chosen], spec.width, spec.height)
+        except ValueError as exc:
+            raise GenerationError("RuntimeError", f"photo_outputs[{chosen}]: {exc}") from exc

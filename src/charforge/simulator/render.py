@@ -7,7 +7,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -164,3 +164,15 @@ def png_bytes(image: Image.Image, parameters: str | None) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", pnginfo=info, compress_level=1)
     return out.getvalue()
+
+
+def photo_picture(data: bytes, width: int, height: int) -> Image.Image:
+    """An encoded picture (``SimulatorSettings.photo_outputs``) scaled to cover
+    ``width`` x ``height`` and centre-cropped to it; ValueError when it does not decode."""
+    try:
+        opened = Image.open(io.BytesIO(data))
+        opened.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"not a picture: {exc}") from exc
+    picture = ImageOps.exif_transpose(opened).convert("RGB")
+    return ImageOps.fit(picture, (max(width, 8), max(height, 8)), Image.Resampling.LANCZOS)

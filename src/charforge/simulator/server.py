@@ -226,6 +226,16 @@ class A1111Simulator:
         return self.engine.generations
 
     @property
+    def controlnet_units(self) -> list[list[dict[str, Any]]]:
+        """What ControlNet did, per txt2img that reached it (``settings.controlnet`` on and
+        the units parsed), in order: one record per *enabled* unit with ``unit`` (the N of
+        ``ControlNet N``), ``slot``, ``module``, ``model``, ``model_resolved``, ``weight``,
+        ``resize_mode``, ``guidance_start``/``guidance_end``, ``save_detected_map``,
+        ``image_sha256`` (of the decoded bytes sent), ``image_size``, ``applied`` and
+        ``skipped`` (the error A1111 would have logged instead of applying it)."""
+        return self.engine.controlnet_units
+
+    @property
     def max_concurrent_generations(self) -> int:
         return self.engine.max_concurrent_generations
 

@@ -107,11 +107,13 @@ CORRUPT_CHECKPOINT_MESSAGE = "Error while deserializing header: MetadataIncomple
 class GenerationError(Exception):
     """What A1111 would raise while generating; rendered as the flavor's error body."""
 
-    def __init__(self, error: str, message: str, status: int = 500) -> None:
+    def __init__(self, error: str, message: str, status: int = 500, detail: Any = "") -> None:
         super().__init__(message)
         self.error = error
         self.message = message
         self.status = status
+        self.detail = detail
+        """``HTTPException.detail`` when A1111 raised one, else empty."""
 
 
 _REQUIRED_NUMBERS = ("batch_size", "n_iter", "steps", "cfg_scale", "width", "height", "hr_scale")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from charforge.backends.a1111.client import A1111Client
 
 _LIST_CACHE_SECONDS = 60.0
+_DEFAULT_UNITS = 3
 
 _FACE_STYLES = frozenset({"realistic"})
 # Names Forge gives its built-in IP-Adapter preprocessors, and the extension's.
@@ -116,6 +117,9 @@ class ControlNetProbe:
         self._spec, self._http = spec, http
         self._lock = threading.Lock()
         self._lists: tuple[float, tuple[list[str], list[str]] | None] | None = None
+        # How many units a txt2img may carry (the extension's "Multi-ControlNet: Max models"
+        # setting, 3 by default): units beyond it are dropped without a word.
+        self.unit_count = _DEFAULT_UNITS
 
     def forget(self) -> None:
         with self._lock:
@@ -134,6 +138,9 @@ class ControlNetProbe:
             models = self._http.json(
                 self._http.call("GET", "/controlnet/model_list", style=style), style
             )
+            settings = self._http.json(
+                self._http.call("GET", "/controlnet/settings", style=style), style
+            )
         except BackendRejected as exc:
             if "404" not in exc.message:
                 raise
@@ -145,6 +152,8 @@ class ControlNetProbe:
                 [m for m in names or [] if isinstance(m, str)],
                 [m for m in files or [] if isinstance(m, str) and m != "None"],
             )
+            count = settings.get("control_net_unit_count") if isinstance(settings, dict) else None
+            self.unit_count = count if isinstance(count, int) and count > 0 else _DEFAULT_UNITS
         with self._lock:
             self._lists = (time.monotonic(), found)
         return found
@@ -184,5 +193,10 @@ class ControlNetProbe:
                 else "its ControlNet extension has neither an IP-Adapter model nor reference_only"
             )
             return [], self.without(request, why)
-        units = method.units(request.references, p.identity_strength)
-        return units, IdentityUse(True, method.label)
+        # The first references, up to the units the extension takes (the first one is the
+        # character's main picture).
+        used = request.references[: self.unit_count]
+        label = method.label
+        if len(used) < len(request.references):
+            label += f", {len(used)} of {len(request.references)} references"
+        return method.units(used, p.identity_strength), IdentityUse(True, label)
