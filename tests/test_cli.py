@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -284,6 +285,28 @@ def test_backends_check_shows_kind_health_checkpoint_hash_and_loaded_model(
     assert sorted(servers) == ["anime-cartoon-fantasy", "realistic"]
     assert servers["realistic"]["serves"] == "realistic"
     assert servers["anime-cartoon-fantasy"]["serves"] == "anime, cartoon, fantasy"
+    # Neither stand-in has the ControlNet extension: no identity conditioning on them.
+    assert servers["realistic"]["identity"] == "none (no ControlNet / IPAdapter)"
+
+
+def test_backends_check_shows_how_a_backend_conditions_on_references(
+    cli_env: dict[str, str], sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    saved = sims[0].settings
+    sims[0].settings = dataclasses.replace(saved, controlnet=True)
+    try:
+        result = run(["backends", "check", "--json"], {**cli_env, "COLUMNS": "250"})
+        table = run(["backends", "check"], {**cli_env, "COLUMNS": "250"})
+    finally:
+        sims[0].settings = saved
+    assert result.returncode == 0, result.stderr
+    by_name = {b["name"]: b for route in json.loads(result.stdout) for b in route["backends"]}
+    assert "reference_image" in by_name["realistic"]["capabilities"]
+    assert by_name["realistic"]["identity_method"] == "controlnet reference_only"
+    assert "reference_image" not in by_name["anime-cartoon-fantasy"]["capabilities"]
+    header, *rows = _tables(table.stdout)[1]
+    servers = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert servers["realistic"]["identity"] == "controlnet reference_only"
 
 
 def test_backends_check_shows_one_webui_named_by_both_variables_once(

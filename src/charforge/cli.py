@@ -269,7 +269,9 @@ def _loaded(check: Any) -> str:
 def _server_table(table_class: Any, checks: list[Any], running: dict[str, int]) -> Any:
     """Each backend once: one server, whatever names and routes point at it, has one slot,
     one loaded checkpoint and one health state."""
-    table = table_class("backend", "also named", "kind", "serves", "reachable", "running", "loaded")
+    table = table_class(
+        "backend", "also named", "kind", "serves", "reachable", "running", "loaded", "identity"
+    )
     seen: dict[str, Any] = {}
     for check in checks:
         for b in check.backends:
@@ -283,8 +285,16 @@ def _server_table(table_class: Any, checks: list[Any], running: dict[str, int]) 
             "[green]up[/]" if b.reachable else "[red]down[/]",
             str(running.get(name, 0)),
             _loaded(b),
+            _identity(b),
         )
     return table
+
+
+def _identity(check: Any) -> str:
+    """How the backend conditions on reference images, or that it cannot."""
+    if "reference_image" not in check.capabilities:
+        return "[yellow]none[/] (no ControlNet / IPAdapter)" if check.reachable else "-"
+    return escape(check.identity_method or "?")
 
 
 def _demo_account(container: Any) -> None:

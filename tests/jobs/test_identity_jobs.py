@@ -72,6 +72,10 @@ def test_controlnet_units_are_sent_and_only_generated_images_stored(
     stored_ref = client.get(f"/api/characters/{character_id}/references/{ref_id}/file").content
     assert base64.b64decode(unit["image"]) == stored_ref
     assert realistic.controlnet_units[-1]  # the stand-in applied it
+    styles = {s["style"]: s for s in client.get("/api/styles").json()}
+    backend = styles["realistic"]["backends"][0]
+    assert "reference_image" in backend["capabilities"]
+    assert backend["identityMethod"] == "controlnet reference_only"
 
     assert len(job["images"]) == 2  # two generated images, no detected maps
     image = _image(client, job["images"][0]["id"])

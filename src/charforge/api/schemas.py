@@ -388,6 +388,7 @@ class BackendHealth(Wire):
     error: str | None
     checkpoint_present: bool | None
     routes: list[str]
+    identity_method: str | None = None
 
 
 class StyleOut(Wire):

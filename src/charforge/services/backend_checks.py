@@ -29,6 +29,9 @@ class BackendCheck:
     routes: list[str]
     aliases: list[str]
     load_failed: str | None  # a checkpoint that failed to load (its report is not trusted)
+    # How it conditions on reference images ("controlnet reference_only", ...); None: it
+    # cannot (see capabilities), or its probe did not say.
+    identity_method: str | None = None
 
     @property
     def working(self) -> bool:
@@ -70,6 +73,7 @@ def check_routes(table: RouteTable, pool: BackendPool, *, max_age: float = 5.0) 
                     routes=table.routes_of(name),
                     aliases=list(spec.aliases),
                     load_failed=status[name].load_failed,
+                    identity_method=status[name].identity_method,
                 )
             )
         checks.append(RouteCheck(route, rows))

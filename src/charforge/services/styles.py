@@ -21,6 +21,7 @@ class BackendHealth:
     error: str | None
     checkpoint_present: bool | None  # None when the backend could not be asked
     routes: list[str]  # every style this backend serves (one server, one backend)
+    identity_method: str | None  # how it conditions on reference images, where it can
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def describe_styles(table: RouteTable, pool: BackendPool) -> list[StyleStatus]:
                 error=b.error,
                 checkpoint_present=b.checkpoint_present,
                 routes=b.routes,
+                identity_method=b.identity_method,
             )
             for b in check.backends
         ]
