@@ -52,8 +52,9 @@ def test_the_walk_of_a_new_user(
     sakura = new_character(page, base, "Sakura", "anime", "long pink hair, green eyes")
     new_character(page, base, "Alex", "realistic", "short brown hair, hiking jacket")
     page.goto(base + "/characters")
-    expect(page.get_by_text("🔵 Realistic")).to_be_visible()
-    expect(page.get_by_text("cyberrealistic.safetensors")).to_be_visible()
+    roster = page.locator("ul.cards")  # the card import form below lists the styles too
+    expect(roster.get_by_text("🔵 Realistic")).to_be_visible()
+    expect(roster.get_by_text("cyberrealistic.safetensors")).to_be_visible()
     shot(page, "02-characters")
 
     page.goto(f"{base}/characters/{sakura}")

@@ -11,7 +11,13 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from charforge.container import Container
 from charforge.errors import CharforgeError
-from charforge.web import pages_auth, pages_characters, pages_generate, pages_images
+from charforge.web import (
+    pages_auth,
+    pages_characters,
+    pages_generate,
+    pages_images,
+    pages_references,
+)
 from charforge.web.render import page
 from charforge.web.session import NotSignedIn, secret_key, signed_in_user
 
@@ -50,7 +56,7 @@ def install_web(app: FastAPI, container: Container) -> None:
         https_only=settings.cookie_secure,
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (pages_auth, pages_characters, pages_images, pages_generate):
+    for module in (pages_auth, pages_references, pages_characters, pages_images, pages_generate):
         app.include_router(module.router)
 
     @app.exception_handler(NotSignedIn)

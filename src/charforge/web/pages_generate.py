@@ -19,16 +19,25 @@ from starlette.concurrency import run_in_threadpool
 from charforge.api.routes.generate import generate_and_wait, submit_generation
 from charforge.api.routes.jobs import cancel_job, event_stream, job_out
 from charforge.db.models import User
+from charforge.db.references import reference_counts
 from charforge.domain.capabilities import Capability
 from charforge.domain.params import GenerateBody, JobBody
 from charforge.errors import Unauthorized
 from charforge.services import characters
+from charforge.services.characters import DEFAULT_IDENTITY_STRENGTH
 from charforge.services.styles import CONSISTENCY_NOTE
-from charforge.web.render import container_of, indicator, page, route_can
+from charforge.web.render import (
+    container_of,
+    indicator,
+    page,
+    route_can,
+    route_conditions,
+    route_of,
+)
 from charforge.web.session import check_csrf, require_user, signed_in_user
 
 router = APIRouter(include_in_schema=False)
-_FLAGS = ("hires", "nsfw")
+_FLAGS = ("hires", "nsfw", "retrySame")
 
 
 @router.get("/generate-images", response_class=HTMLResponse)
@@ -37,14 +46,31 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
     user = require_user(request, c)
     with c.db.session() as session:
         roster = list(characters.list_for(session, user))
-    options = [
+        counts = reference_counts(session, user.id)
+    options = []
+    for ch in roster:
+        route, _ = route_of(ch, c)
+        options.append(
+            {
+                "id": ch.id,
+                "name": ch.name,
+                "indicator": indicator(ch, c),
+                "hires": route_can(ch, c, Capability.HIRES),
+                "style": route.style,
+                "references": counts.get(ch.id, 0),
+                "strength": f"{_strength(ch.identity_strength):g}",
+                "steers": route_conditions(route, c),
+            }
+        )
+    styles = [
         {
-            "id": ch.id,
-            "name": ch.name,
-            "indicator": indicator(ch, c),
-            "hires": route_can(ch, c, Capability.HIRES),
+            "style": r.style,
+            "label": f"{r.emoji} {r.label}",
+            "indicator": r.indicator,
+            "steers": route_conditions(r, c),
+            "hires": any(Capability.HIRES in c.table.backends[n].capabilities for n in r.backends),
         }
-        for ch in roster
+        for r in c.table.routes.values()
     ]
     selected = next((o for o in options if o["id"] == characterId), None)
     notice = None
@@ -67,6 +93,9 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         "scheduler": d.scheduler,
         "nsfw": False,
         "count": 1,
+        "transferTo": "",
+        "identityStrength": "",
+        "retrySame": False,
     }
     for key in values:  # any default may be overridden by the link ("use these settings")
         if key in request.query_params:
@@ -77,6 +106,7 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         "generate.html",
         user,
         options=options,
+        styles=styles,
         selected=selected,
         notice=notice,
         values=values,
@@ -85,6 +115,10 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
             name for name, backend in c.pool.backends.items() if backend.spec.simulated
         ),
     )
+
+
+def _strength(value: float | None) -> float:
+    return DEFAULT_IDENTITY_STRENGTH if value is None else float(value)
 
 
 async def page_user(request: Request) -> User:

@@ -16,9 +16,11 @@ from charforge.domain.capabilities import Capability
 from charforge.domain.consistency import resolve
 from charforge.domain.routes import Route
 from charforge.services.characters import look_of
+from charforge.web.identity_view import score_badge
 from charforge.web.session import CSRF_FIELD, csrf_token
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+TEMPLATES.env.globals.update(score_badge=score_badge)
 DEMO_BANNER = (
     "Demo mode: images come from the built-in A1111 simulator. They are labelled "
     "placeholders, not real generations."
@@ -62,6 +64,12 @@ def route_can(character: Character, container: Container, capability: Capability
     """Whether any backend of the character's route can do ``capability``."""
     route, _ = route_of(character, container)
     return any(capability in container.table.backends[n].capabilities for n in route.backends)
+
+
+def route_conditions(route: Route, container: Container) -> bool:
+    """Whether a backend of ``route`` can steer images by reference images (as its last
+    health check found it)."""
+    return any(Capability.REFERENCE_IMAGE in container.pool.capabilities(n) for n in route.backends)
 
 
 def indicator(character: Character, container: Container) -> str:

@@ -28,20 +28,79 @@
   let hiresWanted = hires.checked; // the user's choice, restored for a route that has it
   hires.addEventListener("change", () => { hiresWanted = hires.checked; });
 
+  const identityBox = document.getElementById("identity-box");
+  const identitySummary = document.getElementById("identity-summary");
+  const strength = document.getElementById("identityStrength");
+  const unsupported = document.getElementById("identity-unsupported");
+  const retry = document.getElementById("retrySame");
+  const transfer = document.getElementById("transferTo");
+  const SAME_PERSON = 0.5;
+  const RETRY_TRIES = 3;
+  // A strength that came with the link ("use these settings again") is kept once.
+  let strengthAsked = strength.dataset.asked || "";
+  let shownFor = null; // the character whose strength the field shows
+
+  function selectedOption() {
+    return select.options[select.selectedIndex] || null;
+  }
+
+  function transferOption() {
+    const option = transfer.options[transfer.selectedIndex];
+    return option && option.value ? option : null;
+  }
+
   function showIndicator() {
-    const option = select.options[select.selectedIndex];
-    const text = option ? option.getAttribute("data-indicator") : "";
+    const option = selectedOption();
+    const ownStyle = option ? option.getAttribute("data-style") : "";
+    // Style transfer offers only the other styles.
+    for (const choice of transfer.options) {
+      if (!choice.value) continue;
+      const own = choice.value === ownStyle;
+      choice.hidden = own;
+      choice.disabled = own;
+    }
+    if (transferOption() && transferOption().value === ownStyle) transfer.value = "";
+    transfer.options[0].textContent = option
+      ? option.textContent.trim() + "'s own style" : "The character's own style";
+    const target = transferOption();
+    const text = target ? target.getAttribute("data-indicator")
+      : option ? option.getAttribute("data-indicator") : "";
     indicator.textContent = text || "";
     note.hidden = !text;
+    note.textContent = target
+      ? "Style transfer: this image only. " + (option ? option.textContent.trim() : "The character") +
+        " keeps its own style."
+      : note.dataset.note;
     // A route whose backends have no second pass would refuse hires=true (422): offer only
     // what the character's backends can do.
-    const canHires = !option || option.getAttribute("data-hires") !== "0";
+    const route = target || option;
+    const canHires = !route || route.getAttribute("data-hires") !== "0";
     hires.disabled = !canHires;
     hires.checked = canHires && hiresWanted;
     hiresNote.hidden = canHires;
+    showIdentity(option, route);
+  }
+
+  function showIdentity(option, route) {
+    const count = option ? Number(option.getAttribute("data-references") || 0) : 0;
+    identityBox.hidden = count < 1;
+    if (!option) return;
+    const name = option.textContent.trim();
+    identitySummary.textContent = name + " has " + (count === 1
+      ? "1 reference image; the new image is checked against it."
+      : count + " reference images; the new image is checked against them.");
+    if (shownFor !== option.value) {
+      strength.value = strengthAsked || option.getAttribute("data-strength") || "";
+      strengthAsked = "";
+      shownFor = option.value;
+    }
+    const steers = route.getAttribute("data-steers") !== "0";
+    strength.disabled = !steers;
+    unsupported.hidden = steers;
   }
   select.addEventListener("change", showIndicator);
   select.addEventListener("input", showIndicator);
+  transfer.addEventListener("change", showIndicator);
   showIndicator();
 
   function clearErrors() {
@@ -50,11 +109,42 @@
     form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
   }
 
+  // The API's names in messages, in words (as web/identity_view.py does on the pages).
+  function plain(text) {
+    return String(text || "")
+      .replace(/no backend of the (\S+) style can condition on reference images: (.*)/g,
+        "the $1 style's backends cannot use reference images: $2")
+      .replace(/send identity\.strength ?= ?0/gi, "set the reference strength to 0")
+      .replace(/identity\.strength ?= ?0/g, "reference strength 0")
+      .replace(/identity\.strength is 0/g, "the reference strength was 0")
+      .replace(/identity\.minScore/g, "the same-person retry")
+      .replace(/identity\.strength/g, "reference strength")
+      .replace(/leave identity out/g, "leave the reference images out")
+      .replace(/which this request asks for/g, "which this image asks for");
+  }
+
+  function sentence(text) {
+    const out = plain(text).trim();
+    if (!out) return "";
+    const upper = out.charAt(0).toUpperCase() + out.slice(1);
+    return /[.!?]$/.test(upper) ? upper : upper + ".";
+  }
+
+  // Where an error about a request field is shown: the field's own input.
+  function fieldFor(name) {
+    if (!name) return null;
+    if (/^identity\.(minScore|maxTries)/.test(name)) return retry;
+    if (/^identity/.test(name)) return strength.disabled ? identityBox : strength;
+    if (transferOption() && /^(artStyle|styleTransfer|model)/.test(name)) return transfer;
+    return document.getElementById(name.split(".")[0]);
+  }
+
   function showError(error) {
-    const joiner = /[.!?]$/.test(error.message) ? " " : ". ";
-    errorBox.textContent = error.message + (error.hint ? joiner + error.hint : "");
+    const message = plain(error.message);
+    const joiner = /[.!?]$/.test(message) ? " " : ". ";
+    errorBox.textContent = message + (error.hint ? joiner + plain(error.hint) : "");
     errorBox.hidden = false;
-    const field = error.field && document.getElementById(error.field.split(".")[0]);
+    const field = fieldFor(error.field);
     if (field) {
       field.setAttribute("aria-invalid", "true");
       field.setAttribute("aria-describedby", "form-error");
@@ -71,7 +161,101 @@
       const value = form[name] ? form[name].value.trim() : "";
       if (value !== "") data[name] = Number(value);
     }
+    const target = transferOption();
+    if (target) {
+      data.artStyle = target.value;
+      data.styleTransfer = true;
+    }
+    if (!identityBox.hidden) {
+      const identity = {};
+      const option = selectedOption();
+      const own = option ? option.getAttribute("data-strength") : "";
+      const value = strength.value.trim();
+      // The character's own strength is left to the server (it applies it where the backend
+      // can); a changed one is asked for explicitly.
+      if (!strength.disabled && value !== "" && Number(value) !== Number(own)) {
+        identity.strength = Number(value);
+      }
+      if (retry.checked) {
+        identity.minScore = SAME_PERSON;
+        identity.maxTries = RETRY_TRIES;
+      }
+      if (Object.keys(identity).length) data.identity = identity;
+    }
     return data;
+  }
+
+  // The same-person badge, as the pages' _identity.html draws it.
+  function scoreBadge(consistency) {
+    if (!consistency) return null;
+    const badge = document.createElement("span");
+    let label;
+    let title;
+    if (typeof consistency.score === "number") {
+      const score = consistency.score.toFixed(2);
+      const same = consistency.score >= SAME_PERSON;
+      label = (same ? "Same person " : "Different ") + score;
+      title = "Face similarity to the reference images: " + score + "; " + SAME_PERSON +
+        " or more means the same person";
+      badge.className = "score score-" + (same ? "ok" : "warn");
+    } else {
+      const reason = String(consistency.reason || "");
+      label = /no face/i.test(reason) ? "No face found" : "Not scored";
+      title = sentence(reason) || "The image could not be compared with the reference images.";
+      badge.className = "score score-none";
+    }
+    badge.title = title;
+    const hidden = document.createElement("span");
+    hidden.className = "sr-only";
+    hidden.textContent = " (" + title + ")";
+    badge.append(label, hidden);
+    return badge;
+  }
+
+  function identityLine(identity) {
+    if (!identity) return "";
+    if (identity.applied) {
+      let text = "Reference images used";
+      if (typeof identity.strength === "number") text += ", strength " + identity.strength;
+      return text + (identity.method ? " (" + identity.method + ")" : "");
+    }
+    const reason = plain(identity.reason).trim();
+    return "Reference images not used" + (reason ? ": " + reason : "");
+  }
+
+  function triesLine(plan, consistency) {
+    if (!plan || plan.minScore == null) return "";
+    const tries = (plan.tries || []).reduce((most, t) => Math.max(most, t.try || 1), 1);
+    const word = tries === 1 ? "try" : "tries";
+    if (consistency && consistency.reachedMinScore) return "Same person after " + tries + " " + word;
+    return "Best of " + tries + " " + word + " kept (none reached " + SAME_PERSON + ")";
+  }
+
+  function showIdentityResult(out, first) {
+    const line = document.getElementById("result-identity");
+    line.replaceChildren();
+    const badge = scoreBadge(first.consistency);
+    if (badge) line.append(badge);
+    const parts = [];
+    if (out.styleTransfer && out.styleTransfer.to) {
+      parts.push("Style transfer: " + styleName(out.styleTransfer.from) + " → " +
+        styleName(out.styleTransfer.to));
+    }
+    parts.push(triesLine(out.identity, first.consistency), identityLine(first.identity));
+    for (const text of parts.filter(Boolean)) {
+      const span = document.createElement("span");
+      span.className = "muted";
+      span.textContent = text;
+      line.append(span);
+    }
+    line.hidden = !line.childNodes.length;
+  }
+
+  function styleName(style) {
+    for (const option of transfer.options) {
+      if (option.value === style) return option.getAttribute("data-label") || style;
+    }
+    return style || "?";
   }
 
   function seconds(job) {
@@ -129,6 +313,7 @@
     document.getElementById("result-caption").textContent =
       "Seed " + first.seed + " · " + first.width + "×" + first.height + " · " + out.model +
       (simulated ? " · simulated placeholder" : "");
+    showIdentityResult(out, first);
     document.getElementById("result-page").href = "/images/" + first.id;
     document.getElementById("result-history").href = "/characters/" + out.characterId + "/images";
     heading.textContent = images.length > 1 ? "Results (" + images.length + " images)" : "Result";
@@ -145,6 +330,8 @@
       caption.className = "muted";
       caption.textContent = "Seed " + other.seed;
       link.append(thumb, caption);
+      const badge = scoreBadge(other.consistency);
+      if (badge) link.append(badge);
       item.append(link);
       more.append(item);
     }
@@ -159,7 +346,9 @@
     const active = document.activeElement;
     if (!active || active === document.body || active === button || active === cancelButton) {
       target.focus();
+      return true;
     }
+    return false;
   }
 
   function stopFollowing(job) {
@@ -181,7 +370,17 @@
     if (out.state === "succeeded" && showResult(out)) {
       progress.textContent = "Done in " + took + " s";
       announce(progress.textContent);
-      settleFocus(heading);
+      // The result in view (its heading at the top), unless they are busy with the form;
+      // again once the image has loaded, as the page was too short to scroll that far before.
+      if (settleFocus(heading)) {
+        result.scrollIntoView({ block: "start" });
+        const image = document.getElementById("result-image");
+        const scroll = () => {
+          if (document.activeElement === heading) result.scrollIntoView({ block: "start" });
+        };
+        if (image.complete) scroll();
+        else image.addEventListener("load", scroll, { once: true });
+      }
       return;
     }
     if (out.state === "cancelled") {
