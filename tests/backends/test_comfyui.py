@@ -15,10 +15,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from charforge.backends import comfyui
 from charforge.backends.base import BackendRequest, CheckpointInfo, Progress
 from charforge.backends.comfyui import ComfyUIBackend
-from charforge.backends.comfyui_graph import HiresUpscale, build_graph, hires_upscale
+from charforge.backends.comfyui.graph import HiresUpscale, build_graph, hires_upscale
+from charforge.backends.comfyui.prompts import PromptRunner
 from charforge.config import BackendConfig, RouteConfig
 from charforge.domain.capabilities import capabilities_for
 from charforge.domain.params import SEED_MAX, GenerationParams
@@ -622,10 +622,10 @@ def test_an_error_in_charforge_while_it_waits_stops_the_prompt(
     fake.faults.hang = True
     adapter = ComfyUIBackend(spec_for(fake.url), quiet_seconds=0.1)
 
-    def broken(self: ComfyUIBackend, prompt_id: str, style: str) -> None:
+    def broken(self: PromptRunner, prompt_id: str, style: str) -> None:
         raise RuntimeError("a bug while reading the history")
 
-    monkeypatch.setattr(comfyui.ComfyUIBackend, "_history", broken)
+    monkeypatch.setattr(PromptRunner, "_history", broken)
     try:
         with pytest.raises(RuntimeError, match="a bug"):
             adapter.generate(request(hires=False))

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from charforge.backends import runpod
 from charforge.backends.base import BackendRequest, BackendResult, Progress
-from charforge.backends.comfyui_graph import REQUIRED_PLACEHOLDERS, build_graph
+from charforge.backends.comfyui.graph import REQUIRED_PLACEHOLDERS, build_graph
 from charforge.backends.runpod import Pacing, RunPodBackend
+from charforge.backends.runpod import adapter as runpod_adapter
 from charforge.config import BackendConfig, RouteConfig
 from charforge.domain.capabilities import capabilities_for
 from charforge.domain.params import SEED_MAX, GenerationParams
@@ -755,7 +755,7 @@ def rp_live(
     fake: RunPodFake,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Any:
-    monkeypatch.setattr(runpod, "DEFAULT_PACING", FAST)
+    monkeypatch.setattr(runpod_adapter, "DEFAULT_PACING", FAST)
     return live_factory(
         sims[0].url,
         sims[1].url,

@@ -52,6 +52,7 @@ from charforge.backends.base import (
     BackendResult,
     CheckpointInfo,
     GeneratedImage,
+    IdentityUse,
     ProbeResult,
     Progress,
 )
@@ -73,6 +74,7 @@ from charforge.errors import (
     BackendRejected,
     BackendUnavailable,
     CheckpointMissing,
+    IdentityUnavailable,
     InvalidInput,
 )
 
@@ -643,6 +645,7 @@ class LocalBackend:
     def _generate(self, request: BackendRequest, stop: threading.Event) -> BackendResult:
         p = request.params
         # Everything a request can get wrong is refused before anything is loaded.
+        identity = self._identity(request)
         require_capabilities(self.spec, p, request.style)
         plan = plan_sampler(p.sampler, p.scheduler)
         upscaler_name, (on_latents, mode, antialias) = plan_upscaler(p.hires_upscaler)
@@ -737,7 +740,23 @@ class LocalBackend:
                     p.hires_upscaler,
                     upscaler_name,
                 )
-        return BackendResult(images, checkpoint.name, short_hash(sha256), info)
+        return BackendResult(images, checkpoint.name, short_hash(sha256), info, identity=identity)
+
+    def _identity(self, request: BackendRequest) -> IdentityUse | None:
+        """No IP-Adapter here yet: identity asked for explicitly is refused (another backend of
+        the pool may have it), asked for by default the image is made without it."""
+        if not request.references or request.params.identity_strength <= 0:
+            return None
+        why = "the local engine cannot condition on reference images yet"
+        if request.params.identity_required:
+            raise IdentityUnavailable(
+                f"Backend '{self.spec.name}' cannot condition on reference images: {why}.",
+                field="identity",
+                hint="Send identity.strength=0, or add a backend that can (A1111 with "
+                "ControlNet, ComfyUI with IPAdapter) to the style's route.",
+                extra={"capability": "reference_image", "backends": [self.spec.name]},
+            )
+        return IdentityUse(False, reason=why)
 
     def _load(
         self,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from charforge.backends.a1111.client import A1111Client
 
 _LIST_CACHE_SECONDS = 60.0
-_DEFAULT_UNITS = 3
+DEFAULT_UNITS = 3  # the extension's "Multi-ControlNet: Max models" default
 
 _FACE_STYLES = frozenset({"realistic"})
 # Names Forge gives its built-in IP-Adapter preprocessors, and the extension's.
@@ -56,6 +56,17 @@ class ControlNetMethod:
             }
             for ref in references
         ]
+
+    def capped(
+        self, references: tuple[ReferenceImage, ...], strength: float, unit_count: int
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Units for the first references, as many as the extension takes (the first one is
+        the character's main picture), and the label saying how many were used."""
+        used = references[:unit_count]
+        label = self.label
+        if len(used) < len(references):
+            label += f", {len(used)} of {len(references)} references"
+        return self.units(used, strength), label
 
 
 REFERENCE_ONLY = ControlNetMethod("reference_only", "None", "controlnet reference_only")
@@ -119,7 +130,7 @@ class ControlNetProbe:
         self._lists: tuple[float, tuple[list[str], list[str]] | None] | None = None
         # How many units a txt2img may carry (the extension's "Multi-ControlNet: Max models"
         # setting, 3 by default): units beyond it are dropped without a word.
-        self.unit_count = _DEFAULT_UNITS
+        self.unit_count = DEFAULT_UNITS
 
     def forget(self) -> None:
         with self._lock:
@@ -153,7 +164,7 @@ class ControlNetProbe:
                 [m for m in files or [] if isinstance(m, str) and m != "None"],
             )
             count = settings.get("control_net_unit_count") if isinstance(settings, dict) else None
-            self.unit_count = count if isinstance(count, int) and count > 0 else _DEFAULT_UNITS
+            self.unit_count = count if isinstance(count, int) and count > 0 else DEFAULT_UNITS
         with self._lock:
             self._lists = (time.monotonic(), found)
         return found
@@ -193,10 +204,5 @@ class ControlNetProbe:
                 else "its ControlNet extension has neither an IP-Adapter model nor reference_only"
             )
             return [], self.without(request, why)
-        # The first references, up to the units the extension takes (the first one is the
-        # character's main picture).
-        used = request.references[: self.unit_count]
-        label = method.label
-        if len(used) < len(request.references):
-            label += f", {len(used)} of {len(request.references)} references"
-        return method.units(used, p.identity_strength), IdentityUse(True, label)
+        units, label = method.capped(request.references, p.identity_strength, self.unit_count)
+        return units, IdentityUse(True, label)

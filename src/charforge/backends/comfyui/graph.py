@@ -231,8 +231,10 @@ REQUIRED_PLACEHOLDERS = (
     "scheduler",
     "checkpoint",
 )
-# A workflow's own second pass may take the request's denoising strength.
-OPTIONAL_PLACEHOLDERS = ("denoise",)
+# A workflow's own second pass may take the request's denoising strength, and its LoadImage
+# the first reference image of the character (the file's name in ComfyUI's input folder): a
+# workflow without it cannot condition on references.
+OPTIONAL_PLACEHOLDERS = ("denoise", "reference_image")
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
@@ -313,9 +315,18 @@ def placeholder_inputs(template: Graph, name: str) -> list[tuple[str, str]]:
     ]
 
 
-def fill_workflow(template: Graph, params: GenerationParams, checkpoint: str, seed: int) -> Graph:
+def fill_workflow(
+    template: Graph,
+    params: GenerationParams,
+    checkpoint: str,
+    seed: int,
+    *,
+    reference_image: str | None = None,
+) -> Graph:
     """The template with its placeholders replaced. A value that is exactly one placeholder
     takes the value's own type (a number stays a number); inside longer text it is text."""
+    if reference_image is None and "reference_image" in placeholders_in(template):
+        raise WorkflowError("the workflow needs a reference image for {{reference_image}}")
     sampler, scheduler = comfy_sampler(params.sampler, params.scheduler)
     values: dict[str, Any] = {
         "prompt": params.prompt,
@@ -329,6 +340,7 @@ def fill_workflow(template: Graph, params: GenerationParams, checkpoint: str, se
         "sampler": sampler,
         "scheduler": scheduler,
         "denoise": params.denoising_strength,
+        "reference_image": reference_image,
     }
 
     def fill(value: Any) -> Any:
@@ -365,8 +377,9 @@ def graph_for(
     seed: int,
     *,
     loras: Mapping[str, str] | None = None,
+    reference_image: str | None = None,
 ) -> Graph:
     """The graph of one image: the user's workflow filled in, or charforge's own."""
     if template is not None:
-        return fill_workflow(template, params, checkpoint, seed)
+        return fill_workflow(template, params, checkpoint, seed, reference_image=reference_image)
     return build_graph(params, checkpoint, seed, loras=loras)
