@@ -63,9 +63,9 @@ def import_card(
     *,
     style: str | None = None,
     model: str | None = None,
-) -> tuple[Character, list[str]]:
-    """The new character and the files written for it (removed by the caller should the
-    transaction fail)."""
+) -> Character:
+    """The new character (its picture saved as a reference: wrap the transaction in
+    ``store.undo_on_failure()``)."""
     if len(data) > CARD_MAX_BYTES:
         raise InvalidInput(
             f"The card is {len(data) / 1e6:.1f} MB; the limit is {CARD_MAX_BYTES // 2**20} MB.",
@@ -83,13 +83,11 @@ def import_card(
     character = characters.create(session, owner, _fields_of(card, style, model), table)
     character.card = card.card
     session.flush()
-    written: list[str] = []
     if card.picture is not None:
-        ref = references.add(
+        references.add(
             session, store, owner, character.id, card.picture, source="card", field="file"
         )
-        written.append(ref.file_path)
-    return character, written
+    return character
 
 
 def export(session: Session, store: ImageStore, owner: User, character_id: str) -> bytes:

@@ -45,7 +45,7 @@ def add(
     field: str = "file",
 ) -> Reference:
     """Checks, cleans and stores the picture; the file is written before the row that names
-    it is committed (the caller removes the file should the commit fail)."""
+    it is committed (wrap the transaction in ``store.undo_on_failure()``)."""
     characters.get(session, owner, character_id)
     accepted = accept_image(data, field=field)
     existing = refs.references_of(session, owner.id, character_id)

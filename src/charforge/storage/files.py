@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -13,6 +16,10 @@ from PIL import Image
 from charforge.errors import NotFound
 
 THUMB_SIZE = (320, 480)
+# Files saved inside an undo_on_failure block of this thread or task.
+_saved_in_block: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "saved_in_block", default=None
+)
 
 
 class ImageStore:
@@ -56,7 +63,25 @@ class ImageStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        saved = _saved_in_block.get()
+        if saved is not None:
+            saved.append(relative)
         return target
+
+    @contextmanager
+    def undo_on_failure(self) -> Iterator[None]:
+        """Files saved inside the block are removed again if it fails: wrap the transaction
+        that commits their rows, so a file never outlives a row that did not land."""
+        saved: list[str] = []
+        token = _saved_in_block.set(saved)
+        try:
+            yield
+        except BaseException:
+            for relative in saved:
+                self.delete(relative)
+            raise
+        finally:
+            _saved_in_block.reset(token)
 
     def delete(self, relative: str) -> None:
         self.path(relative).unlink(missing_ok=True)

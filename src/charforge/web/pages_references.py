@@ -12,8 +12,8 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile  # the base class request.form() gives
 
+from charforge.api.uploads import form_file
 from charforge.container import Container
 from charforge.db.models import User
 from charforge.errors import Conflict, InvalidInput
@@ -27,37 +27,16 @@ router = APIRouter(include_in_schema=False)
 _CACHE = {"Cache-Control": "private, max-age=86400"}
 
 
-async def _read_upload(request: Request, limit: int) -> tuple[dict[str, str], bytes | None]:
-    """The form's text fields and at most ``limit + 1`` bytes of its file (None: no file
-    chosen)."""
-    form = await request.form(max_files=1, max_fields=4)
-    try:
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile) or not upload.filename:
-            return fields, None
-        return fields, await upload.read(limit + 1)
-    finally:
-        await form.close()
-
-
 def _add(c: Container, user: User, character_id: str, data: bytes) -> None:
-    saved: list[str] = []
-    try:
-        with c.db.session() as session:
-            row = references.add(session, c.store, user, character_id, data)
-            saved.append(row.file_path)
-    except BaseException:
-        for path in saved:  # the row did not land: its file must not linger
-            c.store.delete(path)
-        raise
+    with c.store.undo_on_failure(), c.db.session() as session:
+        references.add(session, c.store, user, character_id, data)
 
 
 @router.post("/characters/{character_id}/references")
 async def upload_reference(request: Request, character_id: str) -> Response:
     c = container_of(request)
     user = await run_in_threadpool(require_user, request, c)
-    fields, data = await _read_upload(request, MAX_BYTES)
+    fields, data = await form_file(request, MAX_BYTES, fields=None)
     check_csrf(request, fields.get("csrf_token"))
     try:
         if data is None:
@@ -144,24 +123,15 @@ def download_card(request: Request, character_id: str) -> Response:
 
 
 def _import(c: Container, user: User, data: bytes, style: str | None) -> str:
-    written: list[str] = []
-    try:
-        with c.db.session() as session:
-            character, written = cards.import_card(
-                session, c.store, user, data, c.table, style=style
-            )
-            return character.id
-    except BaseException:
-        for path in written:
-            c.store.delete(path)
-        raise
+    with c.store.undo_on_failure(), c.db.session() as session:
+        return cards.import_card(session, c.store, user, data, c.table, style=style).id
 
 
 @router.post("/characters/import")
 async def import_card(request: Request) -> Response:
     c = container_of(request)
     user = await run_in_threadpool(require_user, request, c)
-    fields, data = await _read_upload(request, cards.CARD_MAX_BYTES)
+    fields, data = await form_file(request, cards.CARD_MAX_BYTES, fields=None)
     check_csrf(request, fields.get("csrf_token"))
     style = fields.get("art_style", "").strip()
     try:

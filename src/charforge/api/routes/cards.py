@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.schemas import CharacterOut
+from charforge.api.uploads import form_file
 from charforge.container import Container
 from charforge.db.models import User
 from charforge.db.references import reference_counts
@@ -43,21 +43,12 @@ _BODY_DOC: dict[str, Any] = {
 async def _card_bytes(request: Request) -> bytes:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=1)
-        try:
-            unknown = sorted(k for k in form if k != "file")
-            if unknown:
-                raise InvalidInput(
-                    f"Unknown form field(s): {', '.join(unknown)}.", field=unknown[0], hint=_HOW
-                )
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise InvalidInput(
-                    "The card is missing: no form field 'file'.", field="file", hint=_HOW
-                )
-            return await upload.read(cards.CARD_MAX_BYTES + 1)
-        finally:
-            await form.close()
+        _, data = await form_file(request, cards.CARD_MAX_BYTES, hint=_HOW)
+        if data is None:
+            raise InvalidInput(
+                "The card is missing: no form field 'file'.", field="file", hint=_HOW
+            )
+        return data
     if content_type in ("image/png", "application/json", "application/octet-stream"):
         chunks, size = [], 0
         async for chunk in request.stream():  # bounded: a huge body is refused, not buffered
@@ -78,19 +69,11 @@ async def _card_bytes(request: Request) -> bytes:
 def _import(
     c: Container, user: User, data: bytes, style: str | None, model: str | None
 ) -> CharacterOut:
-    written: list[str] = []
-    try:
-        with c.db.session() as session:
-            character, written = cards.import_card(
-                session, c.store, user, data, c.table, style=style, model=model
-            )
-            return CharacterOut.of(
-                character, reference_counts(session, user.id).get(character.id, 0)
-            )
-    except BaseException:
-        for path in written:
-            c.store.delete(path)
-        raise
+    with c.store.undo_on_failure(), c.db.session() as session:
+        character = cards.import_card(
+            session, c.store, user, data, c.table, style=style, model=model
+        )
+        return CharacterOut.of(character, reference_counts(session, user.id).get(character.id, 0))
 
 
 @router.post("/import", status_code=201, response_model=CharacterOut, openapi_extra=_BODY_DOC)

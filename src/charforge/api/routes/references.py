@@ -10,10 +10,10 @@ from fastapi.responses import FileResponse
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.schemas import ReferenceList, ReferenceOut, Wire
+from charforge.api.uploads import form_file
 from charforge.container import Container
 from charforge.db.models import User
 from charforge.errors import InvalidInput
@@ -49,43 +49,16 @@ _BODY_DOC: dict[str, Any] = {
 }
 
 
-async def _upload_bytes(request: Request) -> bytes:
-    form = await request.form(max_files=1, max_fields=1)
-    try:
-        unknown = sorted(k for k in form if k != "file")
-        if unknown:
-            raise InvalidInput(
-                f"Unknown form field(s): {', '.join(unknown)}.", field=unknown[0], hint=_HOW
-            )
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidInput(
-                "The picture is missing: no form field 'file'.", field="file", hint=_HOW
-            )
-        # Read one byte past the limit: enough to know it is too big, never the whole file.
-        return await upload.read(MAX_BYTES + 1)
-    finally:
-        await form.close()
-
-
 def _add(
     c: Container, user: User, character_id: str, data: bytes | None, image_id: str | None
 ) -> ReferenceOut:
-    saved: list[str] = []
-    try:
-        with c.db.session() as session:
-            if image_id is not None:
-                row = references.promote(session, c.store, user, character_id, image_id)
-            else:
-                assert data is not None
-                row = references.add(session, c.store, user, character_id, data)
-            saved.append(row.file_path)
-            out = ReferenceOut.of(row)
-    except BaseException:
-        for path in saved:  # the row did not land: its file must not linger
-            c.store.delete(path)
-        raise
-    return out
+    with c.store.undo_on_failure(), c.db.session() as session:
+        if image_id is not None:
+            row = references.promote(session, c.store, user, character_id, image_id)
+        else:
+            assert data is not None
+            row = references.add(session, c.store, user, character_id, data)
+        return ReferenceOut.of(row)
 
 
 @router.post(
@@ -99,7 +72,11 @@ async def add_reference(
 ) -> ReferenceOut:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        data = await _upload_bytes(request)
+        _, data = await form_file(request, MAX_BYTES, hint=_HOW)
+        if data is None:
+            raise InvalidInput(
+                "The picture is missing: no form field 'file'.", field="file", hint=_HOW
+            )
         out = await run_in_threadpool(_add, c, user, character_id, data, None)
     elif content_type == "application/json":
         raw = await request.body()
