@@ -11,10 +11,15 @@ from charforge.storage.files import ImageStore
 
 def test_files_saved_in_a_failed_block_are_removed(tmp_path: Path) -> None:
     store = ImageStore(tmp_path)
-    with pytest.raises(RuntimeError), store.undo_on_failure():
-        store.save("references/1/c/a.png", b"a")
-        store.save("references/1/c/b.png", b"b")
-        raise RuntimeError("the commit failed")
+
+    def save_two_then_fail() -> None:
+        with store.undo_on_failure():
+            store.save("references/1/c/a.png", b"a")
+            store.save("references/1/c/b.png", b"b")
+            raise RuntimeError("the commit failed")
+
+    with pytest.raises(RuntimeError):
+        save_two_then_fail()
     assert not list(tmp_path.rglob("*.png"))
 
     with store.undo_on_failure():
