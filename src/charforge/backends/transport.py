@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from charforge.domain.routes import BackendSpec
 from charforge.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
 
 # Words in a backend's or worker's error text that point at the machine, not the request:
@@ -130,4 +131,14 @@ def proxy_unavailable(
         f"The proxy in front of {where} answered HTTP {status}: {server} is not reachable "
         "behind it (still starting, crashed or stopped).",
         hint=hint,
+    )
+
+
+def backend_http(spec: BackendSpec) -> httpx.Client:
+    """The HTTP client of a WebUI backend: its URL, its Basic auth if any, its timeouts."""
+    return httpx.Client(
+        base_url=spec.url,
+        auth=httpx.BasicAuth(*spec.auth) if spec.auth else None,
+        timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
+        headers={"User-Agent": "charforge"},
     )

@@ -9,6 +9,7 @@ import httpx
 from charforge.backends.a1111.wire import error_parts, error_text, failure_meaning
 from charforge.backends.transport import (
     Hints,
+    backend_http,
     capitalized,
     proxy_unavailable,
     read_json,
@@ -30,12 +31,7 @@ class A1111Client:
     def __init__(self, spec: BackendSpec, *, probe_timeout: float) -> None:
         self.spec = spec
         self.probe_timeout = probe_timeout
-        self.http = httpx.Client(
-            base_url=spec.url,
-            auth=httpx.BasicAuth(*spec.auth) if spec.auth else None,
-            timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
-            headers={"User-Agent": "charforge"},
-        )
+        self.http = backend_http(spec)
 
     def close(self) -> None:
         self.http.close()

@@ -14,6 +14,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from charforge.backends.transport import (
     Hints,
+    backend_http,
     capitalized,
     proxy_unavailable,
     read_json,
@@ -42,12 +43,7 @@ def websocket_url(base: str, client_id: str) -> str:
 class ComfyClient:
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec
-        self.http = httpx.Client(
-            base_url=spec.url,
-            auth=httpx.BasicAuth(*spec.auth) if spec.auth else None,
-            timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
-            headers={"User-Agent": "charforge"},
-        )
+        self.http = backend_http(spec)
 
     def close(self) -> None:
         self.http.close()
