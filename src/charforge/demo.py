@@ -31,9 +31,14 @@ DEMO_LORAS = ("detail_tweaker.safetensors", "styles/outline.safetensors")
 
 
 def start_demo_backends(host: str = "127.0.0.1") -> DemoBackends:
+    # With the ControlNet extension, so that a character's reference images visibly steer
+    # its demo images (the stand-in blends them into the placeholder).
     realistic = A1111Simulator(
         SimulatorSettings(
-            models=["cyberrealistic.safetensors"], name="demo-realistic", loras=list(DEMO_LORAS)
+            models=["cyberrealistic.safetensors"],
+            name="demo-realistic",
+            loras=list(DEMO_LORAS),
+            controlnet=True,
         )
     )
     anime = A1111Simulator(
@@ -41,6 +46,7 @@ def start_demo_backends(host: str = "127.0.0.1") -> DemoBackends:
             models=["diving.safetensors"],
             name="demo-anime-cartoon-fantasy",
             loras=list(DEMO_LORAS),
+            controlnet=True,
         )
     )
     realistic.start(host)
