@@ -58,6 +58,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBackend]:
 def test_default_identity_renders_without_and_says_why(engine: LocalBackend) -> None:
     result = engine.generate(ask())
     assert len(result.images) == 1
-    assert result.identity == IdentityUse(False, reason=WHY)
+    # Named like every backend's reason: which backend went without, and why.
+    assert result.identity == IdentityUse(False, reason=f"backend '{engine.spec.name}': {WHY}")
 
     assert engine.generate(ask(strength=0.0)).identity is None  # nothing asked

@@ -56,6 +56,7 @@ from charforge.backends.base import (
     ProbeResult,
     Progress,
 )
+from charforge.backends.identity_rule import asked, without
 from charforge.backends.local_configs import (
     ARCHITECTURE_LABELS,
     SD1,
@@ -74,7 +75,6 @@ from charforge.errors import (
     BackendRejected,
     BackendUnavailable,
     CheckpointMissing,
-    IdentityUnavailable,
     InvalidInput,
 )
 
@@ -743,20 +743,16 @@ class LocalBackend:
         return BackendResult(images, checkpoint.name, short_hash(sha256), info, identity=identity)
 
     def _identity(self, request: BackendRequest) -> IdentityUse | None:
-        """No IP-Adapter here yet: identity asked for explicitly is refused (another backend of
-        the pool may have it), asked for by default the image is made without it."""
-        if not request.references or request.params.identity_strength <= 0:
+        """No IP-Adapter here yet: refused when asked for, else made without."""
+        if not asked(request):
             return None
-        why = "the local engine cannot condition on reference images yet"
-        if request.params.identity_required:
-            raise IdentityUnavailable(
-                f"Backend '{self.spec.name}' cannot condition on reference images: {why}.",
-                field="identity",
-                hint="Send identity.strength=0, or add a backend that can (A1111 with "
-                "ControlNet, ComfyUI with IPAdapter) to the style's route.",
-                extra={"capability": "reference_image", "backends": [self.spec.name]},
-            )
-        return IdentityUse(False, reason=why)
+        return without(
+            request,
+            self.spec.name,
+            "the local engine cannot condition on reference images yet",
+            hint="Send identity.strength=0, or add a backend that can (A1111 with ControlNet, "
+            "ComfyUI with IPAdapter) to the style's route.",
+        )
 
     def _load(
         self,

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from charforge.backends.base import BackendRequest, IdentityUse, ReferenceImage
-from charforge.domain.capabilities import Capability
+from charforge.backends.identity_rule import asked, without
 from charforge.domain.checkpoints import strip_hash
 from charforge.domain.routes import BackendSpec
-from charforge.errors import BackendRejected, IdentityUnavailable
+from charforge.errors import BackendRejected
 
 if TYPE_CHECKING:
     from charforge.backends.a1111.client import A1111Client
@@ -174,27 +174,20 @@ class ControlNetProbe:
         return choose_method(*lists, style=style) if lists is not None else None
 
     def without(self, request: BackendRequest, why: str) -> IdentityUse:
-        """Identity asked for explicitly is refused here (another backend may have it);
-        asked for by default, the image is made without it and says so."""
-        if request.params.identity_required:
-            raise IdentityUnavailable(
-                f"Backend '{self._spec.name}' cannot condition on reference images: {why}.",
-                field="identity",
-                hint="Install the ControlNet extension (sd-webui-controlnet; Forge has it "
-                "built in) on that WebUI, or send identity.strength=0.",
-                extra={
-                    "capability": Capability.REFERENCE_IMAGE.value,
-                    "backends": [self._spec.name],
-                },
-            )
-        return IdentityUse(False, reason=f"backend '{self._spec.name}': {why}")
+        return without(
+            request,
+            self._spec.name,
+            why,
+            hint="Install the ControlNet extension (sd-webui-controlnet; Forge has it built in) "
+            "on that WebUI, or send identity.strength=0.",
+        )
 
     def conditioning(
         self, request: BackendRequest
     ) -> tuple[list[dict[str, Any]], IdentityUse | None]:
         """The units for this request, and what the image will say about identity."""
         p = request.params
-        if not request.references or p.identity_strength <= 0:
+        if not asked(request):
             return [], None
         method = self.method(request.style)
         if method is None:

@@ -36,8 +36,8 @@ from typing import Any
 from charforge.backends.base import BackendRequest, IdentityUse, ReferenceImage
 from charforge.backends.comfyui.client import ComfyClient
 from charforge.backends.comfyui.graph import Graph, placeholders_in
-from charforge.domain.capabilities import Capability
-from charforge.errors import IdentityUnavailable, UnsupportedCapability
+from charforge.backends.identity_rule import asked, without
+from charforge.errors import UnsupportedCapability
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +84,8 @@ def reference_name(reference: ReferenceImage) -> str:
     return f"charforge-{reference.sha256[:16]}.png"
 
 
-def asked(request: BackendRequest) -> bool:
-    return bool(request.references) and request.params.identity_strength > 0
-
-
 def has_placeholder(template: Graph | None) -> bool:
     return template is not None and PLACEHOLDER in placeholders_in(template)
-
-
-def without(request: BackendRequest, backend: str, why: str, *, hint: str) -> IdentityUse:
-    """Identity asked for explicitly is refused here (another backend may have it); asked
-    for by default, the image is made without it and says so."""
-    if request.params.identity_required:
-        raise IdentityUnavailable(
-            f"Backend '{backend}' cannot condition on reference images: {why}.",
-            field="identity",
-            hint=hint,
-            extra={"capability": Capability.REFERENCE_IMAGE.value, "backends": [backend]},
-        )
-    return IdentityUse(False, reason=f"backend '{backend}': {why}")
 
 
 def check_workflow_reference(template: Graph | None, request: BackendRequest, backend: str) -> None:

@@ -21,7 +21,7 @@ from charforge.backends.a1111.controlnet import (
     with_units,
 )
 from charforge.backends.base import BackendRequest, BackendResult, IdentityUse
-from charforge.backends.comfyui.identity import asked
+from charforge.backends.identity_rule import asked
 from charforge.backends.runpod.client import RunPodClient
 from charforge.backends.runpod.identity import NO_CONTROLNET, RunPodIdentity
 from charforge.backends.runpod.jobs import JobRunner

@@ -33,11 +33,11 @@ from charforge.backends.comfyui.graph import Graph, checkpoints_in, graph_for
 from charforge.backends.comfyui.identity import (
     Conditioning,
     add_ipadapter,
-    asked,
     check_workflow_reference,
     preset_for,
     reference_name,
 )
+from charforge.backends.identity_rule import asked
 from charforge.backends.runpod.client import RunPodClient
 from charforge.backends.runpod.identity import RunPodIdentity, names_ipadapter
 from charforge.backends.runpod.jobs import JobRunner, text_of

@@ -25,8 +25,8 @@ from charforge.backends.comfyui.identity import (
     has_placeholder,
     method_label,
     preset_for,
-    without,
 )
+from charforge.backends.identity_rule import without
 from charforge.domain.capabilities import Capability
 
 # How long a worker found without the extension or nodes is taken to lack them.
