@@ -38,18 +38,10 @@ def references_by_id(session: Session, reference_ids: Sequence[str]) -> Sequence
     return session.scalars(select(Reference).where(Reference.id.in_(reference_ids))).all()
 
 
-def count_for_update(session: Session, owner_id: int, character_id: str) -> int:
-    """How many references the character has, with its row locked (PostgreSQL) so that two
-    uploads at once cannot both take the last free place."""
+def lock_character(session: Session, character_id: str) -> None:
+    """Lock the character's row (PostgreSQL; SQLite writes one at a time anyway) so that two
+    uploads at once cannot both take its last free reference place."""
     session.scalar(select(Character.id).where(Character.id == character_id).with_for_update())
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(Reference)
-            .where(Reference.owner_id == owner_id, Reference.character_id == character_id)
-        )
-        or 0
-    )
 
 
 def reference_paths_of_character(session: Session, owner_id: int, character_id: str) -> list[str]:

@@ -48,6 +48,7 @@ def add(
     it is committed (wrap the transaction in ``store.undo_on_failure()``)."""
     characters.get(session, owner, character_id)
     accepted = accept_image(data, field=field)
+    refs.lock_character(session, character_id)
     existing = refs.references_of(session, owner.id, character_id)
     same = next((r for r in existing if r.sha256 == accepted.sha256), None)
     if same is not None:
@@ -57,7 +58,7 @@ def add(
             hint="Nothing to do; pick another picture to add a second reference.",
             extra={"referenceId": same.id},
         )
-    if refs.count_for_update(session, owner.id, character_id) >= MAX_REFERENCES:
+    if len(existing) >= MAX_REFERENCES:
         raise InvalidInput(
             f"A character may have at most {MAX_REFERENCES} reference images; this one has "
             f"{MAX_REFERENCES}.",
