@@ -119,6 +119,22 @@ def score_images(
     return [judge.score(pictures, image.data) for image in images]
 
 
+def _tries(number: int, images: list[GeneratedImage], scores: list[Score]) -> list[dict[str, Any]]:
+    return [
+        {"try": number, "seed": image.seed, "score": score.score}
+        for image, score in zip(images, scores, strict=True)
+    ]
+
+
+def score_result(
+    references: tuple[ReferenceImage, ...], result: BackendResult, count: int
+) -> Scored:
+    """One try's images scored (no threshold to retry for)."""
+    images = result.images[:count]
+    scores = score_images(references, images)
+    return Scored(result, scores, _tries(1, images, scores))
+
+
 def _better(new: Score, old: Score | None) -> bool:
     if old is None:
         return True
@@ -145,8 +161,8 @@ def generate_scored(
         last = generate(current)
         images = last.images[:count]
         scores = score_images(references, images)
+        tries += _tries(number, images, scores)
         for position, (image, score) in enumerate(zip(images, scores, strict=True)):
-            tries.append({"try": number, "seed": image.seed, "score": score.score})
             if _better(score, best[position][0]):
                 best[position] = (score, image)
         reached = min_score is None or all(

@@ -35,7 +35,7 @@ from charforge.errors import (
 )
 from charforge.jobs.attempt import JobSnapshot, LeaseKeeper
 from charforge.jobs.context import RetryPolicy, RunnerContext, notice_cancel
-from charforge.jobs.identity import Scored, generate_scored, load_references, score_images
+from charforge.jobs.identity import Scored, generate_scored, load_references, score_result
 from charforge.jobs.storing import store_images
 from charforge.observability import logs
 
@@ -249,12 +249,7 @@ def _check_and_store(ctx: RunnerContext, ran: _Ran, name: str) -> int | None:
     simulated = ctx.table.backends[name].simulated
     scored = ran.scored
     if scored is None and job.identity:  # scored here, outside the door: the backend is free
-        images = result.images[: job.count]
-        scored = Scored(result, score_images(ran.references, images))
-        scored.tries = [
-            {"try": 1, "seed": i.seed, "score": s.score}
-            for i, s in zip(images, scored.scores, strict=True)
-        ]
+        scored = score_result(ran.references, result, job.count)
     return store_images(ctx, job, name, simulated, result, listed.hash, scored)
 
 
