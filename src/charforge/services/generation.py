@@ -15,7 +15,7 @@ from charforge.domain.consistency import resolve
 from charforge.domain.params import GenerateBody, GenerationParams, apply_defaults
 from charforge.domain.prompt import compose_negative, compose_prompt
 from charforge.domain.requirements import fit_to_route
-from charforge.domain.routes import RouteTable
+from charforge.domain.routes import Route, RouteTable
 from charforge.errors import InvalidInput
 from charforge.services import characters
 from charforge.services.characters import look_of, lora_suffix
@@ -50,13 +50,7 @@ def submit(
     if body.style_transfer:
         return _submit_transfer(session, owner, body, character, params, table, count, capabilities)
     resolution = resolve(look_of(character), requested_style, body.model, table)
-    identity = plan_identity(
-        session, character, body.identity, resolution.route, table, capabilities
-    )
-    params = with_identity(params, identity)
-    fitted = fit_to_route(
-        params, hires_asked=body.hires is not None, route=resolution.route, table=table
-    )
+    fitted, identity = _fit(session, character, body, params, resolution.route, table, capabilities)
     # An older character keeps what it was first resolved to, for every later image. A model
     # named only by the request is written back by the runner once it has really worked, so a
     # typo cannot bind the character to a checkpoint that does not exist.
@@ -71,12 +65,8 @@ def submit(
         session.refresh(character)
         if not won:  # another request decided first: follow what is stored now
             resolution = resolve(look_of(character), requested_style, body.model, table)
-            identity = plan_identity(
-                session, character, body.identity, resolution.route, table, capabilities
-            )
-            params = with_identity(params, identity)
-            fitted = fit_to_route(
-                params, hires_asked=body.hires is not None, route=resolution.route, table=table
+            fitted, identity = _fit(
+                session, character, body, params, resolution.route, table, capabilities
             )
     return _queue(
         session,
@@ -155,13 +145,7 @@ def _submit_transfer(
             hint="Leave model out with styleTransfer.",
         )
     route = table.route(target)
-    identity = plan_identity(session, character, body.identity, route, table, capabilities)
-    fitted = fit_to_route(
-        with_identity(params, identity),
-        hires_asked=body.hires is not None,
-        route=route,
-        table=table,
-    )
+    fitted, identity = _fit(session, character, body, params, route, table, capabilities)
     transfer = {"from": own.style, "to": target}
     return _queue(
         session,
@@ -178,14 +162,25 @@ def _submit_transfer(
     )
 
 
-def with_identity(params: GenerationParams, identity: dict[str, Any] | None) -> GenerationParams:
-    if identity is None:
-        return params
-    return replace(
-        params,
-        identity_strength=float(identity["strength"]),
-        identity_required=bool(identity["required"]),
-    )
+def _fit(
+    session: Session,
+    character: Character,
+    body: GenerateBody,
+    params: GenerationParams,
+    route: Route,
+    table: RouteTable,
+    capabilities: CapabilitiesOf | None,
+) -> tuple[GenerationParams, dict[str, Any] | None]:
+    """The parameters as the route can run them, with the identity plan for that route."""
+    identity = plan_identity(session, character, body.identity, route, table, capabilities)
+    if identity is not None:
+        params = replace(
+            params,
+            identity_strength=float(identity["strength"]),
+            identity_required=bool(identity["required"]),
+        )
+    fitted = fit_to_route(params, hires_asked=body.hires is not None, route=route, table=table)
+    return fitted, identity
 
 
 def join_negative(asked: str, own: str | None) -> str:
