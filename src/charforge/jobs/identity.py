@@ -121,9 +121,14 @@ def score_images(
 
 def _tries(number: int, images: list[GeneratedImage], scores: list[Score]) -> list[dict[str, Any]]:
     return [
-        {"try": number, "seed": image.seed, "score": score.score}
+        {"try": number, "seed": image.seed, "score": _shown(score.score)}
         for image, score in zip(images, scores, strict=True)
     ]
+
+
+def _shown(score: float | None) -> float | None:
+    """Four decimals: the embedding's precision is far coarser than a float's."""
+    return None if score is None else round(score, 4)
 
 
 def score_result(
@@ -190,7 +195,7 @@ def generate_scored(
 
 
 def image_consistency(score: Score, plan: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"score": score.score, "method": score.method}
+    out: dict[str, Any] = {"score": _shown(score.score), "method": score.method}
     if score.reason:
         out["reason"] = score.reason
     if plan.get("minScore") is not None:
