@@ -193,6 +193,20 @@ class Settings(BaseSettings):
 
     demo: bool = False
 
+    # Safety (README "Security"). A TOML file of restricted-content categories; the built-in
+    # category against sexual content involving minors is always on, with or without it.
+    content_policy: Path | None = None
+    # Quotas, off (None) unless set; per-user permissions may override them.
+    quota_images_per_day: int | None = Field(default=None, ge=0)
+    max_active_jobs_per_user: int | None = Field(default=None, ge=1)
+    # Sign-in: failures per account and per address allowed in the window before a 429.
+    login_attempts: int = Field(default=10, ge=1, le=10_000)
+    login_window_seconds: float = Field(default=900.0, gt=0)
+    # Requests: the largest JSON body read (a file upload has its own limit).
+    max_json_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Backends: the largest answer read from one (streamed, stopped at the cap).
+    backend_max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
     @field_validator("routes")
     @classmethod
     def _lower_route_keys(cls, value: dict[str, RouteConfig]) -> dict[str, RouteConfig]:

@@ -8,12 +8,19 @@ Every failure a client can see is a ``CharforgeError`` and renders as one JSON e
     ├── InvalidInput                    422 validation_error   (names the field)
     │   ├── UnsupportedCapability       422 unsupported_capability (names backends + capability)
     │   │   └── IdentityUnavailable     422 unsupported_capability elsewhere (no ControlNet...)
-    │   └── LoraMissing                 422 lora_missing          elsewhere (lists what it has)
+    │   ├── LoraMissing                 422 lora_missing          elsewhere (lists what it has)
+    │   ├── RestrictedContent           422 restricted_content   (names field and category)
+    │   └── ContentWithheld             422 content_withheld     (the image is quarantined)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden
     ├── NotFound                        404 not_found
     ├── Conflict                        409 conflict
     │   └── StyleMismatch               409 style_mismatch
+    ├── PayloadTooLarge                 413 payload_too_large
+    ├── TooManyRequests                 429 (with Retry-After)
+    │   ├── QuotaExceeded               429 quota_exceeded
+    │   ├── TooManyJobs                 429 too_many_jobs
+    │   └── LoginThrottled              429 too_many_attempts
     └── BackendError                    (names the backend and what to check)
         ├── BackendUnavailable          502 backend_unavailable   retry
         ├── BackendTimeout              504 backend_timeout       retry
@@ -98,6 +105,18 @@ class IdentityUnavailable(UnsupportedCapability):
     backend_specific = True
 
 
+class RestrictedContent(InvalidInput):
+    """A text field hits a category of the content policy (the terms are never echoed)."""
+
+    code = "restricted_content"
+
+
+class ContentWithheld(InvalidInput):
+    """A generated image was screened above the NSFW threshold and quarantined."""
+
+    code = "content_withheld"
+
+
 class Unauthorized(CharforgeError):
     code = "unauthorized"
     status = 401
@@ -116,6 +135,35 @@ class NotFound(CharforgeError):
 class Conflict(CharforgeError):
     code = "conflict"
     status = 409
+
+
+class PayloadTooLarge(CharforgeError):
+    code = "payload_too_large"
+    status = 413
+
+
+class TooManyRequests(CharforgeError):
+    """429: answered with Retry-After (``retry_after`` seconds)."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: float, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = max(1, int(retry_after + 0.999))
+        self.extra.setdefault("retryAfter", self.retry_after)
+
+
+class QuotaExceeded(TooManyRequests):
+    code = "quota_exceeded"
+
+
+class TooManyJobs(TooManyRequests):
+    code = "too_many_jobs"
+
+
+class LoginThrottled(TooManyRequests):
+    code = "too_many_attempts"
 
 
 class StyleMismatch(Conflict):
@@ -207,6 +255,8 @@ _BY_CODE: dict[str, type[CharforgeError]] = {
         InvalidInput,
         UnsupportedCapability,
         LoraMissing,
+        RestrictedContent,
+        ContentWithheld,
         Unauthorized,
         Forbidden,
         NotFound,

@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from charforge.container import Container
 from charforge.db.models import User
-from charforge.errors import Unauthorized
+from charforge.errors import Forbidden, Unauthorized
 from charforge.services import users
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `charforge tokens create NAME`")
@@ -39,3 +39,17 @@ def current_user(
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def admin_user(user: CurrentUser) -> User:
+    """An administrator; anyone else gets 403 (they are signed in, so the route's existence
+    is no secret)."""
+    if not user.is_admin:
+        raise Forbidden(
+            "Only an administrator may do this.",
+            hint="Ask an administrator (created with `charforge users add NAME --admin`).",
+        )
+    return user
+
+
+AdminUser = Annotated[User, Depends(admin_user)]

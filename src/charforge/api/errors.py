@@ -13,7 +13,7 @@ from pydantic.alias_generators import to_camel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from charforge.errors import CharforgeError, InvalidInput, NotFound
+from charforge.errors import CharforgeError, InvalidInput, NotFound, TooManyRequests
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def envelope(
 
 def error_response(exc: CharforgeError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse(exc.to_envelope(), status_code=exc.status, headers=headers)
 
 
