@@ -3,6 +3,10 @@
 Connect failures mean the backend is not there (BackendUnavailable: retried, elsewhere when
 the pool allows); a read timeout means it is there but stuck or slow (BackendTimeout). Each
 adapter keeps its own mapping of HTTP statuses, whose bodies and meanings differ per backend.
+
+A backend cannot hurt the server (guard.py): every answer is read as a stream and stopped at
+``max_response_bytes`` (decompressed size), and a call's read timeout is its total deadline,
+which a backend dripping one byte at a time cannot stretch.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from charforge.backends.guard import GuardedTransport, ResponseTooLarge, env_proxy
 from charforge.domain.routes import BackendSpec
 from charforge.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
 
@@ -54,9 +59,24 @@ def send(
     **kwargs: Any,
 ) -> httpx.Response:
     """One request; ``where`` names the backend for messages (never its URL, which may be a
-    credential), ``limit`` is the read timeout in force, for the message."""
+    credential), ``limit`` is the read timeout in force (the whole call's deadline), for the
+    message."""
     try:
         return client.request(method, path, **kwargs)
+    except ResponseTooLarge as exc:
+        raise BackendBadResponse(
+            f"{capitalized(where)} answered {path} with more than {megabytes(exc.cap)} "
+            f"(CHARFORGE_BACKEND_MAX_RESPONSE_BYTES = {exc.cap}); it was stopped there and "
+            "nothing of it was kept.",
+            hint="A 2048x2048 PNG is about 12 MB in A1111's base64 answer. Raise "
+            "CHARFORGE_BACKEND_MAX_RESPONSE_BYTES only if the backend really sends more; "
+            "otherwise check what is listening on that URL.",
+        ) from exc
+    except httpx.DecodingError as exc:
+        raise BackendBadResponse(
+            f"{capitalized(where)} answered {path} with a body that could not be decoded: {exc}.",
+            hint="Something other than the backend, or a broken proxy, may be on that URL.",
+        ) from exc
     except httpx.ConnectTimeout as exc:
         raise BackendUnavailable(
             f"Could not connect to {where}: no answer within {connect_timeout:g}s.",
@@ -134,11 +154,22 @@ def proxy_unavailable(
     )
 
 
+def megabytes(size: int) -> str:
+    return f"{size / 2**20:g} MiB"
+
+
+def guarded_transport(spec: BackendSpec) -> GuardedTransport:
+    return GuardedTransport(cap=spec.max_response_bytes, proxy=env_proxy(spec.url))
+
+
 def backend_http(spec: BackendSpec) -> httpx.Client:
-    """The HTTP client of a WebUI backend: its URL, its Basic auth if any, its timeouts."""
+    """The HTTP client of a WebUI backend: its URL, its Basic auth if any, its timeouts, and
+    the guard on what it answers (size cap, total deadline per call)."""
     return httpx.Client(
         base_url=spec.url,
         auth=httpx.BasicAuth(*spec.auth) if spec.auth else None,
         timeout=httpx.Timeout(spec.timeout, connect=spec.connect_timeout),
-        headers={"User-Agent": "charforge"},
+        # Only what the guard can decode with a bound on the output (no br, no zstd).
+        headers={"User-Agent": "charforge", "Accept-Encoding": "gzip, deflate"},
+        transport=guarded_transport(spec),
     )

@@ -35,6 +35,8 @@ class BackendSpec:
     connect_timeout: float
     source: str  # the env var or config key that defines it, for error hints
     simulated: bool = False
+    # The largest answer read from it (CHARFORGE_BACKEND_MAX_RESPONSE_BYTES).
+    max_response_bytes: int = 64 * 1024 * 1024
     # Left out, what its kind (and worker, workflow) can do.
     capabilities: frozenset[Capability] = None  # type: ignore[assignment]
     workflow: Path | None = None  # comfyui / runpod-comfyui: the user's own workflow
@@ -225,6 +227,7 @@ def build_route_table(settings: Settings) -> RouteTable:
                 connect_timeout=settings.backend_connect_timeout,
                 source=var,
                 simulated=settings.demo,
+                max_response_bytes=settings.backend_max_response_bytes,
             )
             names.append(backend_name)
         return names
@@ -361,6 +364,7 @@ def _configured_backend(name: str, cfg: BackendConfig, settings: Settings, key: 
         connect_timeout=settings.backend_connect_timeout,
         source=key,
         simulated=cfg.simulated or settings.demo,
+        max_response_bytes=settings.backend_max_response_bytes,
         workflow=cfg.workflow,
         worker=worker,
         api_key_env=(cfg.api_key_env or "RUNPOD_API_KEY") if cfg.kind == "runpod" else None,

@@ -18,7 +18,7 @@ from charforge.errors import BackendBadResponse
 from charforge.jobs.attempt import JobSnapshot
 from charforge.jobs.context import RunnerContext
 from charforge.jobs.identity import Scored, image_consistency
-from charforge.storage.png import NotAnImage, embed_infotext
+from charforge.storage.png import LargerThanAsked, NotAnImage, embed_infotext
 
 
 def store_images(
@@ -41,6 +41,8 @@ def store_images(
     model_hash = result.checkpoint_hash or listed_hash
     plan = job.identity
     identity = _identity_of(job, result)
+    scale = p.hires_scale if p.hires else 1.0
+    asked = (int(p.width * scale), int(p.height * scale))  # what the backend was told to make
     rows: list[Image] = []
     for position, generated in enumerate(result.images[: job.count]):
         score = scored.scores[position] if scored and position < len(scored.scores) else None
@@ -70,7 +72,16 @@ def store_images(
             },
         )
         try:
-            decoded = embed_infotext(generated.data, infotext)
+            decoded = embed_infotext(generated.data, infotext, asked=asked)
+        except LargerThanAsked as exc:
+            raise BackendBadResponse(
+                f"Backend '{backend}' sent image {position + 1} of {exc.size[0]}x{exc.size[1]} "
+                f"where {asked[0]}x{asked[1]} was asked"
+                f"{' (high-resolution pass included)' if p.hires else ''}; it was not decoded "
+                "and nothing was stored.",
+                hint="A backend that answers far larger images than asked is misconfigured "
+                "or hostile; check what is listening on that URL.",
+            ) from exc
         except NotAnImage as exc:
             raise BackendBadResponse(
                 f"Backend '{backend}' sent image {position + 1} that is not a readable "

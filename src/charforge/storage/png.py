@@ -3,6 +3,10 @@
 A PNG from the backend keeps its pixels byte for byte: the infotext chunk is spliced in
 front of the image data instead of re-encoding (which cost more than the rest of a request).
 Other formats (A1111 can be set to send JPEG or WebP) are converted to PNG.
+
+A backend's image is checked on its header before any pixel is decoded: an image larger than
+the size asked (a decompression bomb claims 50000x50000 in a few hundred bytes) is refused
+without allocating it.
 """
 
 from __future__ import annotations
@@ -26,8 +30,24 @@ class DecodedImage:
     height: int
 
 
+# Backends round a size to a multiple of 8 (latent space), up as well as down.
+SIZE_SLACK = 8
+_FORMATS = ("PNG", "JPEG", "WEBP")  # what a backend sends; other decoders are never reached
+
+
 class NotAnImage(ValueError):
     """The bytes are not a readable image."""
+
+
+class LargerThanAsked(NotAnImage):
+    """The image's header claims more pixels than were asked for; it was not decoded."""
+
+    def __init__(self, size: tuple[int, int], asked: tuple[int, int]) -> None:
+        super().__init__(
+            f"{size[0]}x{size[1]} where at most {asked[0]}x{asked[1]} was asked; it was not decoded"
+        )
+        self.size = size
+        self.asked = asked
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -65,10 +85,17 @@ def _splice_png(data: bytes, infotext: str) -> bytes:
     return b"".join(out)
 
 
-def embed_infotext(data: bytes, infotext: str) -> DecodedImage:
-    """Decode fully (a truncated or corrupt file fails here, not later); return PNG + infotext."""
+def embed_infotext(
+    data: bytes, infotext: str, *, asked: tuple[int, int] | None = None
+) -> DecodedImage:
+    """Decode fully (a truncated or corrupt file fails here, not later); return PNG + infotext.
+    ``asked`` (width, height) bounds the size read from the header, before decoding."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=_FORMATS) as img:
+            if asked is not None and (
+                img.width > asked[0] + SIZE_SLACK or img.height > asked[1] + SIZE_SLACK
+            ):
+                raise LargerThanAsked(img.size, asked)
             img.load()
             width, height, fmt = img.width, img.height, img.format
             if fmt == "PNG":
@@ -78,7 +105,17 @@ def embed_infotext(data: bytes, infotext: str) -> DecodedImage:
             out = io.BytesIO()
             img.save(out, format="PNG", pnginfo=info)
             return DecodedImage(out.getvalue(), width, height)
-    except (UnidentifiedImageError, OSError, SyntaxError, struct.error) as exc:
+    except NotAnImage:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        struct.error,
+        ValueError,  # a text chunk that inflates past Pillow's limit
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,  # raised where warnings are errors
+    ) as exc:
         raise NotAnImage(str(exc) or "undecodable image") from exc
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from charforge.backends.a1111 import error_text
-from charforge.backends.transport import Hints, read_json, send, timeout_of
+from charforge.backends.transport import Hints, guarded_transport, read_json, send, timeout_of
 from charforge.domain.routes import BackendSpec
 from charforge.errors import BackendAuthFailed, BackendRejected, BackendTimeout
 
@@ -49,7 +49,8 @@ class RunPodClient:
         self.http = httpx.Client(
             base_url=spec.url,
             timeout=httpx.Timeout(pacing.call_timeout, connect=spec.connect_timeout),
-            headers={"User-Agent": "charforge"},
+            headers={"User-Agent": "charforge", "Accept-Encoding": "gzip, deflate"},
+            transport=guarded_transport(spec),  # size cap, total deadline per call
         )
 
     @property

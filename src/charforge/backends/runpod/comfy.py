@@ -37,6 +37,7 @@ from charforge.backends.comfyui.identity import (
     preset_for,
     reference_name,
 )
+from charforge.backends.guard import ResponseTooLarge
 from charforge.backends.identity_rule import asked
 from charforge.backends.runpod.client import RunPodClient
 from charforge.backends.runpod.identity import RunPodIdentity, names_ipadapter
@@ -198,6 +199,11 @@ class ComfyWorker:
             raise BackendBadResponse(f"{capitalized(where)} sent an image link that is not a URL.")
         try:
             response = self.client.http.get(url, timeout=self.client.pacing.call_timeout)
+        except ResponseTooLarge as exc:
+            raise BackendBadResponse(
+                f"The image {where} stored in its bucket is larger than "
+                f"{exc.cap} bytes (CHARFORGE_BACKEND_MAX_RESPONSE_BYTES); it was not kept."
+            ) from exc
         except httpx.HTTPError as exc:
             raise BackendUnavailable(
                 f"Could not download the image {where} stored in its bucket: "
