@@ -79,6 +79,20 @@ def _describe(error: dict[str, Any]) -> str:
     return _lower_first(message)
 
 
+def _unstorable_text(exc: BaseException) -> str | None:
+    """Why the failure was text no database or encoder takes (a lone surrogate, a NUL)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the driver's error is a cause or context a few levels down
+        if seen is None:
+            return None
+        if isinstance(seen, UnicodeEncodeError) and "surrogate" in str(seen):
+            return "contains a lone UTF-16 surrogate, which is not valid text"
+        if isinstance(seen, ValueError) and "NUL" in str(seen):  # psycopg's own message
+            return "contains a NUL character, which text cannot hold"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def install_error_handlers(
     app: FastAPI,
     html: tuple[Callable[[Request], bool], Callable[[Request, CharforgeError], Response]]
@@ -133,6 +147,15 @@ def install_error_handlers(
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if why := _unstorable_text(exc):
+            # What the body check cannot see (a form field, a header) reaches the database.
+            log.warning("refused text on %s %s: %s", request.method, request.url.path, why)
+            return envelope(
+                422,
+                "validation_error",
+                f"Invalid request: a text field {why}.",
+                hint="Send text as valid UTF-8 without NUL characters.",
+            )
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return envelope(
             500,

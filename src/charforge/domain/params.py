@@ -51,7 +51,8 @@ class GenerateBody(BaseModel):
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
     negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
     character_id: str = Field(min_length=1, max_length=64)
-    character_name: str | None = None  # informational, as in the seed; the id decides
+    # As in the seed; the id decides, and a name that is not the character's is refused.
+    character_name: str | None = Field(default=None, max_length=100)  # a character name's limit
     art_style: str | None = None
     model: str | None = Field(default=None, max_length=255)
     width: int | None = Field(default=None, ge=SIZE_MIN, le=SIZE_MAX)
