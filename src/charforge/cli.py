@@ -353,6 +353,65 @@ def users_list() -> None:
             out.print(f"{user.id}\t{user.name}\t{'admin' if user.is_admin else 'user'}")
 
 
+def _names_option(given: str | None, every: bool, what: str) -> tuple[bool, list[str] | None]:
+    if given is not None and every:
+        raise _fail(f"Give --{what} or --all-{what}, not both.")
+    if every:
+        return True, None
+    if given is None:
+        return False, None
+    return True, [n for n in (part.strip() for part in given.split(",")) if n]
+
+
+@users_app.command("set")
+def users_set(
+    name: str,
+    nsfw: Annotated[
+        bool | None, typer.Option("--nsfw/--no-nsfw", help="May request NSFW images.")
+    ] = None,
+    styles: Annotated[str | None, typer.Option(help="Allowed styles, comma-separated.")] = None,
+    all_styles: Annotated[bool, typer.Option("--all-styles", help="Every style.")] = False,
+    checkpoints: Annotated[
+        str | None, typer.Option(help="Allowed checkpoints, comma-separated.")
+    ] = None,
+    all_checkpoints: Annotated[
+        bool, typer.Option("--all-checkpoints", help="Every checkpoint.")
+    ] = False,
+    images_per_day: Annotated[int | None, typer.Option(help="Own images-per-day quota.")] = None,
+    no_image_limit: Annotated[
+        bool, typer.Option("--no-image-limit", help="No images-per-day quota.")
+    ] = False,
+    max_active_jobs: Annotated[int | None, typer.Option(help="Own active-jobs limit.")] = None,
+    no_job_limit: Annotated[
+        bool, typer.Option("--no-job-limit", help="No active-jobs limit.")
+    ] = False,
+) -> None:
+    """Change a user's permissions (absent options stay as they are); audited as "cli"."""
+    from charforge.services import audit, permissions, users
+
+    patch: dict[str, Any] = {} if nsfw is None else {"nsfw": nsfw}
+    for key, given, every, what in (
+        ("styles", styles, all_styles, "styles"),
+        ("checkpoints", checkpoints, all_checkpoints, "checkpoints"),
+    ):
+        present, value = _names_option(given, every, what)
+        if present:
+            patch[key] = value
+    for key, number, unlimited, flag in (
+        ("imagesPerDay", images_per_day, no_image_limit, "--images-per-day"),
+        ("maxActiveJobs", max_active_jobs, no_job_limit, "--max-active-jobs"),
+    ):
+        if number is not None and unlimited:
+            raise _fail(f"Give {flag} or its no-limit option, not both.")
+        if number is not None or unlimited:
+            patch[key] = number
+    with _opened() as c, c.db.session() as session:
+        after = permissions.update(
+            session, audit.CLI_ACTOR, users.require_user(session, name), patch
+        )
+    out.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in after.items()))
+
+
 @tokens_app.command("create")
 def tokens_create(
     name: Annotated[str, typer.Argument(help="The user the token acts for.")],
@@ -438,7 +497,7 @@ def generate(
     from charforge.db import repositories as repo
     from charforge.domain.params import GenerateBody
     from charforge.jobs.runner import run_to_end
-    from charforge.services import characters, generation
+    from charforge.services import characters, generation, quotas
 
     settings = _settings()
     with _opened(settings) as container:
@@ -456,6 +515,7 @@ def generate(
                     container.table,
                     settings.defaults,
                     capabilities=container.pool.capabilities,
+                    limits=quotas.Limits.of(settings),
                 )
                 job_id, owner_id = job.id, owner.id
         except ValidationError as exc:

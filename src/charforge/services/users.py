@@ -6,15 +6,16 @@ import hashlib
 import re
 import secrets
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from charforge.db import repositories as repo
-from charforge.db.models import ApiToken, User, utcnow
-from charforge.errors import Conflict, InvalidInput, NotFound
+from charforge.db.models import ApiToken, LoginFailure, User, utcnow
+from charforge.errors import Conflict, InvalidInput, LoginThrottled, NotFound
 
 TOKEN_PREFIX = "cf_"  # noqa: S105 - a marker, not a secret
 PASSWORD_MIN = 8
@@ -57,6 +58,49 @@ def verify_password(session: Session, name: str, password: str) -> User | None:
         _hasher.verify(user.password_hash, password)
     except (VerificationError, InvalidHashError):
         return None
+    return user
+
+
+def authenticate(
+    session: Session,
+    name: str,
+    password: str,
+    address: str,
+    *,
+    attempts: int,
+    window: float,
+    now: datetime | None = None,
+) -> User | None:
+    """Check a password under the sign-in throttle: after ``attempts`` failures within
+    ``window`` seconds for the account or for the address, every try is a 429 (the right
+    password included) until the oldest failure ages out. An account that does not exist is
+    throttled the same way, so the answer never tells whether it exists."""
+    now = now or utcnow()
+    since = now - timedelta(seconds=window)
+    keys = (("account", name.strip().lower()[:255]), ("address", (address or "unknown")[:255]))
+    for scope, key in keys:
+        times = session.scalars(
+            select(LoginFailure.at)
+            .where(LoginFailure.scope == scope, LoginFailure.key == key, LoginFailure.at >= since)
+            .order_by(LoginFailure.at)
+        ).all()
+        if len(times) >= attempts:
+            free_at = times[len(times) - attempts] + timedelta(seconds=window)
+            raise LoginThrottled(
+                "Too many failed sign-ins. Try again later.",
+                retry_after=max(1.0, (free_at - now).total_seconds()),
+                hint="Wait for the time in Retry-After. The limit is CHARFORGE_LOGIN_ATTEMPTS "
+                "failures in CHARFORGE_LOGIN_WINDOW_SECONDS, per account and per address.",
+            )
+    user = verify_password(session, name, password)
+    if user is None:
+        # Old rows go as new ones come: the table stays the size of one window.
+        session.execute(delete(LoginFailure).where(LoginFailure.at < since))
+        session.add_all(LoginFailure(scope=scope, key=key, at=now) for scope, key in keys)
+        return None
+    session.execute(
+        delete(LoginFailure).where(LoginFailure.scope == "account", LoginFailure.key == keys[0][1])
+    )
     return user
 
 

@@ -10,8 +10,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from charforge.db import repositories as repo
-from charforge.errors import CharforgeError
-from charforge.services import users
+from charforge.errors import CharforgeError, LoginThrottled
+from charforge.services import quotas, users
 from charforge.web.render import container_of, page
 from charforge.web.session import check_csrf, require_user, sign_in, sign_out, signed_in_user
 
@@ -113,8 +113,30 @@ async def login(
     c = container_of(request)
 
     def verify() -> Response:
-        with c.db.session() as session:
-            user = users.verify_password(session, name, password)
+        address = request.client.host if request.client else "unknown"
+        try:
+            with c.db.session() as session:
+                user = users.authenticate(
+                    session,
+                    name,
+                    password,
+                    address,
+                    attempts=c.settings.login_attempts,
+                    window=c.settings.login_window_seconds,
+                )
+        except LoginThrottled as exc:
+            minutes = max(1, round(exc.retry_after / 60))
+            response = page(
+                request,
+                "login.html",
+                None,
+                429,
+                error=f"Too many failed sign-ins. Try again in about {minutes} minute(s).",
+                name=name,
+                next=_safe_next(next),
+            )
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
         if user is None:
             return page(
                 request,
@@ -144,7 +166,8 @@ def account(request: Request) -> Response:
     user = require_user(request, c)
     with c.db.session() as session:
         tokens = list(users.list_tokens(session, user))
-    return page(request, "account.html", user, tokens=tokens, new_token=None)
+        used = quotas.usage(session, user, quotas.Limits.of(c.settings))
+    return page(request, "account.html", user, tokens=tokens, new_token=None, usage=used)
 
 
 @router.post("/account/tokens", response_class=HTMLResponse)
@@ -157,8 +180,9 @@ def create_token(
     with c.db.session() as session:
         _, token = users.create_token(session, user, label.strip() or "web")
         tokens = list(users.list_tokens(session, user))
+        used = quotas.usage(session, user, quotas.Limits.of(c.settings))
     # Shown once, on this response only; the database keeps just its hash.
-    return page(request, "account.html", user, tokens=tokens, new_token=token)
+    return page(request, "account.html", user, tokens=tokens, new_token=token, usage=used)
 
 
 @router.post("/account/tokens/{token_id}/revoke")
