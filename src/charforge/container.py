@@ -19,7 +19,9 @@ from charforge.jobs.queue import JobQueue
 from charforge.jobs.runner import RetryPolicy, RunnerContext
 from charforge.jobs.scheduler import Policy
 from charforge.observability.metrics import Metrics
+from charforge.safety import PolicyHolder, install_policy
 from charforge.storage.files import ImageStore
+from charforge.storage.sweep import sweep_orphans
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class Container:
     queue: JobQueue
     runner: RunnerContext
     metrics: Metrics
+    # The content policy in force (admins reload it); services find it by the database.
+    policy: PolicyHolder = field(default_factory=lambda: PolicyHolder(None))
     # Things started alongside (demo simulators) that must stop with the container.
     companions: list[Any] = field(default_factory=list)
     started: bool = False
@@ -50,6 +54,10 @@ class Container:
     def start(self) -> None:
         """Upgrade the database to the current schema, then start probing and dispatching."""
         upgrade(self.db.engine)
+        try:
+            sweep_orphans(self.db, self.store)
+        except OSError as exc:  # an unreadable folder must not keep the server down
+            log.warning("could not sweep files without a row: %s", exc)
         self.pool.start_monitor()
         self.queue.start()
         resumed = self.queue.recover()
@@ -108,7 +116,9 @@ def _read(db: Database, query: Any) -> dict[str, int]:
 
 
 def build_container(settings: Settings) -> Container:
+    policy = PolicyHolder.for_settings(settings.content_policy)  # a broken file stops here
     runner = build_runner(settings)
+    install_policy(runner.db.engine, policy)
     job_queue: JobQueue
     if settings.broker_url:
         from charforge.jobs.celery_queue import CeleryJobQueue  # only distributed mode needs it
@@ -125,4 +135,5 @@ def build_container(settings: Settings) -> Container:
         job_queue,
         runner,
         runner.metrics,
+        policy,
     )

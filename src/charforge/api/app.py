@@ -11,7 +11,11 @@ from fastapi import FastAPI, Request, Response
 
 from charforge import __version__
 from charforge.api.errors import install_error_handlers
+from charforge.api.limits import BodyLimits
+from charforge.api.openapi_errors import install_error_docs
 from charforge.api.routes import (
+    admin,
+    admin_policy,
     cards,
     characters,
     generate,
@@ -23,6 +27,7 @@ from charforge.api.routes import (
 )
 from charforge.container import Container
 from charforge.observability import logs
+from charforge.web import pages_admin
 from charforge.web.app import install_web, render_error, wants_html
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -49,9 +54,12 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
     )
     app.state.container = container
     install_error_handlers(app, html=(wants_html, render_error))
-    for module in (health, cards, characters, references, images, generate, jobs, styles):
+    for module in (health, cards, characters, references, images, generate, jobs, styles, admin):
         app.include_router(module.router)
+    app.include_router(admin_policy.router)
     install_web(app, container)
+    app.include_router(pages_admin.router)
+    install_error_docs(app)
 
     @app.middleware("http")
     async def request_ids(
@@ -79,4 +87,6 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
             response.headers["X-Charforge-Simulated"] = "true"
             return response
 
+    # Added last, so outermost: a body over its limit is refused before anything reads it.
+    app.add_middleware(BodyLimits, max_json_bytes=container.settings.max_json_bytes)
     return app

@@ -13,6 +13,7 @@ from charforge.db.references import reference_paths_of_character
 from charforge.domain.consistency import StoredLook
 from charforge.domain.routes import RouteTable
 from charforge.errors import InvalidInput, NotFound
+from charforge.safety import policy_of
 
 NAME_MAX, DESCRIPTION_MAX, APPEARANCE_MAX, MODEL_MAX = 100, 5000, 2000, 255
 NEGATIVE_MAX = 2000
@@ -89,8 +90,16 @@ def _checked(fields: CharacterFields, table: RouteTable) -> CharacterFields:
     return fields
 
 
+def _screened(session: Session, fields: CharacterFields) -> None:
+    # The negative prompt lists what must not appear, so it is not restricted.
+    policy_of(session).check_all(
+        {"name": fields.name, "appearance": fields.appearance, "description": fields.description}
+    )
+
+
 def create(session: Session, owner: User, fields: CharacterFields, table: RouteTable) -> Character:
     fields = _checked(fields, table)
+    _screened(session, fields)
     if fields.name is None:
         raise InvalidInput("A character needs a name.", field="name")
     model = fields.model
@@ -153,6 +162,7 @@ def update(
 ) -> Character:
     character = get(session, owner, character_id)
     fields = _checked(fields, table)
+    _screened(session, fields)
     for attr in ("name", "description", "appearance", "negative_prompt", "identity_strength"):
         value = getattr(fields, attr)
         if value is not None:

@@ -17,7 +17,8 @@ from charforge.domain.prompt import compose_negative, compose_prompt
 from charforge.domain.requirements import fit_to_route
 from charforge.domain.routes import Route, RouteTable
 from charforge.errors import InvalidInput
-from charforge.services import characters
+from charforge.safety import policy_of
+from charforge.services import characters, permissions, quotas
 from charforge.services.characters import look_of, lora_suffix
 from charforge.services.identity_plan import CapabilitiesOf, plan_identity
 
@@ -31,8 +32,21 @@ def submit(
     *,
     count: int = 1,
     capabilities: CapabilitiesOf | None = None,
+    limits: quotas.Limits | None = None,
 ) -> Job:
+    """``limits``: the global quotas (``quotas.Limits.of(settings)``); a user's own
+    overrides apply either way."""
+    permissions.check_nsfw(owner, body.nsfw)
     character = characters.get(session, owner, body.character_id)
+    if body.character_name is not None and body.character_name.strip() != character.name.strip():
+        # A page or script that sends the wrong pair would otherwise draw another character.
+        raise InvalidInput(
+            f"characterName '{body.character_name}' is not the name of character "
+            f"{character.id} ('{character.name}').",
+            field="characterName",
+            hint="Send the character's current name, or leave characterName out.",
+        )
+    _screen_prompt(session, body.prompt, character)
     requested_style = (
         table.normalize_style(body.art_style, field="artStyle") if body.art_style else None
     )
@@ -48,7 +62,9 @@ def submit(
         ),
     )
     if body.style_transfer:
-        return _submit_transfer(session, owner, body, character, params, table, count, capabilities)
+        return _submit_transfer(
+            session, owner, body, character, params, table, count, capabilities, limits
+        )
     resolution = resolve(look_of(character), requested_style, body.model, table)
     fitted, identity = _fit(session, character, body, params, resolution.route, table, capabilities)
     # An older character keeps what it was first resolved to, for every later image. A model
@@ -80,6 +96,7 @@ def submit(
         count,
         identity,
         None,
+        limits,
     )
 
 
@@ -95,7 +112,13 @@ def _queue(
     count: int,
     identity: dict[str, Any] | None,
     transfer: dict[str, str] | None,
+    limits: quotas.Limits | None,
 ) -> Job:
+    # Permissions and quotas before the row exists; a write-back made meanwhile is rolled
+    # back with the session when one refuses.
+    permissions.check_style(owner, style)
+    permissions.check_checkpoint(owner, checkpoint)
+    quotas.check(session, owner, limits or quotas.Limits(), count)
     job = Job(
         owner_id=owner.id,
         character_id=character_id,
@@ -126,6 +149,7 @@ def _submit_transfer(
     table: RouteTable,
     count: int,
     capabilities: CapabilitiesOf | None,
+    limits: quotas.Limits | None,
 ) -> Job:
     """Style transfer: the character on another style's route and checkpoint, carrying its
     appearance, negative prompt, LoRAs and references; the character itself is unchanged."""
@@ -159,6 +183,7 @@ def _submit_transfer(
         count,
         identity,
         transfer,
+        limits,
     )
 
 
@@ -181,6 +206,17 @@ def _fit(
         )
     fitted = fit_to_route(params, hires_asked=body.hires is not None, route=route, table=table)
     return fitted, identity
+
+
+def _screen_prompt(session: Session, prompt: str, character: Character) -> None:
+    """The positive prompt's parts, then the whole (a scene and an appearance may each pass
+    and together not), before anything is queued; the negative prompt is not restricted.
+    The stored appearance is checked again: the policy may have been tightened since."""
+    policy = policy_of(session)
+    policy.check("prompt", prompt)
+    policy.check("appearance", character.appearance, what="The character's appearance")
+    whole = compose_prompt(prompt, character.appearance)
+    policy.check("prompt", whole, what="The prompt with the character's appearance")
 
 
 def join_negative(asked: str, own: str | None) -> str:

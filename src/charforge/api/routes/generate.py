@@ -15,7 +15,7 @@ from charforge.db.models import User
 from charforge.domain.params import GenerateBody
 from charforge.errors import NotFound, error_from_code
 from charforge.jobs.tickets import JobTicket
-from charforge.services import generation
+from charforge.services import generation, quotas
 
 router = APIRouter(tags=["generation"])
 
@@ -30,6 +30,7 @@ def submit_generation(c: Container, user: User, body: GenerateBody, count: int =
             c.settings.defaults,
             count=count,
             capabilities=c.pool.capabilities,
+            limits=quotas.Limits.of(c.settings),
         )
         ticket = JobTicket.of(job)
     # the with-block has committed: only now may a worker see the job
