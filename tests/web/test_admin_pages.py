@@ -8,6 +8,7 @@ from typing import Any
 from playwright.sync_api import expect
 
 from charforge.services import users
+from tests.web.conftest import shot
 from tests.web.test_pages import first_run, sign_in
 
 
@@ -19,7 +20,8 @@ def test_admin_edits_permissions_and_reads_the_audit_log(browser: Any, web: Any)
     with container.db.session() as session:
         users.create_user(session, "bob", "bob-password")
 
-    page.goto(base + "/admin")
+    page.goto(base + "/account")
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Admin").click()
     bob = page.locator("#user-bob")
     bob.get_by_label("May request NSFW images").check()
     bob.get_by_label("Allowed styles (comma-separated)").fill("anime, Fantasy")
@@ -43,7 +45,15 @@ def test_admin_edits_permissions_and_reads_the_audit_log(browser: Any, web: Any)
     sign_in(other, base, "bob", "bob-password")
     other.goto(base + "/account")
     expect(other.locator("#usage-images")).to_contain_text("0 of 7")
+    expect(
+        other.get_by_role("navigation", name="Main").get_by_role("link", name="Admin")
+    ).to_have_count(0)
     response = other.goto(base + "/admin")
     assert response is not None and response.status == 403
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(base + "/admin")
+    shot(page, "admin-phone")
+    page.set_viewport_size({"width": 1280, "height": 800})
+    shot(page, "admin-desktop")
     page.close()
     other.close()
