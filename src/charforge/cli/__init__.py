@@ -1,0 +1,13 @@
+"""The ``charforge`` command line."""
+
+from __future__ import annotations
+
+# Each module registers its commands on the one Typer app.
+from charforge.cli import accounts, backends, server
+from charforge.cli.common import app
+
+__all__ = ["accounts", "app", "backends", "main", "server"]
+
+
+def main() -> None:
+    app()
