@@ -344,24 +344,33 @@ def requeue_abandoned(
 def cancel_job(session: Session, owner_id: int, job_id: str) -> tuple[str, str | None, int] | None:
     """Cancel a queued or running job; returns (state it was in, its backend, its attempt
     number), or None when it is no longer cancellable."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
-    if job is None or job.state not in ("queued", "running"):
-        return None
-    previous, backend, attempt = job.state, job.backend, job.attempts or 0
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state == previous)
-        .values(
-            state="cancelled",
-            finished_at=utcnow(),
-            lease_owner=None,
-            lease_until=None,
-            error_code="cancelled",
-            error_message="The job was cancelled.",
+    # A worker may claim the job (queued -> running) between the read and the update; the
+    # job is still cancellable then, so read it again and retry rather than answer 409.
+    for _ in range(_CANCEL_TRIES):
+        job = session.scalar(
+            select(Job)
+            .where(Job.id == job_id, Job.owner_id == owner_id)
+            .execution_options(populate_existing=True)
         )
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(result, "rowcount", 0) != 1:
+        if job is None or job.state not in ("queued", "running"):
+            return None
+        previous, backend, attempt = job.state, job.backend, job.attempts or 0
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == previous, Job.attempts == job.attempts)
+            .values(
+                state="cancelled",
+                finished_at=utcnow(),
+                lease_owner=None,
+                lease_until=None,
+                error_code="cancelled",
+                error_message="The job was cancelled.",
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0) == 1:
+            break
+    else:
         return None
     if previous == "running":
         session.execute(
@@ -370,6 +379,10 @@ def cancel_job(session: Session, owner_id: int, job_id: str) -> tuple[str, str |
             .values(outcome="cancelled", finished_at=utcnow())
         )
     return previous, backend, attempt
+
+
+# Each retry follows a state change by a worker; a job changes state a few times at most.
+_CANCEL_TRIES = 5
 
 
 def queued_jobs(session: Session) -> Sequence[Job]:
