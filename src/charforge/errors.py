@@ -117,6 +117,13 @@ class ContentWithheld(InvalidInput):
     code = "content_withheld"
 
 
+class ScreeningFailed(CharforgeError):
+    """The NSFW classifier could not run: an image is never shown unscreened, nor stored."""
+
+    code = "screening_failed"
+    status = 503
+
+
 class Unauthorized(CharforgeError):
     code = "unauthorized"
     status = 401
@@ -257,6 +264,7 @@ _BY_CODE: dict[str, type[CharforgeError]] = {
         LoraMissing,
         RestrictedContent,
         ContentWithheld,
+        ScreeningFailed,
         Unauthorized,
         Forbidden,
         NotFound,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from playwright.sync_api import expect
 
+from charforge.safety.screening import Screening, shared_screener
 from charforge.services import users
 from tests.web.conftest import shot
 from tests.web.test_pages import first_run, sign_in
@@ -57,3 +59,52 @@ def test_admin_edits_permissions_and_reads_the_audit_log(browser: Any, web: Any)
     shot(page, "admin-desktop")
     page.close()
     other.close()
+
+
+def test_admin_reviews_withheld_images(browser: Any, web: Any) -> None:
+    server, container = web
+    container.runner.screening = Screening(0.0, shared_screener())  # withhold every image
+    base = server.url
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    first_run(page, base, "ada", "correct horse")
+    with container.db.session() as session:
+        _, token = users.create_token(session, users.create_user(session, "bob", "bob-pass"))
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as bob:
+        made = bob.post(
+            "/api/characters", json={"name": "Sakura", "artStyle": {"primaryStyle": "anime"}}
+        ).json()
+        for prompt in ("at the beach", "in the snow"):
+            answer = bob.post(
+                "/api/image-generation/generate",
+                json={"prompt": prompt, "characterId": made["id"]},
+                timeout=60,
+            )
+            assert answer.json()["error"]["code"] == "content_withheld"
+
+        page.goto(base + "/admin")
+        expect(page.get_by_role("heading", name="Withheld images (2)")).to_be_visible()
+        beach = page.locator(".withheld", has_text="at the beach")
+        expect(beach).to_contain_text("Sakura by bob")
+        picture = beach.get_by_role("img")
+        expect(picture).to_be_hidden()  # not shown until the admin asks
+        beach.get_by_text("Show image").click()
+        expect(picture).to_be_visible()
+        assert picture.evaluate("img => img.naturalWidth") > 0
+        page.set_viewport_size({"width": 390, "height": 844})
+        shot(page, "admin-withheld-phone")
+        page.set_viewport_size({"width": 1280, "height": 800})
+        shot(page, "admin-withheld-desktop")
+
+        beach.get_by_role("button", name="Release to bob").click()
+        expect(page.get_by_role("heading", name="Withheld images (1)")).to_be_visible()
+        history = bob.get(f"/api/characters/{made['id']}/images").json()["items"]
+        assert ["at the beach" in i["prompt"] for i in history] == [True]
+
+        page.locator(".withheld", has_text="in the snow").get_by_role(
+            "button", name="Delete"
+        ).click()
+        expect(page.get_by_role("heading", name="Withheld images")).to_be_visible()
+        expect(page.get_by_text("None: every image made so far passed")).to_be_visible()
+        row = page.locator("#audit tbody tr").first
+        expect(row).to_contain_text("quarantine.delete")
+    page.close()

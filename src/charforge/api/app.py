@@ -16,6 +16,7 @@ from charforge.api.openapi_errors import install_error_docs
 from charforge.api.routes import (
     admin,
     admin_policy,
+    admin_quarantine,
     cards,
     characters,
     generate,
@@ -57,6 +58,7 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
     for module in (health, cards, characters, references, images, generate, jobs, styles, admin):
         app.include_router(module.router)
     app.include_router(admin_policy.router)
+    app.include_router(admin_quarantine.router)
     install_web(app, container)
     app.include_router(pages_admin.router)
     install_error_docs(app)

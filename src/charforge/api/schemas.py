@@ -188,6 +188,8 @@ class ImageBrief(Wire):
     # reachedMinScore?}; None when the character had no reference image.
     consistency: dict[str, Any] | None = None
     style_transfer: dict[str, Any] | None = None
+    # The output screening's score, 0..1 (null: made with nsfw on, so not screened).
+    nsfw_score: float | None = None
 
 
 class ImageOut(ImageBrief):
@@ -215,6 +217,7 @@ class ImageOut(ImageBrief):
             identity=i.identity,
             consistency=i.consistency,
             style_transfer=i.style_transfer,
+            nsfw_score=i.nsfw_score,
             character_id=i.character_id,
             job_id=i.job_id,
             art_style=i.art_style,
@@ -270,6 +273,8 @@ class JobOut(Wire):
     parameters: dict[str, Any]
     error: JobError | None
     images: list[ImageBrief]
+    # Images the output screening withheld (in quarantine; not in ``images``).
+    withheld_images: int = 0
     progress: float | None
     step: int | None
     steps: int | None
@@ -289,6 +294,7 @@ class JobOut(Wire):
         images: list[Image],
         attempts: list[JobAttempt] | None = None,
         queue_position: int | None = None,
+        withheld: int = 0,
     ) -> JobOut:
         return cls(
             id=j.id,
@@ -312,6 +318,7 @@ class JobOut(Wire):
                 else None
             ),
             images=[brief(i) for i in images],
+            withheld_images=withheld,
             progress=j.progress,
             step=j.step,
             steps=j.steps,
@@ -330,7 +337,7 @@ class JobOut(Wire):
 
     @classmethod
     def of_view(cls, v: JobView) -> JobOut:
-        return cls.of(v.job, v.images, v.attempts, v.queue_position)
+        return cls.of(v.job, v.images, v.attempts, v.queue_position, v.withheld)
 
 
 class JobPage(Wire):
@@ -348,6 +355,7 @@ def brief(i: Image) -> ImageBrief:
         identity=i.identity,
         consistency=i.consistency,
         style_transfer=i.style_transfer,
+        nsfw_score=i.nsfw_score,
     )
 
 

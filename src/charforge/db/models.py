@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -178,6 +179,7 @@ class Image(Base):
         Index("ix_images_character_created", "character_id", "created_at", "id"),
         # One stored image per requested image, whatever retries overlap.
         Index("ux_images_job_position", "job_id", "position", unique=True),
+        Index("ix_images_withheld_created", "withheld", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -203,6 +205,10 @@ class Image(Base):
     identity: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     consistency: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     style_transfer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The output screening's score (0..1); None when the job had nsfw on (not screened).
+    nsfw_score: Mapped[float | None] = mapped_column(Float)
+    # Screened above the threshold: in quarantine, seen only by admins until released.
+    withheld: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

@@ -478,14 +478,29 @@ def running_on_backends(session: Session) -> dict[str, int]:
     return {str(backend): int(count) for backend, count in rows if backend}
 
 
+# Images withheld by the output screening are in quarantine: no owner-facing query sees them.
+_SHOWN = Image.withheld.is_(False)
+
+
 def images_of_job(session: Session, job_id: str) -> Sequence[Image]:
     return session.scalars(
-        select(Image).where(Image.job_id == job_id).order_by(Image.position)
+        select(Image).where(Image.job_id == job_id, _SHOWN).order_by(Image.position)
     ).all()
 
 
+def withheld_of_job(session: Session, job_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).select_from(Image).where(Image.job_id == job_id, ~_SHOWN)
+        )
+        or 0
+    )
+
+
 def image(session: Session, owner_id: int, image_id: str) -> Image | None:
-    return session.scalar(select(Image).where(Image.id == image_id, Image.owner_id == owner_id))
+    return session.scalar(
+        select(Image).where(Image.id == image_id, Image.owner_id == owner_id, _SHOWN)
+    )
 
 
 def image_paths_of_character(session: Session, owner_id: int, character_id: str) -> list[str]:
@@ -506,7 +521,9 @@ def images_page(
     after: tuple[datetime, str] | None,
 ) -> Sequence[Image]:
     """Newest first; keyset pagination on (created_at, id) so pages never skip or repeat."""
-    query = select(Image).where(Image.owner_id == owner_id, Image.character_id == character_id)
+    query = select(Image).where(
+        Image.owner_id == owner_id, Image.character_id == character_id, _SHOWN
+    )
     if after is not None:
         created, last_id = after
         query = query.where(

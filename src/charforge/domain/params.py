@@ -114,6 +114,9 @@ class GenerationParams:
     # request asked for it, so a backend that cannot do it must not run the job without it.
     identity_strength: float = 0.0
     identity_required: bool = False
+    # Asked with "nsfw": true by a user allowed to: its images are not screened. Jobs stored
+    # before this field existed read False, so they are screened (the safe side).
+    nsfw: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +138,7 @@ def apply_defaults(
     params = GenerationParams(
         prompt=prompt,
         negative_prompt=negative,
+        nsfw=body.nsfw,
         width=body.width or defaults.width,
         height=body.height or defaults.height,
         steps=body.steps or defaults.steps,

@@ -13,6 +13,7 @@ from charforge.backends.pool import BackendPool
 from charforge.db.engine import Database
 from charforge.domain.routes import RouteTable
 from charforge.observability.metrics import Metrics
+from charforge.safety.screening import Screening, shared_screener
 from charforge.storage.files import ImageStore
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class RunnerContext:
     worker: str  # who holds the leases this process takes (host:pid)
     lease: float = 60.0
     retry: RetryPolicy = RetryPolicy()
+    screening: Screening = field(default_factory=lambda: Screening(0.8, shared_screener()))
     # Attempts of this process (job id -> set when it must stop), waiting at their backend's
     # door or running: a cancel made here reaches them at once instead of at their next look
     # at the database, and before the backend knows their task.

@@ -32,11 +32,12 @@ from charforge.errors import (
     BackendInterrupted,
     CharforgeError,
     CheckpointUnloadable,
+    ContentWithheld,
 )
 from charforge.jobs.attempt import JobSnapshot, LeaseKeeper
 from charforge.jobs.context import RetryPolicy, RunnerContext, notice_cancel
 from charforge.jobs.identity import Scored, generate_scored, load_references, score_result
-from charforge.jobs.storing import store_images
+from charforge.jobs.storing import Stored, store_images
 from charforge.observability import logs
 
 __all__ = ["Outcome", "RetryPolicy", "RunnerContext", "notice_cancel", "run_attempt"]
@@ -123,8 +124,17 @@ def _attempt(
     if written is None:
         log.info("job %s was cancelled or taken over while on %s; nothing stored", job_id, name)
         return Outcome("cancelled", backend=name)
+    if written.withheld:
+        log.warning(
+            "job %s: %d image(s) withheld by the output screening (in quarantine)",
+            job_id,
+            written.withheld,
+        )
+    if not written.shown:
+        ctx.metrics.jobs_finished.labels("failed").inc()
+        return Outcome("failed", backend=name, error=ContentWithheld.code)
     ctx.metrics.jobs_finished.labels("succeeded").inc()
-    log.info("job %s succeeded on %s with %d image(s)", job_id, name, written)
+    log.info("job %s succeeded on %s with %d image(s)", job_id, name, written.shown)
     return Outcome("succeeded", backend=name)
 
 
@@ -235,7 +245,7 @@ def _verify(
     )
 
 
-def _check_and_store(ctx: RunnerContext, ran: _Ran, name: str) -> int | None:
+def _check_and_store(ctx: RunnerContext, ran: _Ran, name: str) -> Stored | None:
     job, result, listed = ran.job, ran.result, ran.listed
     assert result is not None and listed is not None
     _verify(ctx, job, name, result.checkpoint, result.checkpoint_hash)

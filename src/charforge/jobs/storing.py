@@ -3,7 +3,7 @@ transaction, only while the attempt still holds the job."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -14,11 +14,13 @@ from charforge.db import repositories as repo
 from charforge.db.models import Image, new_id
 from charforge.domain.checkpoints import file_stem, same_checkpoint
 from charforge.domain.infotext import build_infotext
-from charforge.errors import BackendBadResponse
+from charforge.domain.params import GenerationParams
+from charforge.errors import BackendBadResponse, ContentWithheld
 from charforge.jobs.attempt import JobSnapshot
 from charforge.jobs.context import RunnerContext
 from charforge.jobs.identity import Scored, image_consistency
-from charforge.storage.png import LargerThanAsked, NotAnImage, embed_infotext
+from charforge.safety.screening import Screening, preview_of
+from charforge.storage.png import DecodedImage, LargerThanAsked, NotAnImage, embed_infotext
 
 
 def store_images(
@@ -29,7 +31,7 @@ def store_images(
     result: BackendResult,
     listed_hash: str | None,
     scored: Scored | None = None,
-) -> int | None:
+) -> Stored | None:
     """The images and the job's success in one transaction, only while this attempt still
     holds the job; None when it does not (cancelled, or re-queued after a lapsed lease)."""
     # The names that ran, as the backend spells them (A1111's canonical ones).
@@ -43,6 +45,11 @@ def store_images(
     identity = _identity_of(job, result)
     scale = p.hires_scale if p.hires else 1.0
     asked = (int(p.width * scale), int(p.height * scale))  # what the backend was told to make
+    # Screened unless the job may show NSFW content (a user with that permission asked).
+    screening = None if p.nsfw else ctx.screening
+    decoded: list[DecodedImage] = []
+    infotexts: list[str] = []
+    consistencies: list[dict[str, Any] | None] = []
     rows: list[Image] = []
     for position, generated in enumerate(result.images[: job.count]):
         score = scored.scores[position] if scored and position < len(scored.scores) else None
@@ -71,26 +78,20 @@ def store_images(
                 "Version": f"charforge {__version__}",
             },
         )
-        try:
-            decoded = embed_infotext(generated.data, infotext, asked=asked)
-        except LargerThanAsked as exc:
-            raise BackendBadResponse(
-                f"Backend '{backend}' sent image {position + 1} of {exc.size[0]}x{exc.size[1]} "
-                f"where {asked[0]}x{asked[1]} was asked"
-                f"{' (high-resolution pass included)' if p.hires else ''}; it was not decoded "
-                "and nothing was stored.",
-                hint="A backend that answers far larger images than asked is misconfigured "
-                "or hostile; check what is listening on that URL.",
-            ) from exc
-        except NotAnImage as exc:
-            raise BackendBadResponse(
-                f"Backend '{backend}' sent image {position + 1} that is not a readable "
-                f"image ({exc}); nothing was stored.",
-                hint="The WebUI's console may show an encoding error.",
-            ) from exc
+        decoded.append(_decoded(generated.data, infotext, asked, screening, backend, position, p))
+        infotexts.append(infotext)
+        consistencies.append(consistency)
+    verdicts = (
+        screening.judge([d.preview for d in decoded if d.preview is not None])
+        if screening is not None
+        else [None] * len(decoded)
+    )
+    for position, (generated, image, verdict) in enumerate(
+        zip(result.images[: job.count], decoded, verdicts, strict=True)
+    ):
         image_id = new_id()
         relative = ctx.store.relative_path(job.owner_id, job.character_id, image_id)
-        ctx.store.save(relative, decoded.png)
+        ctx.store.save(relative, image.png)
         rows.append(
             Image(
                 id=image_id,
@@ -99,8 +100,8 @@ def store_images(
                 job_id=job.id,
                 position=position,
                 file_path=relative,
-                width=decoded.width,  # the real size: with hires, info still says first pass
-                height=decoded.height,
+                width=image.width,  # the real size: with hires, info still says first pass
+                height=image.height,
                 seed=generated.seed,
                 art_style=job.style,
                 checkpoint=job.checkpoint,
@@ -109,11 +110,13 @@ def store_images(
                 prompt=p.prompt,
                 negative_prompt=p.negative_prompt,
                 params=p.to_json(),
-                infotext=infotext,
+                infotext=infotexts[position],
                 simulated=simulated,
                 identity=identity,
-                consistency=consistency,
+                consistency=consistencies[position],
                 style_transfer=job.style_transfer,
+                nsfw_score=verdict.score if verdict else None,
+                withheld=bool(verdict and verdict.withheld),
             )
         )
     try:
@@ -123,19 +126,36 @@ def store_images(
                 if plan is not None
                 else None
             )
-            if not repo.finish_succeeded(
-                session,
-                job.id,
-                job.number,
-                ctx.worker,
-                backend,
-                params=p.to_json(),
-                identity=outcome,
-            ):
+            stored = Stored(
+                shown=sum(not r.withheld for r in rows), withheld=sum(r.withheld for r in rows)
+            )
+            if stored.shown == 0 and stored.withheld:
+                # Nothing to show: the job fails, its images wait in quarantine.
+                withheld = _withheld_error(rows, ctx.screening.threshold)
+                held = repo.finish_failed(
+                    session, job.id, withheld, backend=backend, attempt=(job.number, ctx.worker)
+                )
+                outcome_of_attempt: tuple[str, str | None, str | None] = (
+                    "failed",
+                    withheld.code,
+                    withheld.message,
+                )
+            else:
+                held = repo.finish_succeeded(
+                    session,
+                    job.id,
+                    job.number,
+                    ctx.worker,
+                    backend,
+                    params=p.to_json(),
+                    identity=outcome,
+                )
+                outcome_of_attempt = ("succeeded", None, None)
+            if not held:
                 raise _Abandoned()  # cancelled, deleted or taken over meanwhile: keep nothing
             session.add_all(rows)
             session.flush()  # the unique (job, position) index refuses a second copy here
-            repo.finish_attempt(session, job.id, job.number, "succeeded")
+            repo.finish_attempt(session, job.id, job.number, *outcome_of_attempt)
             character = repo.character(session, job.owner_id, job.character_id)
             if character is not None:
                 if character.model is None:  # an older character's requested model worked
@@ -158,11 +178,61 @@ def store_images(
         for row in rows:  # the rows did not land, so their files must not linger
             ctx.store.delete(row.file_path)
         raise
-    return len(rows)
+    return stored
+
+
+@dataclass(frozen=True)
+class Stored:
+    shown: int  # images the owner sees
+    withheld: int  # images screened above the threshold, in quarantine
 
 
 class _Abandoned(Exception):
     pass
+
+
+def _decoded(
+    data: bytes,
+    infotext: str,
+    asked: tuple[int, int],
+    screening: Screening | None,
+    backend: str,
+    position: int,
+    p: GenerationParams,
+) -> DecodedImage:
+    """The image checked against the size asked (from its header, before any decode) and
+    decoded, with the classifier's preview when it is to be screened."""
+    try:
+        return embed_infotext(
+            data, infotext, asked=asked, preview=preview_of if screening is not None else None
+        )
+    except LargerThanAsked as exc:
+        raise BackendBadResponse(
+            f"Backend '{backend}' sent image {position + 1} of {exc.size[0]}x{exc.size[1]} "
+            f"where {asked[0]}x{asked[1]} was asked"
+            f"{' (high-resolution pass included)' if p.hires else ''}; it was not decoded "
+            "and nothing was stored.",
+            hint="A backend that answers far larger images than asked is misconfigured "
+            "or hostile; check what is listening on that URL.",
+        ) from exc
+    except NotAnImage as exc:
+        raise BackendBadResponse(
+            f"Backend '{backend}' sent image {position + 1} that is not a readable "
+            f"image ({exc}); nothing was stored.",
+            hint="The WebUI's console may show an encoding error.",
+        ) from exc
+
+
+def _withheld_error(rows: list[Image], threshold: float) -> ContentWithheld:
+    scores = ", ".join(f"{r.nsfw_score:.2f}" for r in rows if r.nsfw_score is not None)
+    what = "The image was" if len(rows) == 1 else f"All {len(rows)} images were"
+    return ContentWithheld(
+        f"{what} withheld: the output screening scored {scores}, above this server's NSFW "
+        f"threshold of {threshold:g}. It is kept for an administrator to review.",
+        hint="Change the prompt (or the character's appearance) away from explicit content. "
+        "If explicit images are allowed for you, an admin can grant the nsfw permission; then "
+        'send "nsfw": true.',
+    )
 
 
 def _identity_of(job: JobSnapshot, result: BackendResult) -> dict[str, Any] | None:

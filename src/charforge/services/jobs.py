@@ -23,6 +23,7 @@ class JobView:
     images: list[Image]
     attempts: list[JobAttempt]
     queue_position: int | None  # jobs ahead of it for the same checkpoint, while queued
+    withheld: int = 0  # images the output screening withheld (in quarantine)
 
 
 def get(session: Session, owner: User, job_id: str) -> Job:
@@ -39,6 +40,7 @@ def view(session: Session, owner: User, job_id: str) -> JobView:
         list(repo.images_of_job(session, job.id)),
         list(repo.attempts_of(session, job.id)),
         repo.queue_position(session, job) if job.state == "queued" else None,
+        repo.withheld_of_job(session, job.id) if job.state in FINAL else 0,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -28,6 +29,8 @@ class DecodedImage:
     png: bytes
     width: int
     height: int
+    # A small RGB copy made while the pixels are decoded anyway (output screening), if asked.
+    preview: Image.Image | None = None
 
 
 # Backends round a size to a multiple of 8 (latent space), up as well as down.
@@ -86,10 +89,15 @@ def _splice_png(data: bytes, infotext: str) -> bytes:
 
 
 def embed_infotext(
-    data: bytes, infotext: str, *, asked: tuple[int, int] | None = None
+    data: bytes,
+    infotext: str,
+    *,
+    asked: tuple[int, int] | None = None,
+    preview: Callable[[Image.Image], Image.Image] | None = None,
 ) -> DecodedImage:
     """Decode fully (a truncated or corrupt file fails here, not later); return PNG + infotext.
-    ``asked`` (width, height) bounds the size read from the header, before decoding."""
+    ``asked`` (width, height) bounds the size read from the header, before decoding;
+    ``preview`` makes a small copy from the decoded pixels."""
     try:
         with Image.open(io.BytesIO(data), formats=_FORMATS) as img:
             if asked is not None and (
@@ -98,13 +106,14 @@ def embed_infotext(
                 raise LargerThanAsked(img.size, asked)
             img.load()
             width, height, fmt = img.width, img.height, img.format
+            small = preview(img) if preview is not None else None
             if fmt == "PNG":
-                return DecodedImage(_splice_png(data, infotext), width, height)
+                return DecodedImage(_splice_png(data, infotext), width, height, small)
             info = PngImagePlugin.PngInfo()
             info.add_itxt(INFOTEXT_KEY, infotext)
             out = io.BytesIO()
             img.save(out, format="PNG", pnginfo=info)
-            return DecodedImage(out.getvalue(), width, height)
+            return DecodedImage(out.getvalue(), width, height, small)
     except NotAnImage:
         raise
     except (

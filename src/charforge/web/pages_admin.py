@@ -1,16 +1,17 @@
-"""The admin page: users with their permissions and usage, and the audit log."""
+"""The admin page: withheld images to review, users with their permissions and usage, and
+the audit log."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from charforge.db import repositories as repo
 from charforge.db.models import User
 from charforge.errors import Forbidden, InvalidInput, NotFound
-from charforge.services import audit, permissions, quotas
+from charforge.services import audit, permissions, quarantine, quotas
 from charforge.web.render import container_of, page
 from charforge.web.session import check_csrf, require_user
 
@@ -34,9 +35,22 @@ def _render(request: Request, admin: User, status: int = 200, error: str | None 
             for u in repo.all_users(session)
         ]
         entries, _ = audit.page(session, 50, None)
+        withheld, _ = quarantine.page(session, limit=_WITHHELD_SHOWN, cursor=None)
+        waiting = quarantine.count(session)
     return page(
-        request, "admin.html", admin, status, people=people, entries=list(entries), error=error
+        request,
+        "admin.html",
+        admin,
+        status,
+        people=people,
+        entries=list(entries),
+        withheld=withheld,
+        waiting=waiting,
+        error=error,
     )
+
+
+_WITHHELD_SHOWN = 50
 
 
 @router.get("/admin", response_class=HTMLResponse)
@@ -92,3 +106,32 @@ def save_permissions(
     except InvalidInput as exc:
         return _render(request, admin, 422, error=f"{name}: {exc.message}")
     return RedirectResponse("/admin", status_code=303)
+
+
+@router.get("/admin/quarantine/{image_id}/file")
+def withheld_file(request: Request, image_id: str) -> FileResponse:
+    _admin(request)
+    c = container_of(request)
+    with c.db.session() as session:
+        path = c.store.existing(quarantine.get(session, image_id).image.file_path)
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.post("/admin/quarantine/{image_id}/release")
+def release_withheld(request: Request, image_id: str, csrf_token: FormStr) -> Response:
+    check_csrf(request, csrf_token)
+    admin = _admin(request)
+    with container_of(request).db.session() as session:
+        quarantine.release(session, admin.name, image_id)
+    return RedirectResponse("/admin#withheld", status_code=303)
+
+
+@router.post("/admin/quarantine/{image_id}/delete")
+def delete_withheld(request: Request, image_id: str, csrf_token: FormStr) -> Response:
+    check_csrf(request, csrf_token)
+    admin = _admin(request)
+    c = container_of(request)
+    with c.db.session() as session:
+        path = quarantine.delete(session, admin.name, image_id)
+    c.store.delete(path)
+    return RedirectResponse("/admin#withheld", status_code=303)
