@@ -90,6 +90,7 @@ def promote(
     session: Session, store: ImageStore, owner: User, character_id: str, image_id: str
 ) -> Reference:
     """One of the character's own generated images becomes a reference."""
+    characters.get(session, owner, character_id)  # 404 first: whose character it is
     image = images.get(session, owner, image_id)
     if image.character_id != character_id:
         raise InvalidInput(
