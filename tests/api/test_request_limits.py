@@ -276,3 +276,23 @@ def test_csp_on_pages_and_a_relaxed_one_on_docs(live: Live) -> None:
     docs = browser.get("/docs")
     assert docs.headers["content-security-policy"] == DOCS_CSP
     assert "frame-ancestors 'none'" in PAGE_CSP and "'unsafe-inline'" not in PAGE_CSP
+
+
+def test_a_page_form_over_the_limit_gets_a_page(live: Live) -> None:
+    """A browser that posts a form too large (or with a NUL in it) is shown an error page it
+    can read, under the page policy, not the API's JSON."""
+    browser = live.client({"Accept": "text/html,application/xhtml+xml"})
+    form = {"name": "x", "appearance": "a" * (MB + 10)}
+    response = browser.post("/characters/new", data=form)
+    assert response.status_code == 413
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.headers["content-security-policy"] == PAGE_CSP
+    assert (
+        "larger than 1048576 bytes" in response.text and "CHARFORGE_MAX_JSON_BYTES" in response.text
+    )
+    response = browser.post("/characters/new", data={"name": "x\x00y"})
+    assert response.status_code == 422 and response.headers["content-type"].startswith("text/html")
+    assert "NUL" in response.text
+    # An API client posting the same gets the JSON envelope, as before.
+    api = live.client({"Accept": "application/json"})
+    assert api.post("/characters/new", data=form).json()["error"]["code"] == "payload_too_large"

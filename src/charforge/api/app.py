@@ -29,7 +29,7 @@ from charforge.api.routes import (
 from charforge.container import Container
 from charforge.observability import logs
 from charforge.web import pages_admin
-from charforge.web.app import install_web, render_error, wants_html
+from charforge.web.app import install_outer_web_middleware, install_web, render_error, wants_html
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -59,7 +59,7 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
         app.include_router(module.router)
     app.include_router(admin_policy.router)
     app.include_router(admin_quarantine.router)
-    install_web(app, container)
+    install_web(app)
     app.include_router(pages_admin.router)
     install_error_docs(app)
 
@@ -89,6 +89,12 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
             response.headers["X-Charforge-Simulated"] = "true"
             return response
 
-    # Added last, so outermost: a body over its limit is refused before anything reads it.
-    app.add_middleware(BodyLimits, max_json_bytes=container.settings.max_json_bytes)
+    # Added late, so outside the app's own middleware: a body over its limit is refused before
+    # anything reads it. Only the session and CSP middlewares (headers only) sit outside it.
+    app.add_middleware(
+        BodyLimits,
+        max_json_bytes=container.settings.max_json_bytes,
+        html=(wants_html, render_error),
+    )
+    install_outer_web_middleware(app, container)
     return app

@@ -13,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from charforge.api.errors import envelope
-from charforge.errors import PayloadTooLarge
+from charforge.errors import CharforgeError, InvalidInput, PayloadTooLarge
 from charforge.identity.intake import MAX_BYTES as REFERENCE_MAX_BYTES
 from charforge.services.cards import CARD_MAX_BYTES
 
@@ -85,22 +86,28 @@ def find_bad_text(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | N
     return None
 
 
-def _invalid_text(field: str | None, why: str) -> JSONResponse:
+def _invalid_text(field: str | None, why: str) -> InvalidInput:
     name = field or "body"
-    return envelope(
-        422,
-        "validation_error",
+    return InvalidInput(
         f"Invalid value for '{name}': {why}.",
         field=field or None,
         hint="Send text as valid UTF-8 without NUL characters.",
-        details=[{"field": field or None, "message": why}],
+        extra={"details": [{"field": field or None, "message": why}]},
     )
 
 
+# (whether a request is a page's, how to render an error as a page): a browser that posted a
+# form gets a page it can read, not JSON.
+HtmlErrors = tuple[Callable[[Request], bool], Callable[[Request, CharforgeError], Response]]
+
+
 class BodyLimits:
-    def __init__(self, app: ASGIApp, *, max_json_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_json_bytes: int, html: HtmlErrors | None = None
+    ) -> None:
         self.app = app
         self.max_json_bytes = max_json_bytes
+        self.html = html
 
     def _limit(self, scope: Scope, media: str) -> tuple[int, str | None]:
         """(limit in bytes, the setting that raises it, None when it is fixed)."""
@@ -141,8 +148,8 @@ class BodyLimits:
         if b"%00" in scope.get("query_string", b""):
             for key, value in parse_qsl(scope["query_string"].decode("latin-1")):
                 if "\x00" in key or "\x00" in value:
-                    response = _invalid_text(key.replace("\x00", ""), bad_text("\x00") or "")
-                    await response(scope, receive, send_nosniff)
+                    invalid = _invalid_text(key.replace("\x00", ""), bad_text("\x00") or "")
+                    await self._answer(invalid, scope, receive, send_nosniff)
                     return
 
         media = _media_type(scope)
@@ -175,7 +182,7 @@ class BodyLimits:
             body = b"".join(chunks)
             del chunks
             if found := self._text_problem(body, media):
-                await _invalid_text(*found)(scope, receive, send_nosniff)
+                await self._answer(_invalid_text(*found), scope, receive, send_nosniff)
                 return
             await self.app(scope, _replay(body, receive), send_nosniff)
             return
@@ -218,13 +225,34 @@ class BodyLimits:
         found = find_bad_text(parsed)
         return (found[0] or None, found[1]) if found else None
 
-    @staticmethod
-    async def _refuse(exc: PayloadTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(
+        self, exc: PayloadTooLarge, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         # The rest of the body is never read, so the connection cannot carry another request.
-        response = JSONResponse(exc.to_envelope(), exc.status, headers={"Connection": "close"})
         # Where the app had already started its answer, the connection is just dropped.
         with contextlib.suppress(RuntimeError):
-            await response(scope, receive, send)
+            await self._answer(exc, scope, receive, send, close=True)
+
+    async def _answer(
+        self,
+        exc: CharforgeError,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        close: bool = False,
+    ) -> None:
+        response: Response | None = None
+        if self.html is not None:
+            request = Request(scope)
+            wants_html, render = self.html
+            if wants_html(request):
+                response = render(request, exc)
+        if response is None:
+            response = JSONResponse(exc.to_envelope(), exc.status)
+        if close:
+            response.headers["Connection"] = "close"
+        await response(scope, receive, send)
 
 
 def _only_too_large(exc: BaseException) -> _BodyTooLarge | None:

@@ -86,17 +86,7 @@ class ContentSecurityPolicy:
         await self.app(scope, receive, send_with_policy)
 
 
-def install_web(app: FastAPI, container: Container) -> None:
-    settings = container.settings
-    app.add_middleware(ContentSecurityPolicy)
-    app.add_middleware(
-        SessionMiddleware,
-        secret_key=secret_key(settings),
-        session_cookie="charforge_session",
-        max_age=settings.session_days * 86400,
-        same_site="lax",
-        https_only=settings.cookie_secure,
-    )
+def install_web(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (pages_auth, pages_references, pages_characters, pages_images, pages_generate):
         app.include_router(module.router)
@@ -106,3 +96,18 @@ def install_web(app: FastAPI, container: Container) -> None:
         from urllib.parse import quote
 
         return RedirectResponse(f"/login?next={quote(exc.next_url)}", status_code=303)
+
+
+def install_outer_web_middleware(app: FastAPI, container: Container) -> None:
+    """The session cookie and the page policy, outside everything else (both read headers
+    only): so even a page answered by the body limits knows who is signed in and has its CSP."""
+    settings = container.settings
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret_key(settings),
+        session_cookie="charforge_session",
+        max_age=settings.session_days * 86400,
+        same_site="lax",
+        https_only=settings.cookie_secure,
+    )
+    app.add_middleware(ContentSecurityPolicy)
