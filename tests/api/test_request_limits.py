@@ -15,6 +15,7 @@ from charforge.simulator import A1111Simulator
 from charforge.web.app import DOCS_CSP, PAGE_CSP
 from tests.api.test_generate import create, generate
 from tests.conftest import Live
+from tests.jobs.conftest import wait_final
 
 MB = 1024 * 1024
 
@@ -296,3 +297,26 @@ def test_a_page_form_over_the_limit_gets_a_page(live: Live) -> None:
     # An API client posting the same gets the JSON envelope, as before.
     api = live.client({"Accept": "application/json"})
     assert api.post("/characters/new", data=form).json()["error"]["code"] == "payload_too_large"
+
+
+def test_a_job_whose_images_cannot_fit_one_answer_is_refused_before_it_is_queued(
+    live_factory: Any, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    """A1111 sends every image of a job in one answer; with the cap at 8 MiB, 16 images of
+    512x768 could not come back, so the job is a 422 naming how many fit, not a 502 later."""
+    live = live_factory(sims[0].url, sims[1].url, backend_max_response_bytes=8 * MB)
+    alice = live.user("alice")
+    character = create(alice, "Ann")
+    body = {"prompt": "at the beach", "characterId": character["id"]}
+    refused = alice.post("/api/jobs", json={**body, "count": 16})
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["field"] == "count" and error["setting"] == "CHARFORGE_BACKEND_MAX_RESPONSE_BYTES"
+    fitting = error["limit"]
+    assert 1 <= fitting < 16 and f"at most {fitting}" in error["hint"]
+    assert sims[1].txt2img_bodies() == []
+    # As many as it says fit do come back under the real cap.
+    accepted = alice.post("/api/jobs", json={**body, "count": fitting})
+    assert accepted.status_code == 202, accepted.text
+    job = wait_final(alice, accepted.json()["id"], timeout=120)
+    assert job["state"] == "succeeded" and len(job["images"]) == fitting, job

@@ -97,6 +97,7 @@ def submit(
         identity,
         None,
         limits,
+        table,
     )
 
 
@@ -113,12 +114,15 @@ def _queue(
     identity: dict[str, Any] | None,
     transfer: dict[str, str] | None,
     limits: quotas.Limits | None,
+    table: RouteTable,
 ) -> Job:
     # Permissions and quotas before the row exists; a write-back made meanwhile is rolled
     # back with the session when one refuses.
     permissions.check_style(owner, style)
     permissions.check_checkpoint(owner, checkpoint)
     quotas.check(session, owner, limits or quotas.Limits(), count)
+    if limits is not None and limits.answer_bytes is not None:
+        check_answer_size(table.route(style), table, fitted, count, limits.answer_bytes)
     job = Job(
         owner_id=owner.id,
         character_id=character_id,
@@ -184,6 +188,7 @@ def _submit_transfer(
         identity,
         transfer,
         limits,
+        table,
     )
 
 
@@ -206,6 +211,50 @@ def _fit(
         )
     fitted = fit_to_route(params, hires_asked=body.hires is not None, route=route, table=table)
     return fitted, identity
+
+
+# Backends that send every image of a job in one JSON answer, base64-encoded (ComfyUI's images
+# are fetched one by one; the local engine has no HTTP).
+_ONE_ANSWER_KINDS = ("a1111", "runpod")
+# A generated PNG takes about 1-2 bytes a pixel; 2, times base64's 4/3, errs on the large side.
+_ANSWER_BYTES_PER_PIXEL = 2 * 4 / 3
+_ANSWER_SLACK = 256 * 1024  # the infotext and parameters around the images
+
+
+def check_answer_size(
+    route: Route, table: RouteTable, params: GenerationParams, count: int, cap: int
+) -> None:
+    """Refuse a job whose images could not come back in one answer under the cap: better a
+    clear 422 now than a 502 after the backend has spent minutes making them."""
+    if not any(table.backends[name].kind in _ONE_ANSWER_KINDS for name in route.backends):
+        return
+    scale = params.hires_scale if params.hires else 1.0
+    width, height = int(params.width * scale), int(params.height * scale)
+    per_image = width * height * _ANSWER_BYTES_PER_PIXEL
+    fitting = int((cap - _ANSWER_SLACK) // per_image)
+    if count <= fitting:
+        return
+    mib = 1024 * 1024
+    size = f"{width}x{height}{' (high-resolution pass included)' if params.hires else ''}"
+    if fitting < 1:
+        raise InvalidInput(
+            f"An image of {size} could come back from the backend as about "
+            f"{per_image / mib:.0f} MiB, over the {cap / mib:.0f} MiB this server reads from "
+            "a backend in one answer.",
+            field="hires" if params.hires else "width",
+            hint="Ask for a smaller image, or have the operator raise "
+            "CHARFORGE_BACKEND_MAX_RESPONSE_BYTES.",
+            extra={"limit": cap, "setting": "CHARFORGE_BACKEND_MAX_RESPONSE_BYTES"},
+        )
+    raise InvalidInput(
+        f"{count} images of {size} could come back from the backend as about "
+        f"{count * per_image / mib:.0f} MiB in one answer, over the {cap / mib:.0f} MiB this "
+        f"server reads; at this size at most {fitting} fit.",
+        field="count",
+        hint=f"Ask for at most {fitting} images per job (send several jobs for more), or have "
+        "the operator raise CHARFORGE_BACKEND_MAX_RESPONSE_BYTES.",
+        extra={"limit": fitting, "setting": "CHARFORGE_BACKEND_MAX_RESPONSE_BYTES"},
+    )
 
 
 def _screen_prompt(session: Session, prompt: str, character: Character) -> None:

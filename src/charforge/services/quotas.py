@@ -31,16 +31,24 @@ class Limits:
 
     images_per_day: int | None = None
     max_active_jobs: int | None = None
+    # The most a backend may send in one answer (CHARFORGE_BACKEND_MAX_RESPONSE_BYTES): a job
+    # whose images cannot fit in one is refused before it is queued, not failed on the way.
+    answer_bytes: int | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
-        return cls(settings.quota_images_per_day, settings.max_active_jobs_per_user)
+        return cls(
+            settings.quota_images_per_day,
+            settings.max_active_jobs_per_user,
+            settings.backend_max_response_bytes,
+        )
 
     def for_user(self, user: User) -> Limits:
         own = permissions.of(user)
         return Limits(
             own.images_per_day if "imagesPerDay" in own.overrides else self.images_per_day,
             own.max_active_jobs if "maxActiveJobs" in own.overrides else self.max_active_jobs,
+            self.answer_bytes,
         )
 
 
