@@ -44,3 +44,15 @@ class LiveServer:
         self._server.should_exit = True
         self._thread.join(15)
         self._sock.close()
+
+
+def character_whose_checkpoint_went_away(live: Any, user: str, name: str, model: str) -> str:
+    """A character naming a checkpoint its backends do not have (any more): created before the
+    file was removed, or while the backends were down, so the create-time check did not see
+    it. Made through the service, as the API would refuse it now."""
+    from charforge.services import characters, users
+
+    with live.container.db.session() as session:
+        owner = users.require_user(session, user)
+        fields = characters.CharacterFields(name=name, art_style="anime", model=model)
+        return characters.create(session, owner, fields, live.container.table).id

@@ -120,10 +120,10 @@ def test_character_crud_in_camel_case(live: Live) -> None:
 def test_character_with_string_style_and_own_model(live: Live) -> None:
     client = live.user("alice")
     mika = create(
-        client, "Mika", None, artStyle="Cartoon", imageGeneration={"model": "toon.safetensors"}
+        client, "Mika", None, artStyle="Cartoon", imageGeneration={"model": "other.safetensors"}
     )
     assert mika["artStyle"] == {"primaryStyle": "cartoon"}
-    assert mika["imageGeneration"]["model"] == "toon.safetensors"
+    assert mika["imageGeneration"]["model"] == "other.safetensors"
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from PIL import Image
 from charforge.domain.infotext import parse_infotext
 from charforge.simulator import A1111Simulator
 from tests.conftest import Live
-from tests.helpers import free_port
+from tests.helpers import character_whose_checkpoint_went_away, free_port
 
 EXAMPLES = [
     # (name, style, prompt, which simulator, checkpoint) -- the seed's three usage examples
@@ -326,9 +326,10 @@ def test_checkpoint_missing_is_503_naming_both(
     live: Live, sims: tuple[A1111Simulator, A1111Simulator]
 ) -> None:
     client = live.user("alice")
-    custom = create(
-        client, "Mika", "anime", imageGeneration={"model": "mika-lora-merge.safetensors"}
+    made = character_whose_checkpoint_went_away(
+        live, "alice", "Mika", "mika-lora-merge.safetensors"
     )
+    custom = client.get(f"/api/characters/{made}").json()
     response = generate(client, custom)
     assert response.status_code == 503
     error = response.json()["error"]

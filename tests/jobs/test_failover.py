@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from charforge.simulator import A1111Simulator
-from tests.helpers import free_port
+from tests.helpers import character_whose_checkpoint_went_away, free_port
 from tests.jobs.conftest import create_character, submit, wait_final
 
 FAULTS: dict[str, dict[str, Any]] = {
@@ -136,16 +136,8 @@ def test_a_missing_checkpoint_is_tried_on_the_rest_of_the_pool_only(
 ) -> None:
     live = pool_live()
     client = live.user("alice")
-    response = client.post(
-        "/api/characters",
-        json={
-            "name": "Mika",
-            "artStyle": {"primaryStyle": "anime"},
-            "imageGeneration": {"model": "nowhere.safetensors"},
-        },
-    )
-    assert response.status_code == 201, response.text
-    job = wait_final(client, submit(client, response.json()["id"])["id"])
+    made = character_whose_checkpoint_went_away(live, "alice", "Mika", "nowhere.safetensors")
+    job = wait_final(client, submit(client, made)["id"])
     assert job["state"] == "failed" and job["attempts"] == 2  # each backend once, no more
     assert job["error"]["code"] == "checkpoint_missing"
     assert {a["backend"] for a in job["attemptHistory"]} == {

@@ -17,6 +17,7 @@ from charforge.errors import InvalidInput
 from charforge.identity.cards import CardError, ParsedCard, export_card, parse_card
 from charforge.services import characters, references
 from charforge.services.characters import DESCRIPTION_MAX, CharacterFields
+from charforge.services.checkpoint_check import BackendCheckpoints
 from charforge.storage.files import ImageStore
 
 CARD_MAX_BYTES = 12 * 1024 * 1024
@@ -63,6 +64,7 @@ def import_card(
     *,
     style: str | None = None,
     model: str | None = None,
+    checkpoints: BackendCheckpoints | None = None,
 ) -> Character:
     """The new character (its picture saved as a reference: wrap the transaction in
     ``store.undo_on_failure()``)."""
@@ -80,7 +82,9 @@ def import_card(
             field="file",
             hint="Send a SillyTavern card: a PNG with a 'chara' or 'ccv3' chunk, or its JSON.",
         ) from exc
-    character = characters.create(session, owner, _fields_of(card, style, model), table)
+    character = characters.create(
+        session, owner, _fields_of(card, style, model), table, checkpoints=checkpoints
+    )
     character.card = card.card
     session.flush()
     if card.picture is not None:

@@ -1,4 +1,9 @@
-"""Characters: create, read, change and delete, always within one owner's roster."""
+"""Characters: create, read, change and delete, always within one owner's roster.
+
+A checkpoint of the character's own is checked against the backends of its route when given
+``checkpoints`` (see services/checkpoint_check.py: refused only where a backend answers and
+none of those that answer has it; accepted as before when none answers).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,16 @@ from sqlalchemy.orm import Session
 from charforge.db import repositories as repo
 from charforge.db.models import Character, User
 from charforge.db.references import reference_paths_of_character
+from charforge.domain.checkpoints import same_checkpoint
 from charforge.domain.consistency import StoredLook
 from charforge.domain.routes import RouteTable
 from charforge.errors import InvalidInput, NotFound
 from charforge.safety import policy_of
+from charforge.services.checkpoint_check import BackendCheckpoints, is_own, scope_of
 
 NAME_MAX, DESCRIPTION_MAX, APPEARANCE_MAX, MODEL_MAX = 100, 5000, 2000, 255
 NEGATIVE_MAX = 2000
+MODEL_FIELD = "imageGeneration.model"
 MAX_LORAS = 8
 DEFAULT_IDENTITY_STRENGTH = 0.6
 
@@ -85,7 +93,7 @@ def _checked(fields: CharacterFields, table: RouteTable) -> CharacterFields:
         if not 1 <= len(fields.model) <= MODEL_MAX:
             raise InvalidInput(
                 f"A checkpoint name needs 1 to {MODEL_MAX} characters.",
-                field="imageGeneration.model",
+                field=MODEL_FIELD,
             )
     return fields
 
@@ -97,11 +105,28 @@ def _screened(session: Session, fields: CharacterFields) -> None:
     )
 
 
-def create(session: Session, owner: User, fields: CharacterFields, table: RouteTable) -> Character:
+def _require_checkpoint(
+    checkpoints: BackendCheckpoints | None, model: str, style: str | None, table: RouteTable
+) -> None:
+    if checkpoints is not None and is_own(table, model, style):
+        checkpoints.require(model, style, field=MODEL_FIELD)
+
+
+def create(
+    session: Session,
+    owner: User,
+    fields: CharacterFields,
+    table: RouteTable,
+    *,
+    checkpoints: BackendCheckpoints | None = None,
+) -> Character:
+    """``checkpoints``: check an own checkpoint against the route's backends (None: not)."""
     fields = _checked(fields, table)
     _screened(session, fields)
     if fields.name is None:
         raise InvalidInput("A character needs a name.", field="name")
+    if fields.model is not None:
+        _require_checkpoint(checkpoints, fields.model, fields.art_style, table)
     model = fields.model
     if model is None and fields.art_style is not None:
         model = table.route(fields.art_style).checkpoint  # the checkpoint of its style's route
@@ -158,11 +183,28 @@ def list_for(session: Session, owner: User) -> Sequence[Character]:
 
 
 def update(
-    session: Session, owner: User, character_id: str, fields: CharacterFields, table: RouteTable
+    session: Session,
+    owner: User,
+    character_id: str,
+    fields: CharacterFields,
+    table: RouteTable,
+    *,
+    checkpoints: BackendCheckpoints | None = None,
 ) -> Character:
+    """``checkpoints`` as in ``create``; asked only when the checkpoint or its backends
+    change (a form that sends the stored checkpoint again costs no request)."""
     character = get(session, owner, character_id)
     fields = _checked(fields, table)
     _screened(session, fields)
+    if fields.model is not None:
+        style = fields.art_style or character.primary_style
+        unchanged = (
+            character.model is not None
+            and same_checkpoint(fields.model, character.model)
+            and scope_of(table, style).backends == scope_of(table, character.primary_style).backends
+        )
+        if not unchanged:
+            _require_checkpoint(checkpoints, fields.model, style, table)
     for attr in ("name", "description", "appearance", "negative_prompt", "identity_strength"):
         value = getattr(fields, attr)
         if value is not None:

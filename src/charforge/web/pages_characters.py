@@ -8,6 +8,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
+from charforge.api.routes.characters import checkpoints_of
 from charforge.db import references as refs
 from charforge.db import repositories as repo
 from charforge.db.models import Character, User
@@ -293,7 +294,9 @@ def create(request: Request, form: FormDep) -> Response:
     user = require_user(request, c)
     try:
         with c.db.session() as session:
-            new_id = characters.create(session, user, form.fields(c.table), c.table).id
+            new_id = characters.create(
+                session, user, form.fields(c.table), c.table, checkpoints=checkpoints_of(c)
+            ).id
     except InvalidInput as exc:
         return _form(request, user, None, form.values(), exc, 422)
     return RedirectResponse(f"/characters/{new_id}", status_code=303)
@@ -376,7 +379,14 @@ def edit(request: Request, character_id: str, form: FormDep) -> Response:
     user = require_user(request, c)
     try:
         with c.db.session() as session:
-            characters.update(session, user, character_id, form.fields(c.table), c.table)
+            characters.update(
+                session,
+                user,
+                character_id,
+                form.fields(c.table),
+                c.table,
+                checkpoints=checkpoints_of(c),
+            )
     except InvalidInput as exc:
         with c.db.session() as session:
             character = characters.get(session, user, character_id)

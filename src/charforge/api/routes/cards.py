@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from charforge.api.deps import ContainerDep, CurrentUser
+from charforge.api.routes.characters import checkpoints_of
 from charforge.api.schemas import CharacterOut
 from charforge.api.uploads import form_file
 from charforge.container import Container
@@ -71,7 +72,14 @@ def _import(
 ) -> CharacterOut:
     with c.store.undo_on_failure(), c.db.session() as session:
         character = cards.import_card(
-            session, c.store, user, data, c.table, style=style, model=model
+            session,
+            c.store,
+            user,
+            data,
+            c.table,
+            style=style,
+            model=model,
+            checkpoints=checkpoints_of(c),
         )
         return CharacterOut.of(character, reference_counts(session, user.id).get(character.id, 0))
 

@@ -6,10 +6,18 @@ from fastapi import APIRouter, Response
 
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.schemas import CharacterIn, CharacterOut
+from charforge.container import Container
 from charforge.db.references import reference_counts
 from charforge.services import characters
+from charforge.services.checkpoint_check import BackendCheckpoints
 
 router = APIRouter(prefix="/api/characters", tags=["characters"])
+
+
+def checkpoints_of(c: Container) -> BackendCheckpoints:
+    """An own checkpoint is checked against its route's backends (a 422 when those that
+    answer lack it; accepted when none answers), waiting at most the probe timeout."""
+    return BackendCheckpoints(c.pool, timeout=c.settings.probe_timeout)
 
 
 @router.post("", status_code=201, response_model=CharacterOut)
@@ -17,7 +25,9 @@ def create_character(
     body: CharacterIn, user: CurrentUser, c: ContainerDep, response: Response
 ) -> CharacterOut:
     with c.db.session() as session:
-        character = characters.create(session, user, body.to_fields(), c.table)
+        character = characters.create(
+            session, user, body.to_fields(), c.table, checkpoints=checkpoints_of(c)
+        )
         out = CharacterOut.of(character)
     response.headers["Location"] = f"/api/characters/{out.id}"
     return out
@@ -44,7 +54,9 @@ def update_character(
     character_id: str, body: CharacterIn, user: CurrentUser, c: ContainerDep
 ) -> CharacterOut:
     with c.db.session() as session:
-        character = characters.update(session, user, character_id, body.to_fields(), c.table)
+        character = characters.update(
+            session, user, character_id, body.to_fields(), c.table, checkpoints=checkpoints_of(c)
+        )
         return CharacterOut.of(character, reference_counts(session, user.id).get(character.id, 0))
 
 
