@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -180,6 +181,7 @@ class Image(Base):
         # One stored image per requested image, whatever retries overlap.
         Index("ux_images_job_position", "job_id", "position", unique=True),
         Index("ix_images_withheld_created", "withheld", "created_at"),
+        Index("ix_images_owner_created", "owner_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -209,6 +211,9 @@ class Image(Base):
     nsfw_score: Mapped[float | None] = mapped_column(Float)
     # Screened above the threshold: in quarantine, seen only by admins until released.
     withheld: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The owner's own marks in the gallery.
+    favorite: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -238,3 +243,34 @@ class LoginFailure(Base):
     scope: Mapped[str] = mapped_column(String(16))  # account | address
     key: Mapped[str] = mapped_column(String(255))
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class PromptTemplate(Base):
+    """A user's own prompt template: ``{character}``, ``{appearance}`` and named slots such as
+    ``{outfit}``; the built-in ones are in code, read-only, and shared by everyone."""
+
+    __tablename__ = "prompt_templates"
+    __table_args__ = (UniqueConstraint("owner_id", "name", name="uq_prompt_templates_owner_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="", server_default="")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Preset(Base):
+    """A user's saved generation settings (sampler, steps, hires, ...), by name."""
+
+    __tablename__ = "presets"
+    __table_args__ = (UniqueConstraint("owner_id", "name", name="uq_presets_owner_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
