@@ -521,3 +521,35 @@ def test_checkpoint_in_a_subfolder_is_accepted(
         assert response.json()["model"] == "styles/deep.safetensors"
         sent = webui.txt2img_bodies()[0]["override_settings"]["sd_model_checkpoint"]
         assert sent.startswith("styles/deep.safetensors")
+
+
+def test_a_misspelt_field_is_refused_naming_it(
+    live: Live, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    client = live.user("alice")
+    sakura = create(client, "Sakura")
+    for path in ("/api/image-generation/generate", "/api/jobs"):
+        response = (
+            generate(client, sakura, stepz=10)
+            if "generate" in path
+            else client.post(
+                path, json={"prompt": "x", "characterId": sakura["id"], "identity": {"strenght": 1}}
+            )
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] in ("stepz", "identity.strenght"), error
+        assert error["field"] in error["message"] or error["field"] in str(error.get("details"))
+    assert sims[1].txt2img_bodies() == []
+
+
+def test_the_synchronous_endpoint_answers_with_every_image_asked_for(
+    live: Live, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    client = live.user("alice")
+    sakura = create(client, "Sakura")
+    response = generate(client, sakura, count=3, seed=100)
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert [i["seed"] for i in images] == [100, 101, 102]
+    assert [b["n_iter"] for b in sims[1].txt2img_bodies()] == [3]

@@ -53,7 +53,14 @@ def _field_name(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # Pydantic adds the union member's type name for `str | Model` fields; it means nothing here.
     parts = [p for p in parts if not p[:1].isupper() and p not in ("str", "int", "float", "bool")]
-    return ".".join(to_camel(p) if not p.isdigit() else p for p in parts) or None
+    # items[3].sampler: a list index reads as one, as in the JSON the client wrote.
+    name = ""
+    for part in parts:
+        if part.isdigit():
+            name += f"[{part}]"
+        else:
+            name += ("." if name else "") + to_camel(part)
+    return name or None
 
 
 def _lower_first(text: str) -> str:

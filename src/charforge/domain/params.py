@@ -45,7 +45,7 @@ class GenerateBody(BaseModel):
     """``POST /api/image-generation/generate`` as the original system sent it (camelCase)."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", str_strip_whitespace=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", str_strip_whitespace=True
     )
 
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
@@ -68,6 +68,8 @@ class GenerateBody(BaseModel):
     # With artStyle naming another style: render the character on that style's route and
     # checkpoint, carrying its appearance, negative prompt and references.
     style_transfer: bool = False
+    # How many images, one seed after the other (the synchronous endpoint answers with all).
+    count: int = Field(default=1, ge=1, le=COUNT_MAX)
 
     @field_validator("width", "height")
     @classmethod
@@ -88,9 +90,7 @@ class GenerateBody(BaseModel):
 
 
 class JobBody(GenerateBody):
-    """``POST /api/jobs``: the generate body plus how many images to make."""
-
-    count: int = Field(default=1, ge=1, le=COUNT_MAX)
+    """``POST /api/jobs``: the same body, answered at once with the job to follow."""
 
 
 @dataclass(frozen=True)

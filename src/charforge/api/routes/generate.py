@@ -10,6 +10,7 @@ from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.errors import error_response
 from charforge.api.schemas import GenerateOut, JobOut, brief, camel_params, identity_view
 from charforge.container import Container
+from charforge.db import images as image_rows
 from charforge.db import repositories as repo
 from charforge.db.models import User
 from charforge.domain.params import GenerateBody
@@ -46,7 +47,7 @@ def generation_outcome(c: Container, user: User, job_id: str) -> JSONResponse:
                 "The job is gone: its character was deleted while the image was being made.",
                 field="characterId",
             )
-        images = list(repo.images_of_job(session, job_id))
+        images = list(image_rows.images_of_job(session, job_id))
         if job.state == "succeeded":
             out = GenerateOut(
                 job_id=job.id,
@@ -89,6 +90,6 @@ async def generate(body: GenerateBody, user: CurrentUser, c: ContainerDep) -> JS
 
 async def generate_and_wait(c: Container, user: User, body: GenerateBody) -> JSONResponse:
     """Shared by the API and the Generate page: the same job, the same answer."""
-    job_id = (await run_in_threadpool(submit_generation, c, user, body)).id
+    job_id = (await run_in_threadpool(submit_generation, c, user, body, body.count)).id
     await c.queue.wait_async(job_id, c.settings.generate_wait)
     return await run_in_threadpool(generation_outcome, c, user, job_id)
