@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel, TypeAdapter
 from starlette.routing import Mount, Route
 
-Kind = Literal["character", "reference", "image", "job", "token", "user"]
+Kind = Literal["character", "reference", "image", "job", "batch", "token", "user"]
 Access = Literal["public", "admin", "api", "page"]
 Owner = Literal["alice", "bob"]
 BodyKind = Literal["none", "json", "form", "multipart", "raw"]
@@ -57,6 +57,7 @@ PATH_PARAMS: dict[str, Kind] = {
     "reference_id": "reference",
     "image_id": "image",
     "job_id": "job",
+    "batch_id": "batch",
     "token_id": "token",
     "name": "user",  # /api/admin/users/{name}, /admin/users/{name}
 }

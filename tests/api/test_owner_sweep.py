@@ -82,6 +82,11 @@ def person(live: Live, name: str, photo: bytes) -> Person:
     job = wait_final(api, submit(api, character["id"], prompt=f"prompt-{marker}")["id"])
     assert job["state"] == "succeeded", job
     image_id = job["images"][0]["id"]
+    batch = api.post(
+        "/api/batches",
+        json={"characterId": character["id"], "items": [{"prompt": f"batch-{marker}"}]},
+    )
+    assert batch.status_code == 202, batch.text
     added = api.post(
         f"/api/characters/{character['id']}/references", files={"file": ("face.png", photo)}
     )
@@ -106,6 +111,7 @@ def person(live: Live, name: str, photo: bytes) -> Person:
         "reference": reference["id"],
         "image": image_id,
         "job": job["id"],
+        "batch": batch.json()["id"],
         "token": str(token_id),
         "user": name,
     }
@@ -132,6 +138,7 @@ def fake_ids() -> dict[rs.Kind, str]:
         "reference": new_id(),
         "image": new_id(),
         "job": new_id(),
+        "batch": new_id(),
         "token": "987654321",
         "user": f"nobody-{uuid.uuid4().hex[:8]}",
     }
@@ -220,6 +227,7 @@ def snapshot(live: Live, alice: Person) -> dict[str, Any]:
             f"/api/images/{ids['image']}/file",
             f"/api/jobs/{ids['job']}",
             "/api/jobs",
+            f"/api/batches/{ids['batch']}",
         )
     }
     with live.container.db.session() as session:

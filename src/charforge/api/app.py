@@ -17,6 +17,7 @@ from charforge.api.routes import (
     admin,
     admin_policy,
     admin_quarantine,
+    batches,
     cards,
     characters,
     generate,
@@ -55,7 +56,18 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
     )
     app.state.container = container
     install_error_handlers(app, html=(wants_html, render_error))
-    for module in (health, cards, characters, references, images, generate, jobs, styles, admin):
+    for module in (
+        health,
+        cards,
+        characters,
+        references,
+        images,
+        generate,
+        jobs,
+        batches,
+        styles,
+        admin,
+    ):
         app.include_router(module.router)
     app.include_router(admin_policy.router)
     app.include_router(admin_quarantine.router)

@@ -108,12 +108,27 @@ class Reference(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class Batch(Base):
+    """Many jobs submitted as one: its state is read from its jobs' states."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_owner_created", "owner_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    total: Mapped[int] = mapped_column(Integer)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the shared fields
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
         Index("ix_jobs_state", "state"),
         Index("ix_jobs_state_checkpoint", "state", "checkpoint"),
+        Index("ix_jobs_batch", "batch_id", "batch_index"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -131,6 +146,11 @@ class Job(Base):
     request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     backend: Mapped[str | None] = mapped_column(String(100))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The batch it is item ``batch_index`` of (None: a job on its own).
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE", name="fk_jobs_batch_id")
+    )
+    batch_index: Mapped[int | None] = mapped_column(Integer)
     count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Who runs it and until when: a lapsed lease means the runner died, and the job is
     # re-queued. Storing images checks the lease, so a runner that lost it stores nothing.
