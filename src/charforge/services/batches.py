@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import and_, or_, select
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 from charforge.config import GenerationDefaults
 from charforge.db.models import Batch, Image, Job, User, utcnow
 from charforge.domain.batches import item_bodies
+from charforge.domain.params import GenerateBody
 from charforge.domain.routes import RouteTable
 from charforge.errors import CharforgeError, NotFound
 from charforge.services import cursors, generation, quotas
@@ -43,13 +45,34 @@ def submit(
 ) -> tuple[Batch, list[Job]]:
     """Every item checked (and its job written) in this transaction; the first refusal names
     its item and nothing is queued. The caller hands the jobs to the queue after commit."""
-    bodies = item_bodies(body)
-    batch = Batch(
-        owner_id=owner.id,
-        total=len(bodies),
-        request=body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"items"}),
-        created_at=utcnow(),
+    shared = body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"items"})
+    return submit_bodies(
+        session,
+        owner,
+        item_bodies(body),
+        shared,
+        table,
+        defaults,
+        capabilities=capabilities,
+        limits=limits,
     )
+
+
+def submit_bodies(
+    session: Session,
+    owner: User,
+    bodies: Sequence[GenerateBody],
+    shared: dict[str, Any],
+    table: RouteTable,
+    defaults: GenerationDefaults,
+    *,
+    capabilities: CapabilitiesOf | None = None,
+    limits: quotas.Limits | None = None,
+    numbers: Sequence[int] | None = None,
+) -> tuple[Batch, list[Job]]:
+    """A batch of ready generate bodies (the command line's file, read line by line);
+    ``numbers`` names the items in errors (their place in the file), default 0, 1, ..."""
+    batch = Batch(owner_id=owner.id, total=len(bodies), request=shared, created_at=utcnow())
     session.add(batch)
     session.flush()
     jobs = []
@@ -66,7 +89,7 @@ def submit(
                 limits=limits,
             )
         except CharforgeError as exc:
-            where = f"items[{index}]"
+            where = f"items[{numbers[index] if numbers else index}]"
             exc.field = f"{where}.{exc.field}" if exc.field else where
             exc.message = f"{where}: {exc.message}"
             raise
