@@ -274,6 +274,13 @@ def test_account_page_makes_and_revokes_tokens(
     )
     assert again.status == 401
     shot(page, "10-account")
+    # On a phone the tokens table is a card a row: nothing wider than the screen.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.get_by_role("button", name="Create token").click()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    cell = page.locator("table.stacking td[data-label=Created]").first
+    assert cell.evaluate("td => getComputedStyle(td).display") == "block"
+    shot(page, "10-account-phone")
 
 
 def test_character_form_errors_keep_what_was_typed(
