@@ -412,3 +412,18 @@ backends = ["rp"]
         result = run(["backends", "check", "--json"], env)
         assert result.returncode == 1
         assert "no working backend for: fantasy" in result.stderr
+
+
+def test_backends_check_reads_at_80_columns(
+    cli_env: dict[str, str], sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    """Piped or narrow: one fact per line instead of a table squeezed into unreadable cells."""
+    result = run(["backends", "check"], {**cli_env, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert "┃" not in result.stdout
+    assert "route realistic: checkpoint cyberrealistic.safetensors" in lines
+    assert "  backend realistic (a1111): up" in lines
+    assert "    loaded cyberrealistic.safetensors" in lines, result.stdout
+    assert any(line.startswith("  anime-cartoon-fantasy (a1111): serves anime") for line in lines)

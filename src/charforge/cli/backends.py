@@ -56,9 +56,11 @@ def check_backends(
                 for c in checks
             ]
             out.print_json(json_module.dumps(report))
-        else:
+        elif out.width >= _TABLE_WIDTH:
             out.print(_check_table(Table, checks, running))
             out.print(_server_table(Table, checks, running))
+        else:  # a narrow terminal, or piped without COLUMNS: a table would be unreadable
+            _plain_report(checks, running)
         if broken:
             raise _fail(
                 f"no working backend for: {', '.join(broken)}",
@@ -66,6 +68,39 @@ def check_backends(
                 "put the checkpoint where it looks for models, or fix the RUNPOD_*_URL / "
                 "[backends] entry the failing backend comes from.",
             )
+
+
+# The tables' ten columns need about this many; narrower, one line per fact reads better.
+_TABLE_WIDTH = 120
+
+
+def _plain_report(checks: list[Any], running: dict[str, int]) -> None:
+    """The same facts as the tables, a few per line, for 80 columns or a pipe."""
+    for check in sorted(checks, key=lambda c: c.route.style):
+        out.print(
+            f"[bold]route {check.route.style}[/]: checkpoint {escape(check.route.checkpoint)}"
+        )
+        for b in check.backends:
+            state = "[green]up[/]" if b.reachable else f"[red]down[/]: {escape(b.error or '')}"
+            present = {True: "present", False: "[red]missing[/]", None: "unknown"}
+            out.print(f"  backend {b.name} ({escape(b.kind)}): {state}")
+            latency = f"{b.latency_ms:.0f} ms" if b.latency_ms is not None else "-"
+            out.print(
+                f"    latency {latency}; checkpoint {present[b.checkpoint_present]}"
+                f" (hash {b.checkpoint_hash or '-'}); running {running.get(b.name, 0)}"
+            )
+            out.print(f"    loaded {_loaded(b)}")
+    seen: dict[str, Any] = {}
+    for check in checks:
+        for b in check.backends:
+            seen.setdefault(b.name, b)
+    out.print("[bold]backends[/] (each server once)")
+    for name, b in sorted(seen.items()):
+        aliases = f", also named {escape(', '.join(b.aliases))}" if b.aliases else ""
+        out.print(
+            f"  {name} ({escape(b.kind)}{aliases}): serves {', '.join(b.routes)};"
+            f" identity {_identity(b)}"
+        )
 
 
 def _check_table(table_class: Any, checks: list[Any], running: dict[str, int]) -> Any:
@@ -80,6 +115,7 @@ def _check_table(table_class: Any, checks: list[Any], running: dict[str, int]) -
         "hash",
         "running",
         "loaded",
+        title="Routes and their backends",
     )
     for check in sorted(checks, key=lambda c: c.route.style):
         for b in check.backends:
@@ -111,7 +147,15 @@ def _server_table(table_class: Any, checks: list[Any], running: dict[str, int]) 
     """Each backend once: one server, whatever names and routes point at it, has one slot,
     one loaded checkpoint and one health state."""
     table = table_class(
-        "backend", "also named", "kind", "serves", "reachable", "running", "loaded", "identity"
+        "backend",
+        "also named",
+        "kind",
+        "serves",
+        "reachable",
+        "running",
+        "loaded",
+        "identity",
+        title="Backends (each server once)",
     )
     seen: dict[str, Any] = {}
     for check in checks:
