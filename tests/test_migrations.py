@@ -72,7 +72,7 @@ def test_empty_database_is_created_at_head(tmp_path: Path, database_url: str) ->
     assert current_revision(engine) is None
     upgrade(engine)
     upgrade(engine)  # idempotent
-    assert current_revision(engine) == head_revision(engine) == "0008"
+    assert current_revision(engine) == head_revision(engine) == "0009"
     engine.dispose()
 
 

@@ -470,9 +470,13 @@ def test_seeds_batches_and_png_parameters(client: httpx.Client) -> None:
     assert len(random_seeds) > 1
 
 
-def test_infotext_quotes_values_with_separators(client: httpx.Client) -> None:
-    body = {"steps": 2, "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+, Anime6B"}
-    text = _info(client.post(TXT2IMG, json=body))["infotexts"][0]
+def test_infotext_quotes_values_with_separators(sim: A1111Simulator, client: httpx.Client) -> None:
+    sim.settings.upscalers = ["R-ESRGAN 4x+, Anime6B"]  # an upscaler model added to the WebUI
+    try:
+        body = {"steps": 2, "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+, Anime6B"}
+        text = _info(client.post(TXT2IMG, json=body))["infotexts"][0]
+    finally:
+        sim.settings.upscalers = []
     assert 'Hires upscaler: "R-ESRGAN 4x+, Anime6B"' in text
     assert _parse_infotext(text)[2]["Hires upscaler"] == "R-ESRGAN 4x+, Anime6B"
 

@@ -108,6 +108,8 @@ class GenerationDefaults(BaseModel):
     hires_scale: float = 1.5
     hires_upscaler: str = "Latent"
     denoising_strength: float = 0.5
+    hires_steps: int = 0  # 0: as many as steps (A1111's hr_second_pass_steps)
+    clip_skip: int = 1
 
 
 class Settings(BaseSettings):

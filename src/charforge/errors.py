@@ -9,6 +9,7 @@ Every failure a client can see is a ``CharforgeError`` and renders as one JSON e
     │   ├── UnsupportedCapability       422 unsupported_capability (names backends + capability)
     │   │   └── IdentityUnavailable     422 unsupported_capability elsewhere (no ControlNet...)
     │   ├── LoraMissing                 422 lora_missing          elsewhere (lists what it has)
+    │   ├── UpscalerMissing             422 upscaler_missing      elsewhere (lists what it has)
     │   ├── RestrictedContent           422 restricted_content   (names field and category)
     │   └── ContentWithheld             422 content_withheld     (the image is quarantined)
     ├── Unauthorized                    401 unauthorized
@@ -95,6 +96,14 @@ class LoraMissing(InvalidInput):
     render without it)."""
 
     code = "lora_missing"
+    backend_specific = True
+
+
+class UpscalerMissing(InvalidInput):
+    """``hiresUpscaler`` names an upscaler the backend does not have (A1111 would fail the
+    job with a 500 only after the first pass)."""
+
+    code = "upscaler_missing"
     backend_specific = True
 
 
@@ -262,6 +271,7 @@ _BY_CODE: dict[str, type[CharforgeError]] = {
         InvalidInput,
         UnsupportedCapability,
         LoraMissing,
+        UpscalerMissing,
         RestrictedContent,
         ContentWithheld,
         ScreeningFailed,

@@ -20,7 +20,9 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import BaseModel, TypeAdapter
 from starlette.routing import Mount, Route
 
-Kind = Literal["character", "reference", "image", "job", "batch", "token", "user"]
+Kind = Literal[
+    "character", "reference", "image", "job", "batch", "token", "user", "template", "preset"
+]
 Access = Literal["public", "admin", "api", "page"]
 Owner = Literal["alice", "bob"]
 BodyKind = Literal["none", "json", "form", "multipart", "raw"]
@@ -60,18 +62,23 @@ PATH_PARAMS: dict[str, Kind] = {
     "batch_id": "batch",
     "token_id": "token",
     "name": "user",  # /api/admin/users/{name}, /admin/users/{name}
+    "template_id": "template",  # a user's own prompt template (built-in ones are everyone's)
+    "preset_id": "preset",
 }
 # Which owned resource each JSON or form body field names (at any depth).
 BODY_FIELDS: dict[str, Kind] = {
     "characterId": "character",
+    "character_id": "character",  # page forms
     "imageId": "image",
+    "templateId": "template",  # generate bodies and batch items: a prompt template
     "references": "reference",  # identity.references: ids of the character's references
+    "ids": "image",  # POST /api/images/delete: the images to delete
 }
 # Query parameters naming an owned resource; filled with alice's ids (answers may be 2xx, as a
 # filter or a preselection: they must not show any of alice's data).
 QUERY_FIELDS: dict[str, Kind] = {"characterId": "character"}
 # A field with such a name holds an id: it must be in BODY_FIELDS or QUERY_FIELDS.
-ID_LIKE = re.compile(r"(^id$|_id$|Id$|_ids$|Ids$)")
+ID_LIKE = re.compile(r"(^ids?$|_id$|Id$|_ids$|Ids$)")
 # Values that make a body look like a real one (used where the schema has the field).
 PLAUSIBLE: dict[str, str] = {
     "name": "Sweep by bob",

@@ -151,3 +151,28 @@ def test_events_stream_the_batch_to_its_end(live: Live, sims: Sims) -> None:
     assert "batch" in names and names.count("job") >= 2
     finished = [d for n, d in events if n == "job" and d["state"] == "succeeded"]
     assert {d["prompt"] for d in finished} == {"at the beach", "in the snow"}
+
+
+def test_items_can_fill_a_shared_template(live: Live, sims: Sims) -> None:
+    alice = live.user("alice")
+    sakura = create(alice, "Sakura")
+    body: dict[str, Any] = {
+        "characterId": sakura["id"],
+        "templateId": "builtin-outfit-change",
+        "items": [
+            {"variables": {"outfit": "a red evening dress"}},
+            {"variables": {"outfit": "a raincoat"}, "seed": 5},
+        ],
+    }
+    missing = alice.post(
+        "/api/batches", json={**body, "items": [*body["items"], {"variables": {}}]}
+    )
+    assert missing.status_code == 422, missing.text
+    assert missing.json()["error"]["field"] == "items[2].variables.outfit"
+    assert alice.get("/api/jobs").json()["items"] == []
+    batch = alice.post("/api/batches", json=body)
+    assert batch.status_code == 202, batch.text
+    assert wait_batch(alice, batch.json()["id"])["state"] == "succeeded"
+    prompts = [b["prompt"] for b in sims[1].txt2img_bodies()]
+    assert any("a red evening dress" in p for p in prompts)
+    assert any("a raincoat" in p for p in prompts)

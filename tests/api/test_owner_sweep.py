@@ -92,6 +92,13 @@ def person(live: Live, name: str, photo: bytes) -> Person:
     )
     assert added.status_code == 201, added.text
     reference = added.json()
+    template = api.post(
+        "/api/prompt-templates",
+        json={"name": f"template-{marker}", "prompt": f"{{character}} in template-{marker}"},
+    )
+    assert template.status_code == 201, template.text
+    preset = api.post("/api/presets", json={"name": f"preset-{marker}", "params": {"steps": 7}})
+    assert preset.status_code == 201, preset.text
     with live.container.db.session() as session:
         token = users.list_tokens(session, users.require_user(session, name))[0]
         token_id, token_prefix = token.id, token.prefix
@@ -114,6 +121,8 @@ def person(live: Live, name: str, photo: bytes) -> Person:
         "batch": batch.json()["id"],
         "token": str(token_id),
         "user": name,
+        "template": template.json()["id"],
+        "preset": preset.json()["id"],
     }
     secrets = {
         **{f"{name}'s {k} id": v for k, v in ids.items() if k not in ("token", "user")},
@@ -126,6 +135,8 @@ def person(live: Live, name: str, photo: bytes) -> Person:
         f"{name}'s negative prompt": character["negativePrompt"],
         f"{name}'s prompt": f"prompt-{marker}",
         f"{name}'s reference sha256": reference["sha256"],
+        f"{name}'s template": f"template-{marker}",
+        f"{name}'s preset": f"preset-{marker}",
     }
     files = [api.get(f"/api/images/{image_id}/file").content, api.get(reference["url"]).content]
     return Person(name, api, web, csrf_of(web, "/account"), ids, secrets, files)
@@ -141,6 +152,8 @@ def fake_ids() -> dict[rs.Kind, str]:
         "batch": new_id(),
         "token": "987654321",
         "user": f"nobody-{uuid.uuid4().hex[:8]}",
+        "template": new_id(),
+        "preset": new_id(),
     }
 
 
@@ -228,6 +241,10 @@ def snapshot(live: Live, alice: Person) -> dict[str, Any]:
             f"/api/jobs/{ids['job']}",
             "/api/jobs",
             f"/api/batches/{ids['batch']}",
+            "/api/prompt-templates",
+            f"/api/prompt-templates/{ids['template']}",
+            "/api/presets",
+            f"/api/presets/{ids['preset']}",
         )
     }
     with live.container.db.session() as session:

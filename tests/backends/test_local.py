@@ -1144,3 +1144,16 @@ def test_generate_endpoint_renders_on_the_local_backend(
     assert anime.txt2img_bodies() == []  # the A1111 pool was not asked
     backend = live.container.pool.backends["loc"]
     assert isinstance(backend, LocalBackend) and backend.loaded_checkpoint() == "tiny-a"
+
+
+def test_hires_steps_clip_skip_and_a_pass_that_only_scales(engine: LocalBackend) -> None:
+    seen: list[Progress] = []
+    engine.generate(
+        request("tiny-a", steps=4, hires_steps=3, denoising_strength=0.4, on_progress=seen.append)
+    )
+    assert seen[-1].steps == 4 + 3  # A1111's hr_second_pass_steps: exactly 3 in the second pass
+    plain = engine.generate(request("tiny-a", hires=False, seed=5)).images[0]
+    skipped = engine.generate(request("tiny-a", hires=False, seed=5, clip_skip=2)).images[0]
+    assert skipped.data != plain.data  # the text encoder's layer before the last: other pixels
+    scaled = engine.generate(request("tiny-a", denoising_strength=0.0, hires_scale=2.0))
+    assert png_size(scaled.images[0].data) == (128, 128)  # strength 0: only scaled

@@ -164,7 +164,10 @@ def test_a1111_worker_gets_the_full_txt2img_payload(
     sent = fake.requests[0].body
     assert sent["policy"]["executionTimeout"] > 5000  # RunPod stops the worker at our limit too
     payload = sent["input"]
-    assert payload["override_settings"] == {"sd_model_checkpoint": "cyberrealistic.safetensors"}
+    assert payload["override_settings"] == {
+        "sd_model_checkpoint": "cyberrealistic.safetensors",
+        "CLIP_stop_at_last_layers": 1,  # always sent: nothing is restored afterwards
+    }
     assert payload["override_settings_restore_afterwards"] is False
     assert (payload["n_iter"], payload["batch_size"]) == (2, 1)
     assert (payload["width"], payload["height"], payload["steps"]) == (64, 96, 4)

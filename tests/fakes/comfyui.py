@@ -67,6 +67,7 @@ OUTPUT_NODES = {"SaveImage"}
 RETURNS: dict[str, tuple[str, ...]] = {
     "CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"),
     "LoraLoader": ("MODEL", "CLIP"),
+    "CLIPSetLastLayer": ("CLIP",),
     "CLIPTextEncode": ("CONDITIONING",),
     "EmptyLatentImage": ("LATENT",),
     "KSampler": ("LATENT",),
@@ -266,6 +267,10 @@ class FakeComfyUI:
                 "lora_name": ("COMBO", self.loras),
                 "strength_model": ("FLOAT", number),
                 "strength_clip": ("FLOAT", number),
+            },
+            "CLIPSetLastLayer": {
+                "clip": ("CLIP", None),
+                "stop_at_clip_layer": ("INT", {"min": -24, "max": -1}),
             },
             "CLIPTextEncode": {"text": ("STRING", {"multiline": True}), "clip": ("CLIP", None)},
             "EmptyLatentImage": {
@@ -625,6 +630,8 @@ class FakeComfyUI:
         if kind == "LoraLoader":
             loras = [*a["model"]["loras"], (a["lora_name"], a["strength_model"])]
             return ({**a["model"], "loras": loras}, a["clip"]), None
+        if kind == "CLIPSetLastLayer":
+            return ({**a["clip"], "stop_at_clip_layer": a["stop_at_clip_layer"]},), None
         if kind == "CLIPTextEncode":
             return ({"text": a["text"]},), None
         if kind == "EmptyLatentImage":

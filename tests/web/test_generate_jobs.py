@@ -10,7 +10,7 @@ import httpx
 from playwright.sync_api import expect
 from sqlalchemy import func, select
 
-from charforge.db import repositories as repo
+from charforge.db import images as image_rows
 from charforge.db.models import Image, Job
 from charforge.services import users
 from charforge.simulator import A1111Simulator
@@ -99,7 +99,7 @@ def test_steps_show_live_before_the_image(
     assert f"GET {server.url}/generate-images/jobs/{job_id}/events" in seen
     assert not any(url.endswith("/generate-images/run") for url in seen)
     with container.db.session() as session:
-        images = repo.images_of_job(session, job_id)
+        images = image_rows.images_of_job(session, job_id)
         assert [f"/images/{i.id}/file" for i in images] == [image.get_attribute("src")]
 
 
@@ -166,7 +166,7 @@ def test_cancel_a_running_generation(
     with container.db.session() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.state == "cancelled"
-        assert list(repo.images_of_job(session, job_id)) == []
+        assert list(image_rows.images_of_job(session, job_id)) == []
     assert image_count(container) == 0
     page.goto(f"{server.url}/characters/{alex}/images")
     expect(page.locator("ul.thumbs img")).to_have_count(0)
@@ -277,4 +277,4 @@ def test_job_endpoints_need_the_session_csrf_and_the_owner(
     with container.db.session() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.state == "succeeded"
-        assert len(repo.images_of_job(session, job_id)) == 1
+        assert len(image_rows.images_of_job(session, job_id)) == 1

@@ -73,7 +73,7 @@ def test_the_walk_of_a_new_user(
     expect(indicator).to_have_text("🔵 Using Realistic Style (cyberrealistic.safetensors)")
 
     page.get_by_text("Advanced settings").click()
-    expect(page.get_by_label("Steps")).to_have_value("25")
+    expect(page.get_by_label("Steps", exact=True)).to_have_value("25")
     expect(page.get_by_label("CFG scale")).to_have_value("8.0")
     expect(page.get_by_label("High-resolution pass")).to_be_checked()
     page.get_by_label("Prompt", exact=True).fill("Alex on a mountain peak at sunset")
@@ -96,7 +96,8 @@ def test_the_walk_of_a_new_user(
     thumb = page.locator("ul.thumbs img").first
     expect(thumb).to_have_attribute("src", re.compile(r"/images/.+/thumb$"))
     shot(page, "05-history")
-    thumb.click()
+    thumb.click()  # the lightbox opens; its link leads to the image's own page
+    page.get_by_role("link", name="Details and actions").click()
     expect(page.get_by_text("Alex on a mountain peak at sunset", exact=False).first).to_be_visible()
     expect(page.get_by_text("cyberrealistic.safetensors").first).to_be_visible()
     seed = page.locator("h1").inner_text().rsplit(" ", 1)[-1]

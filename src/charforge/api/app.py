@@ -21,11 +21,14 @@ from charforge.api.routes import (
     cards,
     characters,
     generate,
+    generation_options,
     health,
     images,
     jobs,
+    presets,
     references,
     styles,
+    templates,
 )
 from charforge.container import Container
 from charforge.observability import logs
@@ -71,6 +74,8 @@ def create_app(container: Container, *, manage_lifecycle: bool = True) -> FastAP
         app.include_router(module.router)
     app.include_router(admin_policy.router)
     app.include_router(admin_quarantine.router)
+    for extra in (templates, presets, generation_options):  # issue 13: templates, presets
+        app.include_router(extra.router)
     install_web(app)
     app.include_router(pages_admin.router)
     install_error_docs(app)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 from pydantic.alias_generators import to_camel
@@ -11,6 +11,7 @@ from pydantic.alias_generators import to_camel
 from charforge.db.models import Character, Image, Job, JobAttempt, Reference
 from charforge.domain.params import SEED_MAX
 from charforge.services.characters import DEFAULT_IDENTITY_STRENGTH, MAX_LORAS, CharacterFields
+from charforge.services.gallery import BULK_MAX, NOTE_MAX
 from charforge.services.jobs import JobView
 
 
@@ -204,6 +205,9 @@ class ImageOut(ImageBrief):
     parameters: dict[str, Any]
     infotext: str
     simulated: bool
+    # The owner's own marks (the gallery's favourites and a free note).
+    favorite: bool = False
+    note: str | None = None
     created_at: datetime
 
     @classmethod
@@ -229,6 +233,8 @@ class ImageOut(ImageBrief):
             parameters=camel_params(i.params),
             infotext=i.infotext,
             simulated=i.simulated,
+            favorite=bool(i.favorite),
+            note=i.note,
             created_at=i.created_at,
         )
 
@@ -236,6 +242,26 @@ class ImageOut(ImageBrief):
 class ImagePage(Wire):
     items: list[ImageOut]
     next_cursor: str | None
+
+
+class ImagePatch(Wire):
+    """``PATCH /api/images/{id}``: only what is sent changes; ``note: null`` clears it."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    favorite: bool | None = None
+    note: str | None = Field(default=None, max_length=NOTE_MAX)
+
+
+class ImagesDeleteIn(Wire):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=BULK_MAX
+    )
+
+
+class ImagesDeleteOut(Wire):
+    deleted: list[str]
+    not_found: list[str]
 
 
 def camel_params(params: dict[str, Any]) -> dict[str, Any]:

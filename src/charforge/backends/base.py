@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from charforge.domain.capabilities import Capability
 from charforge.domain.params import GenerationParams
@@ -102,6 +102,23 @@ class ProbeResult:
     # ControlNet extension lacks reference_image); None: not asked (it did not answer).
     lacking: frozenset[Capability] | None = None
     identity_method: str | None = None  # how it conditions on references, when it can
+
+
+@dataclass(frozen=True)
+class NameLists:
+    """What a backend offers by name, as A1111 names them: samplers, schedule types (labels)
+    and high-resolution upscalers (latent modes first). An empty list: not listed."""
+
+    samplers: list[str]
+    schedulers: list[str]
+    upscalers: list[str]
+
+
+@runtime_checkable
+class ListsNames(Protocol):
+    """A backend that can say which samplers, schedulers and upscalers it has."""
+
+    def name_lists(self, style: str | None) -> NameLists: ...
 
 
 class ImageBackend(Protocol):

@@ -667,11 +667,15 @@ class LocalBackend:
             out_width=out_w,
             out_height=out_h,
             denoising_strength=p.denoising_strength,
+            hires_steps=p.hires_steps,
+            clip_skip=p.clip_skip,
         )
         choice: SchedulerChoice = module.SchedulerChoice(plan.class_name, plan.options, plan.sigmas)
         upscale: Upscale | None = module.Upscale(on_latents, mode, antialias) if p.hires else None
         seeds = plan_seeds(p.seed, request.count)
-        second_steps = max(1, int(p.steps * p.denoising_strength)) if p.hires else 0
+        second_steps = 0
+        if p.hires and p.denoising_strength > 0:  # at 0 the pass only scales
+            second_steps = p.hires_steps or max(1, int(p.steps * p.denoising_strength))
 
         engine: DiffusersEngine | None = None
         sha256: str | None = None

@@ -33,6 +33,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -97,6 +98,8 @@ class RenderParams:
     out_width: int
     out_height: int
     denoising_strength: float
+    hires_steps: int = 0  # steps the second pass runs; 0: as many as the first pass's share
+    clip_skip: int = 1  # A1111's: 1 uses CLIP's last layer, 2 the one before it, ...
 
 
 StepCallback = Callable[[int, int, int], None]  # (pass index, step done, steps of that pass)
@@ -390,14 +393,14 @@ class DiffusersEngine:
 
             return step_end
 
-        common = {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt or None,
+        common: dict[str, Any] = {
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg_scale,
             "generator": generator,
+            **_conditioning(pipe, params),
         }
-        hires = params.hires and upscale is not None
+        # A strength of 0 changes nothing: the first image is only scaled (below).
+        hires = params.hires and upscale is not None and params.denoising_strength > 0
         first = pipe(
             **common,
             width=params.width,
@@ -418,7 +421,7 @@ class DiffusersEngine:
                 resample = getattr(Image.Resampling, upscale.mode.upper())
                 init = first[0].resize((params.out_width, params.out_height), resample)
             image = img2img(
-                **common,
+                **{**common, "num_inference_steps": second_pass_schedule(params)},
                 image=init,
                 strength=params.denoising_strength,
                 callback_on_step_end=callback(1),
@@ -430,6 +433,42 @@ class DiffusersEngine:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue(), {"sigmas": sigmas}
+
+
+def _conditioning(pipe: Any, params: RenderParams) -> dict[str, Any]:
+    """The prompts, or with a clip skip their embeddings taken from the text encoder's layer
+    ``clip_skip`` from the end (A1111's CLIP_stop_at_last_layers), through its final layer
+    norm as A1111 does. diffusers' own ``clip_skip`` reaches for ``text_model``, which
+    transformers 5's CLIPTextModel no longer has."""
+    if params.clip_skip <= 1:
+        return {"prompt": params.prompt, "negative_prompt": params.negative_prompt or None}
+    encoder = pipe.text_encoder
+    norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
+
+    def embed(text: str) -> Any:
+        tokens = pipe.tokenizer(
+            text,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(encoder.device)
+        with torch.no_grad():
+            hidden = encoder(tokens, output_hidden_states=True).hidden_states
+            return norm(hidden[-params.clip_skip]).to(encoder.dtype)
+
+    return {
+        "prompt_embeds": embed(params.prompt),
+        "negative_prompt_embeds": embed(params.negative_prompt or ""),
+    }
+
+
+def second_pass_schedule(params: RenderParams) -> int:
+    """img2img's num_inference_steps: it runs int(n * strength) of them, so A1111's
+    ``hr_second_pass_steps`` k becomes ceil(k / strength) (at most the 1000 training steps)."""
+    if params.hires_steps <= 0:
+        return params.steps
+    return min(1000, math.ceil(params.hires_steps / params.denoising_strength))
 
 
 def _safety_off(model_index: Path) -> dict[str, Any]:

@@ -143,6 +143,7 @@ def generate(
     """Generate one image of a character, on the checkpoint that made it."""
     from pydantic import ValidationError
 
+    from charforge.db import images as image_rows
     from charforge.db import repositories as repo
     from charforge.domain.params import GenerateBody
     from charforge.jobs.runner import run_to_end
@@ -179,7 +180,7 @@ def generate(
             if done.state != "succeeded":
                 message = done.error_message or "the job did not finish"
                 raise _fail(f"job {job_id} {done.state}: {message}", done.error_hint)
-            images = list(repo.images_of_job(session, job_id))
+            images = list(image_rows.images_of_job(session, job_id))
         for image in images:
             path = container.store.path(image.file_path)
             if out_file is not None:

@@ -202,6 +202,20 @@ class Image(Base):
         Index("ux_images_job_position", "job_id", "position", unique=True),
         Index("ix_images_withheld_created", "withheld", "created_at"),
         Index("ix_images_owner_created", "owner_id", "created_at", "id"),
+        # The gallery's favourites: a few among many, found without a scan.
+        Index(
+            "ix_images_character_favorite_created", "character_id", "favorite", "created_at", "id"
+        ),
+        Index("ix_images_owner_favorite_created", "owner_id", "favorite", "created_at", "id"),
+        # The gallery's count and filter choices, read from the index alone.
+        Index(
+            "ix_images_character_facets",
+            "owner_id",
+            "character_id",
+            "withheld",
+            "checkpoint",
+            "art_style",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from charforge.db.models import ApiToken, Character, Image, Job, JobAttempt, User, utcnow
+from charforge.db.models import ApiToken, Character, Job, JobAttempt, User, utcnow
 from charforge.errors import CharforgeError
 
 
@@ -476,58 +476,3 @@ def running_on_backends(session: Session) -> dict[str, int]:
         select(Job.backend, func.count()).where(Job.state == "running").group_by(Job.backend)
     ).all()
     return {str(backend): int(count) for backend, count in rows if backend}
-
-
-# Images withheld by the output screening are in quarantine: no owner-facing query sees them.
-_SHOWN = Image.withheld.is_(False)
-
-
-def images_of_job(session: Session, job_id: str) -> Sequence[Image]:
-    return session.scalars(
-        select(Image).where(Image.job_id == job_id, _SHOWN).order_by(Image.position)
-    ).all()
-
-
-def withheld_of_job(session: Session, job_id: str) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).select_from(Image).where(Image.job_id == job_id, ~_SHOWN)
-        )
-        or 0
-    )
-
-
-def image(session: Session, owner_id: int, image_id: str) -> Image | None:
-    return session.scalar(
-        select(Image).where(Image.id == image_id, Image.owner_id == owner_id, _SHOWN)
-    )
-
-
-def image_paths_of_character(session: Session, owner_id: int, character_id: str) -> list[str]:
-    return list(
-        session.scalars(
-            select(Image.file_path).where(
-                Image.owner_id == owner_id, Image.character_id == character_id
-            )
-        ).all()
-    )
-
-
-def images_page(
-    session: Session,
-    owner_id: int,
-    character_id: str,
-    limit: int,
-    after: tuple[datetime, str] | None,
-) -> Sequence[Image]:
-    """Newest first; keyset pagination on (created_at, id) so pages never skip or repeat."""
-    query = select(Image).where(
-        Image.owner_id == owner_id, Image.character_id == character_id, _SHOWN
-    )
-    if after is not None:
-        created, last_id = after
-        query = query.where(
-            or_(Image.created_at < created, and_(Image.created_at == created, Image.id < last_id))
-        )
-    query = query.order_by(Image.created_at.desc(), Image.id.desc()).limit(limit)
-    return session.scalars(query).all()

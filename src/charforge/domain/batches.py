@@ -29,6 +29,8 @@ class BatchItem(BaseModel):
     character_id: str | None = Field(default=None, min_length=1, max_length=64)
     seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
     count: int | None = Field(default=None, ge=1, le=COUNT_MAX)
+    template_id: str | None = Field(default=None, min_length=1, max_length=64)
+    variables: dict[str, str] | None = None
 
 
 def _shared_fields() -> dict[str, Any]:

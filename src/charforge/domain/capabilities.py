@@ -20,6 +20,7 @@ class Capability(StrEnum):
     CANCEL = "cancel"  # a running generation can be stopped
     CHECKPOINT_LIST = "checkpoint_list"  # it can say which checkpoints it has
     CHECKPOINT_HASH = "checkpoint_hash"  # it reports the hash of the weights that ran
+    CLIP_SKIP = "clip_skip"  # stop the text encoder before its last layer(s)
 
 
 DESCRIPTIONS: dict[Capability, str] = {
@@ -30,6 +31,7 @@ DESCRIPTIONS: dict[Capability, str] = {
     Capability.CANCEL: "cancelling a running generation",
     Capability.CHECKPOINT_LIST: "listing its checkpoints",
     Capability.CHECKPOINT_HASH: "reporting checkpoint hashes",
+    Capability.CLIP_SKIP: "clip skip",
 }
 
 # Which request field asks for a capability, for the 422's `field`.
@@ -37,6 +39,7 @@ FIELDS: dict[Capability, str] = {
     Capability.HIRES: "hires",
     Capability.LORA: "prompt",
     Capability.REFERENCE_IMAGE: "identity",
+    Capability.CLIP_SKIP: "clipSkip",
 }
 
 _ALL = frozenset(Capability)
@@ -55,8 +58,8 @@ KIND_CAPABILITIES: dict[str, frozenset[Capability]] = {
 }
 
 # A user's own ComfyUI workflow decides its passes and loaders: charforge only fills in the
-# placeholders, so it cannot add a second pass or LoRA loaders to it.
-CUSTOM_WORKFLOW_LACKS = frozenset({Capability.HIRES, Capability.LORA})
+# placeholders, so it cannot add a second pass, LoRA loaders or a CLIPSetLastLayer to it.
+CUSTOM_WORKFLOW_LACKS = frozenset({Capability.HIRES, Capability.LORA, Capability.CLIP_SKIP})
 
 _LORA_TAG = re.compile(r"<lora:[^:>]+(?::[^>]*)?>", re.IGNORECASE)
 
@@ -95,11 +98,13 @@ def strip_lora_tags(prompt: str) -> str:
     return re.sub(r"\s{2,}", " ", _LORA_TAG.sub("", prompt)).strip(" ,")
 
 
-def needed(*, hires: bool, prompt: str) -> frozenset[Capability]:
+def needed(*, hires: bool, prompt: str, clip_skip: int = 1) -> frozenset[Capability]:
     """The capabilities a generation with these parameters needs of its backend."""
     needs = set()
     if hires:
         needs.add(Capability.HIRES)
+    if clip_skip > 1:
+        needs.add(Capability.CLIP_SKIP)
     if has_lora_tags(prompt):
         needs.add(Capability.LORA)
     return frozenset(needs)

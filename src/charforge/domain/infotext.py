@@ -44,7 +44,11 @@ def build_infotext(
     hires_upscaler: str,
     denoising_strength: float,
     extra: dict[str, Any] | None = None,
+    hires_steps: int = 0,
+    clip_skip: int = 1,
 ) -> str:
+    """A1111's keys in A1111's order; as A1111 does, ``Clip skip`` only above 1 and ``Hires
+    steps`` only when the pass has a step count of its own."""
     pairs: dict[str, Any] = {
         "Steps": steps,
         "Sampler": sampler,
@@ -58,7 +62,12 @@ def build_infotext(
     pairs["Model"] = model
     if hires:
         pairs["Denoising strength"] = _number(denoising_strength)
+    if clip_skip > 1:
+        pairs["Clip skip"] = clip_skip
+    if hires:
         pairs["Hires upscale"] = _number(hires_scale)
+        if hires_steps:
+            pairs["Hires steps"] = hires_steps
         pairs["Hires upscaler"] = hires_upscaler
     pairs.update(extra or {})
     lines = [prompt]

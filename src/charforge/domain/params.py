@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from charforge.config import GenerationDefaults
-from charforge.domain.samplers import BUILT_IN, resolve
+from charforge.domain.samplers import BUILT_IN, canonical_upscaler, resolve
 from charforge.errors import InvalidInput
 
 PROMPT_MAX = 2000
@@ -19,9 +19,15 @@ STEPS_MIN, STEPS_MAX = 1, 150
 CFG_MIN, CFG_MAX = 1.0, 30.0
 SEED_MAX = 2**32 - 1
 COUNT_MAX = 16  # images per job: one after the other on one backend, so it bounds a job's time
+HIRES_SCALE_MIN, HIRES_SCALE_MAX = 1.0, 4.0
+CLIP_SKIP_MAX = 12
+UPSCALER_MAX = 128
+VARIABLES_MAX = 32  # named slots of one template
 # The largest image a request may produce, hires pass included (2048x2048): beyond it a
 # WebUI tends to run out of GPU memory after minutes of work instead of failing at once.
 OUTPUT_PIXELS_MAX = 2048 * 2048
+
+_T = TypeVar("_T")
 
 # Added to the negative prompt unless the request sets nsfw=true ("content rating" in the seed).
 SFW_NEGATIVE = "nsfw, nude, explicit"
@@ -41,35 +47,29 @@ class IdentityIn(BaseModel):
     max_tries: int | None = Field(default=None, ge=1, le=5)
 
 
-class GenerateBody(BaseModel):
-    """``POST /api/image-generation/generate`` as the original system sent it (camelCase)."""
+class GenerationSettings(BaseModel):
+    """The settings a generate body, a prompt template's ``params`` and a saved preset share,
+    with one set of limits (absent: the request's, the template's, then the defaults)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", str_strip_whitespace=True
     )
 
-    prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
-    negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
-    character_id: str = Field(min_length=1, max_length=64)
-    # As in the seed; the id decides, and a name that is not the character's is refused.
-    character_name: str | None = Field(default=None, max_length=100)  # a character name's limit
-    art_style: str | None = None
-    model: str | None = Field(default=None, max_length=255)
     width: int | None = Field(default=None, ge=SIZE_MIN, le=SIZE_MAX)
     height: int | None = Field(default=None, ge=SIZE_MIN, le=SIZE_MAX)
     steps: int | None = Field(default=None, ge=STEPS_MIN, le=STEPS_MAX)
     cfg_scale: float | None = Field(default=None, ge=CFG_MIN, le=CFG_MAX)
-    nsfw: bool = False
-    seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
     sampler: str | None = Field(default=None, max_length=64)
     scheduler: str | None = Field(default=None, max_length=64)
     hires: bool | None = None
-    identity: IdentityIn | None = None
-    # With artStyle naming another style: render the character on that style's route and
-    # checkpoint, carrying its appearance, negative prompt and references.
-    style_transfer: bool = False
-    # How many images, one seed after the other (the synchronous endpoint answers with all).
-    count: int = Field(default=1, ge=1, le=COUNT_MAX)
+    # The high-resolution pass as A1111 names it: hr_scale, hr_second_pass_steps (0: as many
+    # as steps), denoising_strength, hr_upscaler (checked against the backend's upscalers).
+    hires_scale: float | None = Field(default=None, ge=HIRES_SCALE_MIN, le=HIRES_SCALE_MAX)
+    hires_steps: int | None = Field(default=None, ge=0, le=STEPS_MAX)
+    denoising_strength: float | None = Field(default=None, ge=0.0, le=1.0)
+    hires_upscaler: str | None = Field(default=None, max_length=UPSCALER_MAX)
+    # A1111's "Clip skip" (CLIP_stop_at_last_layers): 1 uses the text encoder's last layer.
+    clip_skip: int | None = Field(default=None, ge=1, le=CLIP_SKIP_MAX)
 
     @field_validator("width", "height")
     @classmethod
@@ -82,7 +82,41 @@ class GenerateBody(BaseModel):
             )
         return value
 
-    @field_validator("art_style", "model", "sampler", "scheduler", "character_name")
+    @field_validator("sampler", "scheduler", "hires_upscaler")
+    @classmethod
+    def _blank_name_is_absent(cls, value: str | None) -> str | None:
+        return value or None
+
+
+class GenerateBody(GenerationSettings):
+    """``POST /api/image-generation/generate`` as the original system sent it (camelCase),
+    plus the advanced settings above and prompt templates."""
+
+    # Required unless templateId is given (then the template's expansion is the prompt);
+    # services.templates.expand refuses a body with neither, naming the field.
+    prompt: str = Field(default="", max_length=PROMPT_MAX)
+    negative_prompt: str = Field(default="", max_length=PROMPT_MAX)
+    character_id: str = Field(min_length=1, max_length=64)
+    # As in the seed; the id decides, and a name that is not the character's is refused.
+    character_name: str | None = Field(default=None, max_length=100)  # a character name's limit
+    art_style: str | None = None
+    model: str | None = Field(default=None, max_length=255)
+    nsfw: bool = False
+    seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
+    identity: IdentityIn | None = None
+    # With artStyle naming another style: render the character on that style's route and
+    # checkpoint, carrying its appearance, negative prompt and references.
+    style_transfer: bool = False
+    # How many images, one seed after the other (the synchronous endpoint answers with all).
+    count: int = Field(default=1, ge=1, le=COUNT_MAX)
+    # A prompt template (a built-in id such as "builtin-outfit-change", or one of the user's)
+    # and the values of its named slots: {"outfit": "red evening dress"}.
+    template_id: str | None = Field(default=None, min_length=1, max_length=64)
+    variables: dict[str, Annotated[str, Field(max_length=PROMPT_MAX)]] | None = Field(
+        default=None, max_length=VARIABLES_MAX
+    )
+
+    @field_validator("art_style", "model", "character_name")
     @classmethod
     def _blank_is_absent(cls, value: str | None) -> str | None:
         # The seed's page sends `model: null` or "" when the character has none.
@@ -117,6 +151,10 @@ class GenerationParams:
     # Asked with "nsfw": true by a user allowed to: its images are not screened. Jobs stored
     # before this field existed read False, so they are screened (the safe side).
     nsfw: bool = False
+    # Steps of the high-resolution pass (0: as many as steps, A1111's hr_second_pass_steps)
+    # and A1111's clip skip (1: none). Jobs stored before these existed read the defaults.
+    hires_steps: int = 0
+    clip_skip: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,21 +185,30 @@ def apply_defaults(
         sampler=sampler,
         scheduler=scheduler or defaults.scheduler,
         hires=body.hires if body.hires is not None else defaults.hires,
-        hires_scale=defaults.hires_scale,
-        hires_upscaler=defaults.hires_upscaler,
-        denoising_strength=defaults.denoising_strength,
+        hires_scale=_given(body.hires_scale, defaults.hires_scale),
+        hires_upscaler=canonical_upscaler(body.hires_upscaler or defaults.hires_upscaler),
+        denoising_strength=_given(body.denoising_strength, defaults.denoising_strength),
+        hires_steps=_given(body.hires_steps, defaults.hires_steps),
+        clip_skip=_given(body.clip_skip, defaults.clip_skip),
     )
     scale = params.hires_scale if params.hires else 1.0
     out_w, out_h = int(params.width * scale), int(params.height * scale)
     if out_w * out_h > OUTPUT_PIXELS_MAX:
+        field = "width"
+        if params.hires:
+            field = "hiresScale" if body.hires_scale is not None else "hires"
         raise InvalidInput(
             f"The image would be {out_w}x{out_h} ({out_w * out_h / 1e6:.1f} MP"
             f"{' after the high-resolution pass' if params.hires else ''}); the limit is "
             f"{OUTPUT_PIXELS_MAX / 1e6:.1f} MP.",
-            field="hires" if params.hires else "width",
-            hint="Lower width/height, or set hires to false.",
+            field=field,
+            hint="Lower width/height or hiresScale, or set hires to false.",
         )
     return params
+
+
+def _given(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
 
 
 def seeds_for(seed: int, count: int, *, pick: Callable[[int], int]) -> list[int]:

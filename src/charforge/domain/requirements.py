@@ -15,11 +15,12 @@ _ADVICE: dict[Capability, str] = {
     Capability.LORA: "Remove the <lora:...> tags from the prompt and the character's description",
     Capability.REFERENCE_IMAGE: "Send identity.strength=0 (or leave identity out to let the "
     "server go without it)",
+    Capability.CLIP_SKIP: "Send clipSkip=1 (or leave it out)",
 }
 
 
 def needs_of(params: GenerationParams) -> frozenset[Capability]:
-    needs = needed(hires=params.hires, prompt=params.prompt)
+    needs = needed(hires=params.hires, prompt=params.prompt, clip_skip=params.clip_skip)
     if params.identity_required and params.identity_strength > 0:
         needs |= {Capability.REFERENCE_IMAGE}
     return needs
@@ -33,14 +34,25 @@ def capable_backends(
 
 
 def fit_to_route(
-    params: GenerationParams, *, hires_asked: bool, route: Route, table: RouteTable
+    params: GenerationParams,
+    *,
+    hires_asked: bool,
+    route: Route,
+    table: RouteTable,
+    clip_skip_asked: bool = False,
 ) -> GenerationParams:
-    """``params`` as the route can run them: a default high-resolution pass is dropped where
-    no backend of the route has one (and the job records that); anything asked for that no
-    backend can do is a 422 naming the backends and the capability."""
+    """``params`` as the route can run them: a default high-resolution pass (or clip skip) is
+    dropped where no backend of the route has one (and the job records that); anything asked
+    for that no backend can do is a 422 naming the backends and the capability."""
     specs = [table.backends[name] for name in route.backends]
     if params.hires and not hires_asked and not any(s.can({Capability.HIRES}) for s in specs):
         params = replace(params, hires=False)
+    if (
+        params.clip_skip > 1
+        and not clip_skip_asked
+        and not any(s.can({Capability.CLIP_SKIP}) for s in specs)
+    ):
+        params = replace(params, clip_skip=1)
     needs = needs_of(params)
     if any(spec.can(needs) for spec in specs):
         return params

@@ -192,3 +192,57 @@ def _unknown(field: str, value: str, names: dict[str, str], where: str) -> Inval
         hint=f"Pick one of the {field}s listed (any case, an alias, or the combined "
         f'"DPM++ 2M Karras" form), or leave {field} out for the default.',
     )
+
+
+@dataclass(frozen=True)
+class Upscaler:
+    """An entry of A1111's ``GET /sdapi/v1/upscalers``."""
+
+    name: str
+    model_name: str | None
+    model_path: str | None
+    scale: float
+
+
+# ``shared.latent_upscale_modes`` of A1111 1.10 (``GET /sdapi/v1/latent-upscale-modes``): the
+# high-resolution pass scales the latent; ``hr_upscaler`` null means "Latent".
+LATENT_UPSCALE_MODES: tuple[str, ...] = (
+    "Latent",
+    "Latent (antialiased)",
+    "Latent (bicubic)",
+    "Latent (bicubic antialiased)",
+    "Latent (nearest)",
+    "Latent (nearest-exact)",
+)
+_KAIR = "https://github.com/cszn/KAIR/releases/download/v1.0/"
+_REAL_ESRGAN = "https://github.com/xinntao/Real-ESRGAN/releases/download/"
+# The upscalers a fresh A1111 1.10 lists (their model files are fetched on first use).
+UPSCALERS: tuple[Upscaler, ...] = (
+    Upscaler("None", None, None, 4),
+    Upscaler("Lanczos", None, None, 4),
+    Upscaler("Nearest", None, None, 4),
+    Upscaler("ESRGAN_4x", "ESRGAN_4x", _KAIR + "ESRGAN.pth", 4),
+    Upscaler("LDSR", None, "https://heibox.uni-heidelberg.de/f/578df07c8fc04ffbadf3/?dl=1", 4),
+    Upscaler("R-ESRGAN 4x+", None, _REAL_ESRGAN + "v0.1.0/RealESRGAN_x4plus.pth", 4),
+    Upscaler(
+        "R-ESRGAN 4x+ Anime6B", None, _REAL_ESRGAN + "v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth", 4
+    ),
+    Upscaler("ScuNET GAN", None, _KAIR + "scunet_color_real_gan.pth", 4),
+    Upscaler("ScuNET PSNR", None, _KAIR + "scunet_color_real_psnr.pth", 4),
+    Upscaler(
+        "SwinIR 4x",
+        None,
+        "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
+        "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth",
+        4,
+    ),
+)
+# What the high-resolution pass may name when no backend says what it has.
+BUILT_IN_UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALE_MODES, *(u.name for u in UPSCALERS))
+
+
+def canonical_upscaler(name: str) -> str:
+    """A1111's own spelling of one of its upscalers (it looks them up exactly); any other
+    name is left for the backend to judge (an upscaler model added to that WebUI)."""
+    lowered = name.strip().lower()
+    return next((known for known in BUILT_IN_UPSCALERS if known.lower() == lowered), name)

@@ -70,6 +70,8 @@ def store_images(
             hires_scale=p.hires_scale,
             hires_upscaler=p.hires_upscaler,
             denoising_strength=p.denoising_strength,
+            hires_steps=p.hires_steps,
+            clip_skip=p.clip_skip,
             # The run's own fields (Lora hashes, ...) stay, as A1111's PNG Info shows them.
             extra={
                 **generated.extra,

@@ -9,8 +9,8 @@ from typing import Any
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
+from charforge.db import images as image_rows
 from charforge.db import references as refs
-from charforge.db import repositories as repo
 from charforge.db.models import Character, User
 from charforge.domain.routes import FALLBACK_STYLE, RouteTable
 from charforge.errors import InvalidInput
@@ -136,7 +136,7 @@ def _picture(session: Session, store: ImageStore, character: Character) -> bytes
     rows = refs.references_of(session, character.owner_id, character.id)
     if rows:
         return store.existing(rows[0].file_path).read_bytes()
-    newest = repo.images_page(session, character.owner_id, character.id, 1, None)
+    newest = image_rows.images_page(session, character.owner_id, character.id, 1, None)
     if newest:
         return store.existing(newest[0].file_path).read_bytes()
     out = io.BytesIO()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from charforge.db import images as image_rows
 from charforge.db import repositories as repo
 from charforge.db.models import Character, User
 from charforge.db.references import reference_paths_of_character
@@ -237,7 +238,7 @@ def update(
 def delete(session: Session, owner: User, character_id: str) -> list[str]:
     """Deletes the character with its jobs, images and references; returns the files to remove."""
     character = get(session, owner, character_id)
-    paths = repo.image_paths_of_character(session, owner.id, character.id)
+    paths = image_rows.image_paths_of_character(session, owner.id, character.id)
     paths += reference_paths_of_character(session, owner.id, character.id)
     session.delete(character)
     session.flush()

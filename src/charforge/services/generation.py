@@ -18,7 +18,7 @@ from charforge.domain.requirements import fit_to_route
 from charforge.domain.routes import Route, RouteTable
 from charforge.errors import InvalidInput
 from charforge.safety import policy_of
-from charforge.services import characters, permissions, quotas
+from charforge.services import characters, permissions, quotas, templates
 from charforge.services.characters import look_of, lora_suffix
 from charforge.services.identity_plan import CapabilitiesOf, plan_identity
 
@@ -46,6 +46,9 @@ def submit(
             field="characterName",
             hint="Send the character's current name, or leave characterName out.",
         )
+    # A prompt template becomes the prompt here, so everything below (the content policy
+    # included) sees the expanded text; the job records the expanded body.
+    body = templates.expand(session, owner, body, character)
     _screen_prompt(session, body.prompt, character)
     requested_style = (
         table.normalize_style(body.art_style, field="artStyle") if body.art_style else None
@@ -209,7 +212,13 @@ def _fit(
             identity_strength=float(identity["strength"]),
             identity_required=bool(identity["required"]),
         )
-    fitted = fit_to_route(params, hires_asked=body.hires is not None, route=route, table=table)
+    fitted = fit_to_route(
+        params,
+        hires_asked=body.hires is not None,
+        route=route,
+        table=table,
+        clip_skip_asked=body.clip_skip is not None,
+    )
     return fitted, identity
 
 

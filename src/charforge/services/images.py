@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
-from charforge.db import repositories as repo
+from charforge.db import images as image_rows
 from charforge.db.models import Image, User
 from charforge.errors import NotFound
 from charforge.services import characters, cursors
@@ -18,14 +18,14 @@ def history(
     """One page of a character's images, newest first, and the cursor of the next page."""
     characters.get(session, owner, character_id)  # 404 for a character that is not yours
     after = cursors.decode(cursor) if cursor else None
-    rows = repo.images_page(session, owner.id, character_id, limit + 1, after)
+    rows = image_rows.images_page(session, owner.id, character_id, limit + 1, after)
     last = rows[limit - 1] if len(rows) > limit else None
     next_cursor = cursors.encode(last.created_at, last.id) if last else None
     return rows[:limit], next_cursor
 
 
 def get(session: Session, owner: User, image_id: str) -> Image:
-    image = repo.image(session, owner.id, image_id)
+    image = image_rows.image(session, owner.id, image_id)
     if image is None:
         raise NotFound(f"No image with id '{image_id}' among yours.", field="imageId")
     return image

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from charforge.db import images as image_rows
 from charforge.db import repositories as repo
 from charforge.db.models import Image, Job, JobAttempt, User
 from charforge.errors import Conflict, InvalidInput, NotFound
@@ -37,10 +38,10 @@ def view(session: Session, owner: User, job_id: str) -> JobView:
     job = get(session, owner, job_id)
     return JobView(
         job,
-        list(repo.images_of_job(session, job.id)),
+        list(image_rows.images_of_job(session, job.id)),
         list(repo.attempts_of(session, job.id)),
         repo.queue_position(session, job) if job.state == "queued" else None,
-        repo.withheld_of_job(session, job.id) if job.state in FINAL else 0,
+        image_rows.withheld_of_job(session, job.id) if job.state in FINAL else 0,
     )
 
 

@@ -31,7 +31,12 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from charforge.domain.samplers import SAMPLERS, SCHEDULERS
-from charforge.simulator.catalog import sampler_item, scheduler_item
+from charforge.simulator.catalog import (
+    latent_mode_items,
+    sampler_item,
+    scheduler_item,
+    upscaler_items,
+)
 from charforge.simulator.config import Faults, RecordedRequest
 from charforge.simulator.controlnet import decode_image, detected_map
 from charforge.simulator.controlnet_units import (
@@ -277,6 +282,14 @@ def create_simulator_app(sim: A1111Simulator | SimulatorEngine) -> FastAPI:
     @app.get("/sdapi/v1/schedulers", dependencies=guarded)
     def schedulers() -> list[dict[str, Any]]:
         return [scheduler_item(scheduler) for scheduler in SCHEDULERS]
+
+    @app.get("/sdapi/v1/upscalers", dependencies=guarded)
+    def upscalers() -> list[dict[str, Any]]:
+        return upscaler_items(list(engine.settings.upscalers))
+
+    @app.get("/sdapi/v1/latent-upscale-modes", dependencies=guarded)
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        return latent_mode_items()
 
     @app.get("/sdapi/v1/progress", dependencies=progress_guard)
     def progress(skip_current_image: bool = False) -> dict[str, Any]:

@@ -7,7 +7,14 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from charforge.domain.samplers import SAMPLERS, SCHEDULERS, Sampler, Scheduler
+from charforge.domain.samplers import (
+    LATENT_UPSCALE_MODES,
+    SAMPLERS,
+    SCHEDULERS,
+    UPSCALERS,
+    Sampler,
+    Scheduler,
+)
 
 MODELS_DIR = "/models/Stable-diffusion"
 
@@ -124,6 +131,42 @@ def scheduler_item(scheduler: Scheduler) -> dict[str, Any]:
         "default_rho": scheduler.default_rho,
         "need_inner_model": scheduler.need_inner_model,
     }
+
+
+def upscaler_items(extra: list[str]) -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/upscalers``: A1111's own, then the models added to its folders."""
+    own = [
+        {
+            "name": u.name,
+            "model_name": u.model_name,
+            "model_path": u.model_path,
+            "model_url": None,
+            "scale": u.scale,
+        }
+        for u in UPSCALERS
+    ]
+    added = [
+        {
+            "name": name,
+            "model_name": name,
+            "model_path": f"/models/ESRGAN/{name}.pth",
+            "model_url": None,
+            "scale": 4,
+        }
+        for name in extra
+    ]
+    return own + added
+
+
+def latent_mode_items() -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/latent-upscale-modes``."""
+    return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
+
+def known_upscaler(name: str, extra: list[str]) -> bool:
+    """What ``hr_upscaler`` may name: a latent mode or an upscaler, looked up exactly as
+    A1111 does (``any(x.name == self.hr_upscaler ...)``), case and all."""
+    return name in LATENT_UPSCALE_MODES or any(u.name == name for u in UPSCALERS) or name in extra
 
 
 SCHEDULERS_BY_KEY = {

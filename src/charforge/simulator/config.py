@@ -83,6 +83,9 @@ class SimulatorSettings:
     """ControlNet / IP-Adapter model files the extension lists, as titles ``name [hash]``, e.g.
     ``["ip-adapter-plus-face_sd15 [71693645]", "ip-adapter_sd15 [6a3f6166]"]``. A unit whose
     module needs a model that is not here is silently not applied (HTTP 200)."""
+    upscalers: list[str] = field(default_factory=list)
+    """Upscaler models added to ``models/ESRGAN`` and the like (e.g. ``["4x-UltraSharp"]``),
+    listed by ``/sdapi/v1/upscalers`` after A1111's own."""
     photo_outputs: list[bytes] = field(default_factory=list)
     """Encoded pictures (PNG, JPEG, ...) to answer with instead of the placeholder: the N-th
     image generated since start (or ``reset()``) is ``photo_outputs[min(N, len - 1)]``, scaled

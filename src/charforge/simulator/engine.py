@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from charforge.simulator.alwayson import check_alwayson_scripts
+from charforge.simulator.catalog import known_upscaler
 from charforge.simulator.config import Faults, RecordedRequest, SimulatorSettings
 from charforge.simulator.controlnet import ControlNetRun, controlnet_for, with_controlnet
 from charforge.simulator.loras import AppliedLora
@@ -358,6 +359,11 @@ class SimulatorEngine:
         )
         try:
             self._load(model_name, faults, via="txt2img")
+            upscaler = req.hr_upscaler
+            extra = list(self.settings.upscalers)
+            if plan.enable_hr and upscaler is not None and not known_upscaler(upscaler, extra):
+                # A1111 1.10 raises this when the pass starts: HTTP 500, nothing is made.
+                raise GenerationError("Exception", f"could not find upscaler named {upscaler}")
             if (
                 self.settings.flavor == "forge"
                 and plan.enable_hr

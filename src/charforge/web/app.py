@@ -14,7 +14,9 @@ from charforge.container import Container
 from charforge.errors import CharforgeError
 from charforge.web import (
     pages_auth,
+    pages_batches,
     pages_characters,
+    pages_gallery,
     pages_generate,
     pages_images,
     pages_references,
@@ -88,7 +90,15 @@ class ContentSecurityPolicy:
 
 def install_web(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (pages_auth, pages_references, pages_characters, pages_images, pages_generate):
+    for module in (
+        pages_auth,
+        pages_references,
+        pages_characters,
+        pages_gallery,
+        pages_images,
+        pages_generate,
+        pages_batches,
+    ):
         app.include_router(module.router)
 
     @app.exception_handler(NotSignedIn)

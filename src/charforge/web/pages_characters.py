@@ -9,8 +9,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
 from charforge.api.routes.characters import checkpoints_of
+from charforge.db import images as image_rows
 from charforge.db import references as refs
-from charforge.db import repositories as repo
 from charforge.db.models import Character, User
 from charforge.domain.params import SEED_MAX
 from charforge.domain.routes import RouteTable
@@ -203,7 +203,7 @@ def roster_page(
     with c.db.session() as session:
         rows = []
         for ch in characters.list_for(session, user):
-            latest = repo.images_page(session, user.id, ch.id, 1, None)
+            latest = image_rows.images_page(session, user.id, ch.id, 1, None)
             route, checkpoint = route_of(ch, c)
             rows.append(
                 {
@@ -326,7 +326,7 @@ def character_page(
     c = container_of(request)
     with c.db.session() as session:
         character = characters.get(session, user, character_id)
-        recent = list(repo.images_page(session, user.id, character_id, 8, None))
+        recent = list(image_rows.images_page(session, user.id, character_id, 8, None))
         references = list(refs.references_of(session, user.id, character_id))
     return page(
         request,
@@ -400,7 +400,7 @@ def delete_confirm(request: Request, character_id: str) -> Response:
     user = require_user(request, c)
     with c.db.session() as session:
         character = characters.get(session, user, character_id)
-        count = len(repo.image_paths_of_character(session, user.id, character_id))
+        count = len(image_rows.image_paths_of_character(session, user.id, character_id))
     return page(request, "confirm_delete.html", user, c=character, image_count=count)
 
 

@@ -17,7 +17,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 
 from charforge.api.routes.generate import generate_and_wait, submit_generation
+from charforge.api.routes.generation_options import generation_options
 from charforge.api.routes.jobs import cancel_job, event_stream, job_out
+from charforge.api.routes.presets import PresetIn, create_preset_for
 from charforge.db.models import User
 from charforge.db.references import reference_counts
 from charforge.domain.capabilities import Capability
@@ -26,6 +28,7 @@ from charforge.errors import Unauthorized
 from charforge.services import characters
 from charforge.services.characters import DEFAULT_IDENTITY_STRENGTH
 from charforge.services.styles import CONSISTENCY_NOTE
+from charforge.web.generate_settings import name_choices, preset_choices, template_choices
 from charforge.web.render import (
     container_of,
     indicator,
@@ -38,6 +41,25 @@ from charforge.web.session import check_csrf, require_user, signed_in_user
 
 router = APIRouter(include_in_schema=False)
 _FLAGS = ("hires", "nsfw", "retrySame")
+# Query parameters that belong to the advanced settings: any of them opens that section
+# ("Use these settings again" sends them).
+_ADVANCED = (
+    "width",
+    "height",
+    "steps",
+    "cfgScale",
+    "seed",
+    "sampler",
+    "scheduler",
+    "hires",
+    "hiresScale",
+    "hiresSteps",
+    "denoisingStrength",
+    "hiresUpscaler",
+    "clipSkip",
+    "count",
+    "nsfw",
+)
 
 
 @router.get("/generate-images", response_class=HTMLResponse)
@@ -47,6 +69,8 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
     with c.db.session() as session:
         roster = list(characters.list_for(session, user))
         counts = reference_counts(session, user.id)
+        picker = template_choices(session, user)
+        saved = preset_choices(session, user)
     options = []
     for ch in roster:
         route, _ = route_of(ch, c)
@@ -60,6 +84,7 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
                 "references": counts.get(ch.id, 0),
                 "strength": f"{_strength(ch.identity_strength):g}",
                 "steers": route_conditions(route, c),
+                "appearance": ch.appearance or "",
             }
         )
     styles = [
@@ -91,6 +116,11 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         "hires": d.hires,
         "sampler": d.sampler,
         "scheduler": d.scheduler,
+        "hiresScale": d.hires_scale,
+        "hiresSteps": d.hires_steps,
+        "denoisingStrength": d.denoising_strength,
+        "hiresUpscaler": d.hires_upscaler,
+        "clipSkip": d.clip_skip,
         "nsfw": False,
         "count": 1,
         "transferTo": "",
@@ -110,6 +140,10 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         selected=selected,
         notice=notice,
         values=values,
+        advanced_open=any(key in request.query_params for key in _ADVANCED),
+        lists=name_choices(values),
+        templates=picker,
+        presets=saved,
         note=CONSISTENCY_NOTE,
         simulated_backends=" ".join(
             name for name, backend in c.pool.backends.items() if backend.spec.simulated
@@ -192,3 +226,24 @@ async def cancel_page_job(
 ) -> Response:
     out = await run_in_threadpool(cancel_job, container_of(request), user, job_id)
     return JSONResponse(out.model_dump(mode="json", by_alias=True))
+
+
+@router.get("/generate-images/characters/{character_id}/options")
+async def page_generation_options(
+    character_id: str, request: Request, user: Annotated[User, Depends(page_user)]
+) -> Response:
+    """The samplers, schedulers and upscalers of the character's backends, for the lists."""
+    out = await run_in_threadpool(generation_options, container_of(request), user, character_id)
+    return JSONResponse(
+        out.model_dump(mode="json", by_alias=True), headers={"Cache-Control": "no-store"}
+    )
+
+
+@router.post("/generate-images/presets")
+async def save_page_preset(
+    request: Request, user: Annotated[User, Depends(page_user_with_csrf)], body: PresetIn
+) -> Response:
+    """Save the advanced settings as a preset: the API's own rules (a name per user, the
+    generate body's limits)."""
+    out = await run_in_threadpool(create_preset_for, container_of(request), user, body)
+    return JSONResponse(out.model_dump(mode="json", by_alias=True), status_code=201)

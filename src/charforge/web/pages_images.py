@@ -1,4 +1,4 @@
-"""Image history, one image's page, its files, deletion."""
+"""One image's page and its files (the gallery and deletion: pages_gallery)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,15 @@ from charforge.web.render import container_of, page
 from charforge.web.session import check_csrf, require_user
 
 router = APIRouter(include_in_schema=False)
-PAGE_SIZE = 24
+
+
+_ADVANCED = {
+    "hires_scale": "hiresScale",
+    "hires_steps": "hiresSteps",
+    "denoising_strength": "denoisingStrength",
+    "hires_upscaler": "hiresUpscaler",
+    "clip_skip": "clipSkip",
+}
 
 
 def reuse_link(image: Image, request: dict[str, Any]) -> str:
@@ -47,6 +55,10 @@ def reuse_link(image: Image, request: dict[str, Any]) -> str:
         "scheduler": p.get("scheduler", ""),
         "nsfw": "1" if request.get("nsfw") else "0",
     }
+    # The advanced settings as they ran (older images lack some: those stay unset).
+    for key, name in _ADVANCED.items():
+        if p.get(key) is not None:
+            query[name] = p[key]
     identity = request.get("identity") or {}
     if request.get("styleTransfer") and request.get("artStyle"):
         query["transferTo"] = request["artStyle"]
@@ -55,26 +67,6 @@ def reuse_link(image: Image, request: dict[str, Any]) -> str:
     if identity.get("minScore") is not None:
         query["retrySame"] = "1"
     return "/generate-images?" + urlencode(query)
-
-
-@router.get("/characters/{character_id}/images", response_class=HTMLResponse)
-def history(request: Request, character_id: str, cursor: str | None = None) -> Response:
-    c = container_of(request)
-    user = require_user(request, c)
-    with c.db.session() as session:
-        character = characters.get(session, user, character_id)
-        rows, next_cursor = images.history(
-            session, user, character_id, limit=PAGE_SIZE, cursor=cursor
-        )
-    return page(
-        request,
-        "history.html",
-        user,
-        c=character,
-        images=rows,
-        next_cursor=next_cursor,
-        first_page=cursor is None,
-    )
 
 
 @router.get("/images/{image_id}", response_class=HTMLResponse)
@@ -183,15 +175,3 @@ async def image_thumb(request: Request, image_id: str) -> FileResponse:
     return FileResponse(
         path, media_type="image/webp", headers={"Cache-Control": "private, max-age=86400"}
     )
-
-
-@router.post("/images/{image_id}/delete")
-def delete_image(request: Request, image_id: str, csrf_token: Annotated[str, Form()]) -> Response:
-    check_csrf(request, csrf_token)
-    c = container_of(request)
-    user = require_user(request, c)
-    with c.db.session() as session:
-        character_id = images.get(session, user, image_id).character_id
-        path = images.delete(session, user, image_id)
-    c.store.delete(path)
-    return RedirectResponse(f"/characters/{character_id}/images", status_code=303)

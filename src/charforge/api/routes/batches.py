@@ -143,12 +143,17 @@ def get_batch(batch_id: str, user: CurrentUser, c: ContainerDep) -> BatchOut:
 def cancel_batch(batch_id: str, user: CurrentUser, c: ContainerDep) -> BatchOut:
     """Items not finished are cancelled (a running one has its own task interrupted); every
     finished item keeps its images."""
+    cancel_open_items(c, user, batch_id)
+    return batch_out(c, user, batch_id)
+
+
+def cancel_open_items(c: Container, user: User, batch_id: str) -> None:
+    """Shared by the API and the page: each open item cancelled as a job is."""
     with c.db.session() as session:
         open_jobs = batches.mark_cancelled(session, user, batch_id)
     for job_id in open_jobs:
         with contextlib.suppress(Conflict):  # it finished meanwhile: it keeps its images
             cancel_job(c, user, job_id)
-    return batch_out(c, user, batch_id)
 
 
 @router.get(

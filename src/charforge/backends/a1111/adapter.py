@@ -27,7 +27,6 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
 
 import httpx
 
@@ -38,16 +37,18 @@ from charforge.backends.a1111.controlnet import (
     units_reported,
     with_units,
 )
+from charforge.backends.a1111.names import WebUINames
 from charforge.backends.a1111.tasks import TaskStatus, TaskWatch, Watcher, WebUIState
 from charforge.backends.a1111.wire import parse_txt2img, txt2img_payload
 from charforge.backends.base import (
     BackendRequest,
     BackendResult,
     CheckpointInfo,
+    NameLists,
     ProbeResult,
 )
 from charforge.backends.transport import capitalized
-from charforge.domain.capabilities import Capability, lora_tags
+from charforge.domain.capabilities import Capability
 from charforge.domain.checkpoints import find_checkpoint_named, strip_hash
 from charforge.domain.routes import BackendSpec
 from charforge.domain.samplers import NameBook, resolve
@@ -58,11 +59,9 @@ from charforge.errors import (
     BackendTimeout,
     BackendUnavailable,
     CheckpointMissing,
-    LoraMissing,
 )
 
 log = logging.getLogger(__name__)
-_NAME_CACHE_SECONDS = 60.0
 # A checkpoint seen in /sd-models is trusted this long; the check after generation still
 # catches one that vanished meanwhile (A1111 would fall back, and the image is refused).
 _CHECKPOINT_CACHE_SECONDS = 10.0
@@ -77,8 +76,7 @@ class A1111Backend:
         self._probe_timeout = probe_timeout
         self._http = A1111Client(spec, probe_timeout=probe_timeout)
         self._client = self._http.http
-        self._cache: dict[str, tuple[float, Any]] = {}
-        self._cache_lock = threading.Lock()
+        self.names = WebUINames(spec, self._http)
         self._listed: tuple[float, list[CheckpointInfo]] | None = None
         self._watcher = Watcher(
             spec.name,
@@ -143,89 +141,17 @@ class A1111Backend:
         self._listed = (time.monotonic(), available)
         return found
 
-    # -- names: samplers, schedulers, LoRAs ------------------------------------------------
-
-    def _cached(self, key: str, fetch: Any) -> Any:
-        with self._cache_lock:
-            hit = self._cache.get(key)
-            if hit and time.monotonic() - hit[0] < _NAME_CACHE_SECONDS:
-                return hit[1]
-        value = fetch()
-        with self._cache_lock:
-            self._cache[key] = (time.monotonic(), value)
-        return value
-
-    def _list(self, path: str, style: str | None) -> list[Any] | None:
-        """A WebUI list (samplers, schedulers, loras); None when it has no such route."""
-        try:
-            response = self._http.call("GET", path, style=style)
-        except BackendRejected as exc:
-            if "404" in exc.message:
-                return None  # A1111 before 1.9 has no /schedulers; no Lora extension
-            raise
-        data = self._http.json(response, style)
-        return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+    # -- names: samplers, schedulers, LoRAs, upscalers (names.py) ---------------------------
 
     def name_book(self, style: str | None = None) -> NameBook:
-        """Every sampler and scheduler spelling this WebUI takes -> the one txt2img looks up
-        exactly (a sampler by name, a scheduler by name or label; aliases only in the lists)."""
-
-        def fetch() -> NameBook:
-            samplers = self._list("/sdapi/v1/samplers", style) or []
-            schedulers = self._list("/sdapi/v1/schedulers", style)
-            return NameBook.of(
-                ((str(s["name"]), s.get("aliases") or ()) for s in samplers if s.get("name")),
-                None
-                if schedulers is None
-                else (
-                    (str(s["label"]), (s.get("name"), *(s.get("aliases") or ())))
-                    for s in schedulers
-                    if s.get("label")
-                ),
-            )
-
-        book: NameBook = self._cached("names", fetch)
-        return book
-
-    def _lora_names(self, style: str, *, fresh: bool = False) -> list[str]:
-        """Names and aliases a ``<lora:...>`` tag may use (A1111 looks them up exactly)."""
-
-        def fetch() -> list[str]:
-            items = self._list("/sdapi/v1/loras", style) or []
-            names = [str(i[key]) for i in items for key in ("name", "alias") if i.get(key)]
-            return list(dict.fromkeys(names))
-
-        if fresh:
-            with self._cache_lock:
-                self._cache.pop("loras", None)
-        names: list[str] = self._cached("loras", fetch)
-        return names
+        return self.names.name_book(style)
 
     def check_loras(self, prompt: str, style: str) -> None:
-        """Every ``<lora:name>`` tag names a LoRA this WebUI has: A1111 silently renders
-        without an unknown one, so it is refused before anything runs."""
-        wanted = [name for name, _ in lora_tags(prompt)]
-        if not wanted:
-            return
-        known = set(self._lora_names(style))
-        if any(name not in known for name in wanted):
-            # A file dropped into models/Lora shows up after a refresh.
-            self._http.call("POST", "/sdapi/v1/refresh-loras", style=style)
-            known = set(self._lora_names(style, fresh=True))
-        missing = [name for name in wanted if name not in known]
-        if missing:
-            has = ", ".join(sorted(known)) or "none"
-            near = [k for k in known for m in missing if k.lower() == m.lower()]
-            raise LoraMissing(
-                f"LoRA {', '.join(repr(m) for m in missing)} is not on backend "
-                f"'{self.spec.name}' (A1111 would silently render without it). "
-                f"That backend has: {has}.",
-                field="prompt",
-                hint=(f"Did you mean {near[0]}? LoRA names are exact. " if near else "")
-                + "Put the file into the WebUI's models/Lora folder, or fix the "
-                "<lora:name:weight> tag in the prompt or the character's description.",
-                extra={"loras": sorted(known)},
-            )
+        self.names.check_loras(prompt, style)
+
+    def name_lists(self, style: str | None) -> NameLists:
+        """The samplers, schedulers and upscalers the Generate page offers (cached a minute)."""
+        return self.names.lists(style)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -239,10 +165,17 @@ class A1111Backend:
             where=f"backend '{self.spec.name}'",
         )
         self.check_loras(p.prompt, request.style)
+        # Only a pass that runs uses it; sent as the WebUI spells it (it looks it up exactly).
+        upscaler = self.names.upscaler(p.hires_upscaler, request.style) if p.hires else None
         task_id = request.task_id or f"charforge-{uuid.uuid4().hex}"
         request = replace(
             request,
-            params=replace(p, sampler=sampler, scheduler=scheduler or p.scheduler),
+            params=replace(
+                p,
+                sampler=sampler,
+                scheduler=scheduler or p.scheduler,
+                hires_upscaler=upscaler or p.hires_upscaler,
+            ),
             task_id=task_id,
         )
         watch = TaskWatch(

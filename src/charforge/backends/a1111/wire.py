@@ -72,11 +72,16 @@ def txt2img_payload(request: BackendRequest) -> dict[str, Any]:
         "enable_hr": p.hires,
         "hr_scale": p.hires_scale,
         "hr_upscaler": p.hires_upscaler,
-        "hr_second_pass_steps": 0,
+        "hr_second_pass_steps": p.hires_steps,
         "denoising_strength": p.denoising_strength,
         # Forge's hires pass fails with a TypeError without it; A1111 ignores it.
         "hr_additional_modules": ["Use same choices"],
-        "override_settings": {"sd_model_checkpoint": request.checkpoint.title},
+        "override_settings": {
+            "sd_model_checkpoint": request.checkpoint.title,
+            # Sent every time, 1 included: nothing is restored afterwards (below), so a clip
+            # skip left out would be the previous request's.
+            "CLIP_stop_at_last_layers": p.clip_skip,
+        },
         # Keep the model loaded: restoring would reload weights on every request.
         "override_settings_restore_afterwards": False,
         "send_images": True,

@@ -132,7 +132,8 @@ def build_graph(
 ) -> Graph:
     """txt2img (+ the high-resolution second pass, see ``hires_upscale``) as ComfyUI's default
     workflow lays it out, with a LoraLoader per ``<lora:name:weight>`` tag of the prompt
-    (``loras``: a tag's name -> the file ComfyUI lists for it)."""
+    (``loras``: a tag's name -> the file ComfyUI lists for it) and a CLIPSetLastLayer for a
+    clip skip above 1."""
     sampler, scheduler = comfy_sampler(params.sampler, params.scheduler)
     graph: Graph = {
         IDS.checkpoint_loader: {
@@ -158,6 +159,12 @@ def build_graph(
             },
         }
         model, clip = [node, 0], [node, 1]
+    if params.clip_skip > 1:  # A1111's clip skip n is ComfyUI's last layer -n
+        graph["14"] = {
+            "class_type": "CLIPSetLastLayer",
+            "inputs": {"clip": clip, "stop_at_clip_layer": -params.clip_skip},
+        }
+        clip = ["14", 0]
     graph["6"] = {
         "class_type": "CLIPTextEncode",
         "inputs": {"text": strip_lora_tags(params.prompt), "clip": clip},
@@ -206,7 +213,13 @@ def build_graph(
             second = ["13", 0]
         graph["11"] = {
             "class_type": "KSampler",
-            "inputs": {**sampling, "latent_image": second, "denoise": params.denoising_strength},
+            "inputs": {
+                **sampling,
+                # A1111's hr_second_pass_steps: 0 is as many as the first pass.
+                "steps": params.hires_steps or params.steps,
+                "latent_image": second,
+                "denoise": params.denoising_strength,
+            },
         }
         latent = ["11", 0]
     graph["8"] = {"class_type": "VAEDecode", "inputs": {"samples": latent, "vae": [*vae]}}

@@ -133,6 +133,9 @@
   // Where an error about a request field is shown: the field's own input.
   function fieldFor(name) {
     if (!name) return null;
+    const settings = window.charforgeSettings; // generate-settings.js: templates and presets
+    const own = settings && settings.fieldFor(name);
+    if (own) return own;
     if (/^identity\.(minScore|maxTries)/.test(name)) return retry;
     if (/^identity/.test(name)) return strength.disabled ? identityBox : strength;
     if (transferOption() && /^(artStyle|styleTransfer|model)/.test(name)) return transfer;
@@ -182,7 +185,7 @@
       }
       if (Object.keys(identity).length) data.identity = identity;
     }
-    return data;
+    return window.charforgeSettings ? window.charforgeSettings.extend(data) : data;
   }
 
   // The same-person badge, as the pages' _identity.html draws it.
