@@ -304,11 +304,22 @@ def test_a_generated_image_is_scored_shown_with_its_badge_and_promoted(
     expect(badge).to_have_text(re.compile(r"^Same person 0\.\d\d"))
     expect(badge).to_have_class(re.compile("score-ok"))
     expect(line).to_contain_text("Same person after 1 try")
+    # At 1280x800 the form sits beside the result: the new image is in view, whole, with the
+    # page still at its top (nobody had to scroll to see it).
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.evaluate("window.scrollTo(0, 0)")
+    picture = page.locator("#result-image")
+    expect(picture).to_be_visible()
+    page.wait_for_function("document.getElementById('result-image').complete")
+    box_of = picture.bounding_box()
+    assert box_of is not None and box_of["y"] >= 0 and box_of["y"] + box_of["height"] <= 800
+    form_box = page.locator("#generate-form").bounding_box()
+    assert form_box is not None and box_of["x"] > form_box["x"] + form_box["width"]  # beside
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "generate-result-viewport-desktop.png"))  # what is in view
     save_shot(page, "generate-result-desktop")
 
-    page.get_by_role("link", name="Image details").click()
+    page.get_by_role("link", name="Open this image").click()
     expect(page.locator(".identity-row .score")).to_have_text(re.compile(r"^Same person 0\.\d\d"))
     facts = page.locator(".facts")
     expect(facts).to_contain_text("0.5 or more means the same person")
@@ -389,7 +400,7 @@ def test_other_faces_no_face_and_style_transfer_are_told_apart(
     assert "no face" in (second.get_attribute("title") or "").lower()
     save_shot(page, "generate-transfer-result-desktop")
 
-    page.get_by_role("link", name="Image details").click()
+    page.get_by_role("link", name="Open this image").click()
     expect(page.locator(".identity-row")).to_contain_text("Style transfer: 🟠 Anime → 🔵 Realistic")
     expect(page.locator(".facts")).to_contain_text("Franz keeps its own style")
     expect(page.locator(".facts")).to_contain_text("Not used:")

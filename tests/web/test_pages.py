@@ -91,7 +91,7 @@ def test_the_walk_of_a_new_user(
     assert sims[0].txt2img_bodies()[-1]["prompt"].startswith("Alex on a mountain peak at sunset")
     shot(page, "04-generated")
 
-    page.get_by_role("link", name="Character's image history").click()
+    page.get_by_role("link", name="All images of this character").click()
     expect(page.get_by_role("heading", level=1)).to_contain_text("Image history")
     thumb = page.locator("ul.thumbs img").first
     expect(thumb).to_have_attribute("src", re.compile(r"/images/.+/thumb$"))

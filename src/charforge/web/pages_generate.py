@@ -20,7 +20,9 @@ from charforge.api.routes.generate import generate_and_wait, submit_generation
 from charforge.api.routes.generation_options import generation_options
 from charforge.api.routes.jobs import cancel_job, event_stream, job_out
 from charforge.api.routes.presets import PresetIn, create_preset_for
-from charforge.db.models import User
+from charforge.container import Container
+from charforge.db import images as image_rows
+from charforge.db.models import Image, User
 from charforge.db.references import reference_counts
 from charforge.domain.capabilities import Capability
 from charforge.domain.params import GenerateBody, JobBody
@@ -60,6 +62,14 @@ _ADVANCED = (
     "count",
     "nsfw",
 )
+
+
+_RECENT = 6  # the newest images of the chosen character, beside the form
+
+
+def _recent_images(c: Container, user: User, character_id: str) -> list[Image]:
+    with c.db.session() as session:
+        return list(image_rows.images_page(session, user.id, character_id, _RECENT, None))
 
 
 @router.get("/generate-images", response_class=HTMLResponse)
@@ -131,10 +141,12 @@ def generate_page(request: Request, characterId: str | None = None) -> Response:
         if key in request.query_params:
             raw = request.query_params[key]
             values[key] = raw in ("1", "true", "on") if key in _FLAGS else raw
+    recent = _recent_images(c, user, str(selected["id"])) if selected else []
     return page(
         request,
         "generate.html",
         user,
+        recent=recent,
         options=options,
         styles=styles,
         selected=selected,

@@ -99,6 +99,11 @@
     unsupported.hidden = steers;
   }
   select.addEventListener("change", showIndicator);
+  // The recent images beside the form are the first character's: not another's.
+  const recent = document.getElementById("recent");
+  select.addEventListener("change", () => {
+    if (recent) recent.hidden = recent.dataset.character !== select.value;
+  });
   select.addEventListener("input", showIndicator);
   transfer.addEventListener("change", showIndicator);
   showIndicator();
@@ -340,6 +345,8 @@
     }
     more.hidden = images.length < 2;
     result.hidden = false;
+    const empty = document.getElementById("result-empty");
+    if (empty) empty.hidden = true;
     return true;
   }
 
