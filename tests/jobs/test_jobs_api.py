@@ -173,3 +173,35 @@ def test_the_synchronous_endpoint_still_answers_with_the_image(live: Live) -> No
     body = response.json()
     assert body["model"] == "diving.safetensors" and len(body["images"]) == 1
     assert job_of(client, body["jobId"])["state"] == "succeeded"
+
+
+def test_a_running_count_job_cancelled_keeps_the_images_already_made(
+    live: Live, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    """Four images, one after the other: cancelled while the third is being sampled, the two
+    already whole are kept (never the half-made third), and the job says how many of how many."""
+    sims[1].faults.delay_seconds = 8.0  # 2 s an image
+    client = live.user("alice")
+    job_id = submit(client, create_character(client), count=4, seed=40)["id"]
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{sims[1].url}/sdapi/v1/progress").json()["state"]["job_no"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.post(f"/api/jobs/{job_id}/cancel").json()["state"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while not (job := job_of(client, job_id))["images"]:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["state"] == "cancelled"
+    assert [i["seed"] for i in job["images"]] == [40, 41]
+    assert "after 2 of 4 images" in job["error"]["message"]
+    # The WebUI answered with three pictures, the third cut short; the two kept are whole.
+    (run,) = [r for r in sims[1].task_runs.values() if r.get("seeds", [None])[0] == 40]
+    assert run["outcome"] == "interrupted" and run["images"] == 3
+    steps = job["parameters"]["steps"]
+    assert run["steps_finished"][:2] == [steps, steps] and run["steps_finished"][2] < steps
+    for image in job["images"]:
+        assert client.get(image["url"]).status_code == 200
+    history = client.get(f"/api/characters/{job['characterId']}/images").json()["items"]
+    assert sorted(i["seed"] for i in history) == [40, 41]
+    sims[1].faults.delay_seconds = 0

@@ -89,6 +89,9 @@ class BackendResult:
     sampler: str | None = None
     scheduler: str | None = None
     identity: IdentityUse | None = None  # None: no conditioning was asked for
+    # Cancelled while it ran: this many images were whole before the stop (the rest were
+    # never made or are half-made, and are not in ``images``); None: it was not cancelled.
+    stopped_after: int | None = None
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,20 @@ def finish_succeeded(
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
+def keep_after_cancel(session: Session, job_id: str, number: int, made: int, asked: int) -> bool:
+    """A job cancelled while attempt ``number`` ran keeps the ``made`` images that were whole;
+    False when it was not cancelled during that attempt (re-queued, or never cancelled)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "cancelled", Job.attempts == number)
+        .values(
+            error_message=f"The job was cancelled after {made} of {asked} images; the {made} "
+            "already made are kept."
+        )
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
 def finish_failed(
     session: Session,
     job_id: str,

@@ -250,13 +250,26 @@ def _check_and_store(ctx: RunnerContext, ran: _Ran, name: str) -> Stored | None:
     assert result is not None and listed is not None
     _verify(ctx, job, name, result.checkpoint, result.checkpoint_hash)
     ctx.pool.record_success(name, ran.seconds, listed.name)
+    simulated = ctx.table.backends[name].simulated
+    if result.stopped_after is not None:
+        # Cancelled while it ran: the images already whole are the owner's; the job stays
+        # cancelled and says how many of how many.
+        kept = store_images(ctx, job, name, simulated, result, listed.hash, ran.scored)
+        log.info(
+            "job %s was cancelled on %s after %d of %d images; %s",
+            job.id,
+            name,
+            result.stopped_after,
+            job.count,
+            "those are kept" if kept else "nothing stored (it was not this attempt's cancel)",
+        )
+        return None
     if len(result.images) < job.count:
         raise BackendBadResponse(
             f"Backend '{name}' returned {len(result.images)} of the {job.count} images asked "
             "for (was it interrupted?); nothing was stored.",
             retriable=True,
         )
-    simulated = ctx.table.backends[name].simulated
     scored = ran.scored
     if scored is None and job.identity:  # scored here, outside the door: the backend is free
         scored = score_result(ran.references, result, job.count)

@@ -131,13 +131,20 @@ def store_images(
             stored = Stored(
                 shown=sum(not r.withheld for r in rows), withheld=sum(r.withheld for r in rows)
             )
-            if stored.shown == 0 and stored.withheld:
+            outcome_of_attempt: tuple[str, str | None, str | None]
+            if result.stopped_after is not None:
+                # Cancelled meanwhile (by its owner, for this very attempt): keep what was made.
+                held = repo.keep_after_cancel(
+                    session, job.id, job.number, result.stopped_after, job.count
+                )
+                outcome_of_attempt = ("cancelled", None, None)
+            elif stored.shown == 0 and stored.withheld:
                 # Nothing to show: the job fails, its images wait in quarantine.
                 withheld = _withheld_error(rows, ctx.screening.threshold)
                 held = repo.finish_failed(
                     session, job.id, withheld, backend=backend, attempt=(job.number, ctx.worker)
                 )
-                outcome_of_attempt: tuple[str, str | None, str | None] = (
+                outcome_of_attempt = (
                     "failed",
                     withheld.code,
                     withheld.message,

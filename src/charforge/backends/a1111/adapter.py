@@ -184,6 +184,7 @@ class A1111Backend:
             interrupt=self._stop_if_active,
             report=request.on_progress,
             cancel=request.cancelled,
+            passes=2 if p.hires else 1,
         )
         where = self._where(request.style)
         if watch.cancel.is_set():  # cancelled before anything was sent: send nothing
@@ -217,7 +218,11 @@ class A1111Backend:
             body = self._http.json(response, request.style)
             with self._control:
                 result = parse_txt2img(body, where)
-                self._refuse_if_stopped(watch, result, where)
+                kept = _kept_on_cancel(watch, result, request.count)
+                if kept is None:
+                    self._refuse_if_stopped(watch, result, where)
+                else:
+                    result = kept
         except (BackendTimeout, BackendUnavailable) as exc:
             if isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
                 raise  # never sent: there is nothing to stop
@@ -334,7 +339,7 @@ class A1111Backend:
                 log.info("interrupting A1111 task %s on %s", task_id, self.spec.name)
                 if watch is not None:
                     watch.interrupted_elsewhere()
-                return self._interrupt_now()
+                return self._interrupt_now(watch)
         return watch is not None or status.queued
 
     def _stop_if_active(self, task_id: str) -> bool:
@@ -344,9 +349,25 @@ class A1111Backend:
             status = self.task_status(task_id)
             if status is not None and not status.active:
                 return False
-            return self._interrupt_now()
+            return self._interrupt_now(self._watcher.get(task_id))
 
-    def _interrupt_now(self) -> bool:
+    def _interrupt_now(self, watch: TaskWatch | None = None) -> bool:
+        if watch is not None and watch.cancel.is_set() and watch.made_before_stop is None:
+            # Our own cancel: the images already whole are kept, so count them first (a
+            # pass that ends meanwhile is not counted: never one too many).
+            try:
+                state = self.read_state()
+            except (httpx.HTTPError, ValueError):
+                state = None
+            # Already stopped (by another process's cancel, say): the count may include the
+            # half-made image, so none is kept.
+            if (
+                state is not None
+                and state.running
+                and not (state.interrupted or state.skipped)
+                and state.job_no is not None
+            ):
+                watch.made_before_stop = state.job_no // watch.passes
         try:
             self._client.post("/sdapi/v1/interrupt", timeout=self.spec.connect_timeout)
         except httpx.HTTPError:
@@ -390,6 +411,17 @@ class A1111Backend:
             lacking=lacking,
             identity_method=method.label if method else None,
         )
+
+
+def _kept_on_cancel(watch: TaskWatch, result: BackendResult, count: int) -> BackendResult | None:
+    """A task of several images stopped by our own cancel: the images that were whole when
+    the stop was sent (A1111 answers with those and the half-made one), or None."""
+    made = watch.made_before_stop
+    if not watch.cancel.is_set() or count < 2 or not made or made > count:
+        return None
+    if len(result.images) < made:
+        return None
+    return replace(result, images=result.images[:made], stopped_after=made)
 
 
 def _match(name: str, available: list[CheckpointInfo]) -> CheckpointInfo | None:

@@ -41,6 +41,7 @@ class WebUIState:
     fraction: float | None
     step: int | None
     steps: int | None
+    job_no: int | None = None  # passes finished in this task (A1111's state.nextjob())
 
     @classmethod
     def of(cls, data: Any) -> WebUIState | None:
@@ -59,6 +60,7 @@ class WebUIState:
             fraction=float(fraction) if isinstance(fraction, int | float) else None,
             step=step if isinstance(step, int) else None,
             steps=steps if isinstance(steps, int) and steps > 0 else None,
+            job_no=state["job_no"] if isinstance(state.get("job_no"), int) else None,
         )
 
 
@@ -84,8 +86,13 @@ class TaskWatch:
         interrupt: Callable[[str], bool],
         report: Callable[[Progress], None] | None,
         cancel: threading.Event | None = None,
+        passes: int = 1,
     ) -> None:
         self.task_id = task_id
+        # Passes per image (2 with a hires pass): A1111 counts each in state.job_no.
+        self.passes = passes
+        # Whole images made when our own stop was sent (read just before it), if it was.
+        self.made_before_stop: int | None = None
         self._steps = steps
         self._interrupt = interrupt  # stops this task if it is still the active one
         self._report = report
