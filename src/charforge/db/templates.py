@@ -3,10 +3,11 @@ unique per owner, settings as JSON)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from charforge.db.models import Preset, PromptTemplate
@@ -33,3 +34,20 @@ def name_taken(
     if besides is not None:
         query = query.where(model.id != besides)
     return session.scalar(query.limit(1)) is not None
+
+
+def save_named(
+    session: Session, row: Owned, owner_id: int, taken: Callable[[str], Exception]
+) -> None:
+    """Add or update ``row`` unless the owner already has another by its name (``taken``
+    makes the error); the unique index decides when two requests race for one name."""
+    with session.no_autoflush:  # a changed row is not written before the name is checked
+        clash = name_taken(session, type(row), owner_id, row.name, besides=row.id)
+    if clash:
+        raise taken(row.name)
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError as exc:
+        raise taken(row.name) from exc

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from charforge.db import templates as rows
@@ -41,16 +40,7 @@ def _params(settings: GenerationSettings) -> dict[str, object]:
 
 
 def _save(session: Session, row: Preset, owner: User) -> None:
-    with session.no_autoflush:  # a changed row is not written before the name is checked
-        taken = rows.name_taken(session, Preset, owner.id, row.name, besides=row.id)
-    if taken:
-        raise _taken(row.name)
-    try:
-        with session.begin_nested():  # another request may take the name meanwhile
-            session.add(row)
-            session.flush()
-    except IntegrityError as exc:
-        raise _taken(row.name) from exc
+    rows.save_named(session, row, owner.id, _taken)
 
 
 def _taken(name: str) -> Conflict:

@@ -14,7 +14,6 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from charforge.db import templates as rows
@@ -118,16 +117,7 @@ def _checked(session: Session, fields: TemplateFields) -> TemplateFields:
 
 
 def _save(session: Session, row: PromptTemplate, owner: User) -> None:
-    with session.no_autoflush:  # a changed row is not written before the name is checked
-        taken = rows.name_taken(session, PromptTemplate, owner.id, row.name, besides=row.id)
-    if taken:
-        raise _taken(row.name)
-    try:
-        with session.begin_nested():  # another request may take the name meanwhile
-            session.add(row)
-            session.flush()
-    except IntegrityError as exc:
-        raise _taken(row.name) from exc
+    rows.save_named(session, row, owner.id, _taken)
 
 
 def _taken(name: str) -> Conflict:
