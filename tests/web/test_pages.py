@@ -101,6 +101,12 @@ def test_the_walk_of_a_new_user(
     expect(page.get_by_text("Alex on a mountain peak at sunset", exact=False).first).to_be_visible()
     expect(page.get_by_text("cyberrealistic.safetensors").first).to_be_visible()
     seed = page.locator("h1").inner_text().rsplit(" ", 1)[-1]
+    # On a desktop the actions sit beside the picture, not below it.
+    picture = page.locator("figure.image-picture img").bounding_box()
+    action = page.get_by_role("link", name="Use these settings again").bounding_box()
+    if page.viewport_size and page.viewport_size["width"] >= 1024:
+        assert picture is not None and action is not None
+        assert action["x"] >= picture["x"] + picture["width"] and action["y"] < 400
     shot(page, "06-image")
 
     page.get_by_role("link", name="Use these settings again").click()
