@@ -36,6 +36,9 @@ from charforge.jobs.tickets import JobTicket
 log = logging.getLogger(__name__)
 
 TASK_NAME = "charforge.run_job"
+# A request never waits long on an unreachable broker: its job is committed and the sweeper
+# sends the message later (kombu's default would retry for seconds more).
+_PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
 OTHER_QUEUE = "charforge.other"
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 
@@ -75,7 +78,11 @@ def make_celery(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         # A message is delivered again if unacknowledged this long; the lease sweeper usually
         # re-queues a dead worker's job much sooner.
-        broker_transport_options={"visibility_timeout": max(3600, settings.backend_timeout * 4)},
+        broker_transport_options={
+            "visibility_timeout": max(3600, settings.backend_timeout * 4),
+            "socket_connect_timeout": 2,
+        },
+        broker_connection_timeout=2,
     )
     return app
 
@@ -190,12 +197,26 @@ class CeleryJobQueue:
         return moved + resent
 
     def submit(self, ticket: JobTicket) -> None:
-        self._app.send_task(
-            TASK_NAME,
-            args=[ticket.id],
-            queue=route_queue(self._ctx.table, ticket.checkpoint),
-            countdown=ticket.wait_seconds() or None,
-        )
+        """The job row is committed already (the outbox): when the broker cannot take the
+        message now, the job stays queued and unsent, and the sweeper sends it once the
+        broker answers; the client has its id either way."""
+        try:
+            self._app.send_task(
+                TASK_NAME,
+                args=[ticket.id],
+                queue=route_queue(self._ctx.table, ticket.checkpoint),
+                countdown=ticket.wait_seconds() or None,
+                retry_policy=_PUBLISH_RETRY,
+            )
+        except Exception as exc:  # kombu's OperationalError, a refused or timed-out socket
+            log.warning(
+                "job %s: the broker did not take its message (%s: %s); it stays queued and is "
+                "sent when the broker at CHARFORGE_BROKER_URL answers again",
+                ticket.id,
+                type(exc).__name__,
+                exc,
+            )
+            return
         with self._ctx.db.session() as session:
             repo.mark_enqueued(session, [ticket.id], utcnow())
 
