@@ -427,3 +427,32 @@ def test_backends_check_reads_at_80_columns(
     assert "  backend realistic (a1111): up" in lines
     assert "    loaded cyberrealistic.safetensors" in lines, result.stdout
     assert any(line.startswith("  anime-cartoon-fantasy (a1111): serves anime") for line in lines)
+
+
+def test_commands_that_read_users_never_create_an_empty_database(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    empty = tmp_path / "elsewhere"
+    env = {**cli_env, "CHARFORGE_DATA_DIR": str(empty), "COLUMNS": "400"}
+    env.pop("CHARFORGE_DATABASE_URL", None)
+    for args in (
+        ["users", "list"],
+        ["tokens", "create", "alice"],
+        ["characters", "list", "--user", "alice"],
+    ):
+        result = run(args, env)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert f"No charforge database at {empty / 'charforge.db'}" in result.stderr
+        assert "CHARFORGE_DATA_DIR" in result.stderr and "No user named" not in result.stderr
+    assert not (empty / "charforge.db").exists()
+    # Without the operator's environment at all: it says which defaults it looked at.
+    bare = {k: v for k, v in env.items() if k != "CHARFORGE_DATA_DIR"}
+    result = subprocess.run(
+        [*CHARFORGE, "users", "list"], env=bare, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "are not set" in result.stderr
+    assert not (tmp_path / "data" / "charforge.db").exists()
+    # The command that starts a new install still creates it.
+    added = run(["users", "add", "alice", "--password-stdin"], env, "correct horse battery\n")
+    assert added.returncode == 0, added.stderr
+    assert run(["users", "list"], env).returncode == 0

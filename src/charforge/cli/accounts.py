@@ -33,7 +33,7 @@ def users_add(
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    with _opened() as c, c.db.session() as session:
+    with _opened(create=True) as c, c.db.session() as session:
         user = users.create_user(session, name, password, is_admin=admin)
         role = "admin" if user.is_admin else "user"
     out.print(f"created {role} {name}")

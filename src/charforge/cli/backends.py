@@ -37,7 +37,7 @@ def check_backends(
     from charforge.db import repositories as repo
     from charforge.services.backend_checks import check_routes
 
-    with _opened() as container:
+    with _opened(create=True) as container:
         checks = check_routes(container.table, container.pool, max_age=0.0)
         with container.db.session() as session:
             running = repo.running_on_backends(session)  # every process's, from the database

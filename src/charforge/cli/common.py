@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from sqlalchemy.engine import make_url
 
 from charforge.config import Settings, SettingsError, load_settings
+from charforge.db.engine import normalize_url
 from charforge.errors import CharforgeError
 
 app = typer.Typer(
@@ -64,10 +68,49 @@ def _container(settings: Settings) -> Any:
     return container
 
 
+def _sqlite_file(settings: Settings) -> Path | None:
+    """The SQLite file the settings name, or None for another database."""
+    url = make_url(normalize_url(settings.effective_database_url))
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database).resolve()
+
+
+def _require_database(settings: Settings) -> None:
+    """Commands that read users, tokens or characters never create a new, empty SQLite file
+    (and then say a user is missing): run without the server's environment, they say so."""
+    path = _sqlite_file(settings)
+    if path is None or path.exists():
+        return
+    unset = not any(os.environ.get(v) for v in ("CHARFORGE_DATA_DIR", "CHARFORGE_DATABASE_URL"))
+    raise _fail(
+        f"No charforge database at {path}"
+        + (
+            " (CHARFORGE_DATA_DIR and CHARFORGE_DATABASE_URL are not set, so ./data was looked in)."
+            if unset
+            else "."
+        ),
+        hint="Run this with the server's environment (CHARFORGE_DATA_DIR or "
+        "CHARFORGE_DATABASE_URL). A new install starts with `charforge users add NAME --admin "
+        "--password-stdin` or `charforge serve`.",
+        code=2,
+    )
+
+
 @contextmanager
-def _opened(settings: Settings | None = None) -> Iterator[Any]:
-    """The container for one command: a charforge error ends it with its message and hint."""
-    container = _container(settings or _settings())
+def _opened(settings: Settings | None = None, *, create: bool = False) -> Iterator[Any]:
+    """The container for one command: a charforge error ends it with its message and hint.
+    Without ``create``, a database that does not exist yet is an error, not a new file."""
+    settings = settings or _settings()
+    if not create:
+        from charforge.domain.routes import build_route_table
+
+        try:  # a wrong backend setting is the first thing to say
+            build_route_table(settings)
+        except ValueError as exc:
+            raise _fail(str(exc), code=2) from exc
+        _require_database(settings)
+    container = _container(settings)
     try:
         yield container
     except CharforgeError as exc:

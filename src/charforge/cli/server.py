@@ -125,7 +125,7 @@ def migrate() -> None:
     """Upgrade the database to the current schema."""
     from charforge.db.migrate import current_revision
 
-    with _opened() as c:
+    with _opened(create=True) as c:
         out.print(f"database at revision {current_revision(c.db.engine)}")
 
 
