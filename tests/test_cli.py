@@ -456,3 +456,24 @@ def test_commands_that_read_users_never_create_an_empty_database(
     added = run(["users", "add", "alice", "--password-stdin"], env, "correct horse battery\n")
     assert added.returncode == 0, added.stderr
     assert run(["users", "list"], env).returncode == 0
+
+
+def test_a_worker_stops_on_an_unreachable_broker_or_an_unknown_checkpoint(
+    cli_env: dict[str, str],
+) -> None:
+    env = {
+        **cli_env,
+        "COLUMNS": "400",
+        "CHARFORGE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "CHARFORGE_BROKER_WAIT_SECONDS": "1",
+    }
+    started = time.monotonic()
+    result = run(["worker"], env)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 30
+    assert "Cannot reach the broker" in result.stderr and "CHARFORGE_BROKER_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run(["worker", "--checkpoints", "nosuch.safetensors,diving"], env)
+    assert result.returncode == 2
+    assert "--checkpoints names nosuch.safetensors, which no route serves" in result.stderr
+    assert "cyberrealistic.safetensors, diving.safetensors" in result.stderr

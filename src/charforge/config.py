@@ -201,6 +201,8 @@ class Settings(BaseSettings):
     # Quotas, off (None) unless set; per-user permissions may override them.
     quota_images_per_day: int | None = Field(default=None, ge=0)
     max_active_jobs_per_user: int | None = Field(default=None, ge=1)
+    # Distributed mode: how long a starting worker tries the broker before it stops, saying so.
+    broker_wait_seconds: float = Field(default=30.0, gt=0, le=3600)
     # Output screening: an image made without nsfw scoring above this is withheld (0
     # withholds all, 1 none). 0.8 is the open_nsfw authors' "unsafe" line (README "Security").
     nsfw_threshold: float = Field(default=0.8, ge=0.0, le=1.0)

@@ -91,10 +91,13 @@ def worker(
             code=2,
         )
     _configure_logging(settings)
+    names = [c.strip() for c in checkpoints.split(",") if c.strip()] if checkpoints else None
+    if names:
+        _known_checkpoints(settings, names)
+    _reach_broker(settings.broker_url, settings.broker_wait_seconds)
     slots = RedisSlots(settings.broker_url, ttl=settings.job_lease)
     ctx = build_runner(settings, slots=slots)
     upgrade(ctx.db.engine)
-    names = [c.strip() for c in checkpoints.split(",") if c.strip()] if checkpoints else None
     run_worker(
         settings,
         ctx,
@@ -102,6 +105,64 @@ def worker(
         # A thread per backend slot: with pipelining, one generating and one at its door.
         concurrency=concurrency or max(1, sum(s.limit for s in ctx.pool.statuses())),
     )
+
+
+def _known_checkpoints(settings: Settings, names: list[str]) -> None:
+    """``--checkpoints`` names only what a route serves: a typo would consume a queue no
+    server ever sends to, and the worker would idle for ever."""
+    from charforge.domain.checkpoints import model_name
+    from charforge.domain.routes import build_route_table
+
+    try:
+        table = build_route_table(settings)
+    except ValueError as exc:
+        raise _fail(str(exc), code=2) from exc
+    known = sorted({r.checkpoint for r in table.routes.values()})
+    served = {model_name(c) for c in known}
+    unknown = [n for n in names if model_name(n) not in served]
+    if unknown:
+        raise _fail(
+            f"--checkpoints names {', '.join(unknown)}, which no route serves.",
+            hint=f"Name one or more of: {', '.join(known)} (or leave --checkpoints out to take "
+            "every route's jobs and those of characters' own models).",
+            code=2,
+        )
+
+
+def _reach_broker(url: str, wait: float) -> None:
+    """Fail fast, naming the variable, instead of Celery retrying for ever with its own text."""
+    import time
+
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    client: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except RedisError as exc:
+                if time.monotonic() > deadline:
+                    raise _fail(
+                        f"Cannot reach the broker at {_redacted(url)} after {wait:.0f} s: {exc}",
+                        hint="Check CHARFORGE_BROKER_URL (redis://HOST:6379/0) and that Redis "
+                        "is running and reachable from this machine.",
+                        code=2,
+                    ) from exc
+                time.sleep(1.0)
+    finally:
+        client.close()
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: show only its scheme
+        return url.split("://", 1)[0] + "://..."
 
 
 def _demo_account(container: Any) -> None:
