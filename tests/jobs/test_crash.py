@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from charforge.config import Settings
 from charforge.container import build_container
 from charforge.db.migrate import upgrade
-from charforge.db.models import Job
+from charforge.db.models import Job, JobAttempt
 from charforge.services import users
 from charforge.simulator import A1111Simulator
 from tests.helpers import free_port
@@ -97,5 +97,9 @@ def test_kill_9_of_the_server_with_50_jobs_in_flight_loses_nothing(
 
     with container.db.session() as session:
         assert_exactly_the_images_asked_for(session, data_dir, wanted)
+        # Every attempt the crash cut short says so, and why, in the job's history.
+        cut = session.scalars(select(JobAttempt).where(JobAttempt.outcome == "interrupted")).all()
+        assert len(cut) == at_crash.get("running", 0)
+        assert all(a.error_message and "re-queued" in a.error_message for a in cut)
     container.db.dispose()
     assert "re-queued" in restarted.output() or at_crash.get("running", 0) == 0

@@ -325,12 +325,14 @@ def requeue_abandoned(
     every running job (one embedded server starting: nothing else can be running them).
     A job interrupted ``max_attempts`` times fails instead of crashing workers forever.
     Returns (re-queued ids, failed ids)."""
-    query = select(Job.id, Job.attempts).where(Job.state == "running")
+    query = select(Job.id, Job.attempts, Job.lease_owner, Job.lease_until).where(
+        Job.state == "running"
+    )
     if only_expired:
         query = query.where(or_(Job.lease_until.is_(None), Job.lease_until < now))
     requeued: list[str] = []
     failed: list[str] = []
-    for job_id, attempts in session.execute(query).all():
+    for job_id, attempts, owner, until in session.execute(query).all():
         condition = and_(Job.id == job_id, Job.state == "running", Job.attempts == attempts)
         if only_expired:
             condition = and_(condition, or_(Job.lease_until.is_(None), Job.lease_until < now))
@@ -350,7 +352,14 @@ def requeue_abandoned(
         values.update(lease_owner=None, lease_until=None)
         result = session.execute(update(Job).where(condition).values(**values))
         if getattr(result, "rowcount", 0) == 1:
-            finish_attempt(session, job_id, attempts, "interrupted", "interrupted")
+            # Said on the attempt, so its history tells what happened and to whom.
+            why = (
+                f"The process running it ({owner or 'unknown'}) stopped renewing its lease"
+                + (f" (it lapsed at {until:%H:%M:%S} UTC)" if until else "")
+                + ": it died, was killed or lost the database; "
+                + ("the job was given up." if attempts >= max_attempts else "it was re-queued.")
+            )
+            finish_attempt(session, job_id, attempts, "interrupted", "interrupted", why)
             (failed if attempts >= max_attempts else requeued).append(job_id)
     return requeued, failed
 

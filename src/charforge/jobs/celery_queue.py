@@ -173,7 +173,17 @@ class Sweeper:
         with self._ctx.db.session() as session:
             # Re-queued jobs need a message again: their old one died with the worker.
             jobs = {j.id: j for j in repo.jobs_by_ids(session, requeued) if j.state == "queued"}
-            jobs.update((j.id, j) for j in repo.stale_queued(session, stale_before, now))
+            stale = repo.stale_queued(session, stale_before, now)
+            for job in stale:
+                if job.id not in jobs:
+                    log.info(
+                        "job %s sent again: %s",
+                        job.id,
+                        f"its reservation by {job.lease_owner} lapsed"
+                        if job.lease_owner
+                        else "its message was never sent or no worker took it",
+                    )
+            jobs.update((j.id, j) for j in stale)
             tickets = [JobTicket.of(j) for j in jobs.values()]
         for ticket in tickets:
             self._send(ticket)
