@@ -477,3 +477,28 @@ def test_a_worker_stops_on_an_unreachable_broker_or_an_unknown_checkpoint(
     assert result.returncode == 2
     assert "--checkpoints names nosuch.safetensors, which no route serves" in result.stderr
     assert "cyberrealistic.safetensors, diving.safetensors" in result.stderr
+
+
+def test_backends_check_checks_the_broker_and_the_workers(
+    cli_env: dict[str, str], redis_url: str
+) -> None:
+    from charforge.jobs.heartbeat import Heartbeat
+
+    env = {**cli_env, "COLUMNS": "250", "CHARFORGE_BROKER_URL": redis_url}
+    alone = run(["backends", "check"], env)
+    assert alone.returncode == 1
+    assert "broker: up" in alone.stderr and "workers: none alive" in alone.stderr
+    assert "no live worker consumes charforge.ckpt." in alone.stderr
+    queues = ["charforge.ckpt.cyberrealistic", "charforge.ckpt.diving", "charforge.other"]
+    beat = Heartbeat(redis_url, "w1", queues, 2)
+    beat.start()
+    try:
+        served = run(["backends", "check"], env)
+        assert served.returncode == 0, served.stderr
+        assert "worker w1" in served.stderr
+    finally:
+        beat.stop()
+    away = {**env, "CHARFORGE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    result = run(["backends", "check"], away)
+    assert result.returncode == 1 and "the broker does not answer" in result.stderr
+    assert "CHARFORGE_BROKER_URL" in result.stderr

@@ -70,8 +70,14 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
         for port in ports
     ]
     finalizers.extend(client.close for client in clients)
-    ready = clients[0].get("/readyz").json()
+    # Ready once the workers' heartbeats cover every queue the servers send to.
+    deadline = time.monotonic() + 60
+    while (answer := clients[0].get("/readyz")).status_code != 200:
+        assert time.monotonic() < deadline, answer.json()
+        time.sleep(0.5)
+    ready = answer.json()
     assert ready["checks"]["broker"]["ok"] and ready["checks"]["database"]["ok"], ready
+    assert len(ready["checks"]["workers"]["live"]) == 2
 
     characters = [
         clients[0]

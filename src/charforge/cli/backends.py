@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from charforge.cli.common import _fail, _opened, app, out
+from charforge.cli.common import _fail, _opened, app, err, out
 
 backends_app = typer.Typer(
     invoke_without_command=True,
@@ -61,6 +61,9 @@ def check_backends(
             out.print(_server_table(Table, checks, running))
         else:  # a narrow terminal, or piped without COLUMNS: a table would be unreadable
             _plain_report(checks, running)
+        fleet_problem = _fleet(container) if container.settings.broker_url else None
+        if fleet_problem:
+            raise _fail(*fleet_problem)
         if broken:
             raise _fail(
                 f"no working backend for: {', '.join(broken)}",
@@ -101,6 +104,36 @@ def _plain_report(checks: list[Any], running: dict[str, int]) -> None:
             f"  {name} ({escape(b.kind)}{aliases}): serves {', '.join(b.routes)};"
             f" identity {_identity(b)}"
         )
+
+
+def _fleet(container: Any) -> tuple[str, str] | None:
+    """Distributed mode: the broker answers and a live worker consumes every queue; prints
+    what it found (to stderr, so --json stays one document) and returns the problem, if any."""
+    from redis.exceptions import RedisError
+
+    from charforge.jobs.celery_queue import unserved_queues
+    from charforge.jobs.heartbeat import live_workers
+
+    try:
+        workers = live_workers(container.settings.broker_url)
+    except RedisError as exc:
+        return (
+            f"the broker does not answer: {exc}",
+            "Check CHARFORGE_BROKER_URL and that Redis is running.",
+        )
+    err.print("broker: [green]up[/]")
+    for w in workers:
+        err.print(f"worker {escape(w.worker)} on {escape(w.host)}: {', '.join(w.queues)}")
+    if not workers:
+        err.print("workers: [red]none alive[/]")
+    missing = unserved_queues(container.table, workers)
+    if missing:
+        return (
+            "no live worker consumes " + ", ".join(missing),
+            "Start `charforge worker` (every queue) or one with --checkpoints for each; "
+            "their jobs wait queued until one does.",
+        )
+    return None
 
 
 def _check_table(table_class: Any, checks: list[Any], running: dict[str, int]) -> Any:

@@ -30,6 +30,7 @@ from charforge.db import repositories as repo
 from charforge.db.models import utcnow
 from charforge.domain.checkpoints import model_name
 from charforge.domain.routes import RouteTable
+from charforge.jobs.heartbeat import Heartbeat, LiveWorker
 from charforge.jobs.runner import RunnerContext, run_to_end
 from charforge.jobs.tickets import JobTicket
 
@@ -281,6 +282,9 @@ def run_worker(
     sweeper.start()
     queues = worker_queues(ctx.table, checkpoints)
     log.info("worker %s consuming %s", ctx.worker, ", ".join(queues))
+    # Servers read it: a route whose queue no live worker consumes is not ready (/readyz).
+    heartbeat = Heartbeat(str(settings.broker_url), ctx.worker, queues, concurrency)
+    heartbeat.start()
     try:
         app.worker_main(
             [
@@ -295,6 +299,18 @@ def run_worker(
             ]
         )
     finally:
+        heartbeat.stop()
         sweeper.stop()
         ctx.pool.close()
         ctx.db.dispose()
+
+
+def unserved_queues(table: RouteTable, workers: list[LiveWorker]) -> dict[str, list[str]]:
+    """Each queue a server sends to that no live worker consumes, with the routes behind it
+    (``charforge.other``: characters with a model of their own)."""
+    consumed = {q for w in workers for q in w.queues}
+    wanted: dict[str, list[str]] = {}
+    for style, route in sorted(table.routes.items()):
+        wanted.setdefault(queue_for(route.checkpoint), []).append(style)
+    wanted.setdefault(OTHER_QUEUE, [])
+    return {queue: styles for queue, styles in wanted.items() if queue not in consumed}

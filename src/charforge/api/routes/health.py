@@ -50,6 +50,8 @@ def readiness(c: Container) -> dict[str, dict[str, Any]]:
         }
     if c.settings.broker_url:
         checks["broker"] = _broker_check(c.settings.broker_url)
+        if checks["broker"]["ok"]:
+            checks["workers"] = workers_check(c)
     probes = c.pool.probe(list(c.pool.backends))  # fresh enough (cached a few seconds)
     healthy = {s.name for s in c.pool.statuses() if s.healthy and probes[s.name].ok}
     for style, route in sorted(c.table.routes.items()):
@@ -61,6 +63,37 @@ def readiness(c: Container) -> dict[str, dict[str, Any]]:
             )
         checks[f"route:{style}"] = check
     return checks
+
+
+def workers_check(c: Container) -> dict[str, Any]:
+    """Distributed mode: every queue a server sends to has a live worker (heartbeats in
+    Redis), else its jobs would wait for ever with nothing to say why."""
+    from redis.exceptions import RedisError
+
+    from charforge.jobs.celery_queue import unserved_queues
+    from charforge.jobs.heartbeat import live_workers
+
+    assert c.settings.broker_url is not None
+    try:
+        workers = live_workers(c.settings.broker_url)
+    except RedisError as exc:
+        return {"ok": False, "error": type(exc).__name__, "hint": "Check CHARFORGE_BROKER_URL."}
+    missing = unserved_queues(c.table, workers)
+    check: dict[str, Any] = {
+        "ok": not missing,
+        "live": [{"worker": w.worker, "host": w.host, "queues": list(w.queues)} for w in workers],
+    }
+    if missing:
+        named = "; ".join(
+            f"{queue} ({', '.join(styles) if styles else 'characters with their own model'})"
+            for queue, styles in missing.items()
+        )
+        check["error"] = f"no live worker consumes {named}"
+        check["hint"] = (
+            "Start `charforge worker` (every queue) or one with --checkpoints for each missing "
+            "queue; their jobs wait queued until one does."
+        )
+    return check
 
 
 def _broker_check(url: str) -> dict[str, Any]:
