@@ -54,3 +54,50 @@ def test_readyz_names_the_queue_no_live_worker_consumes(
         anime.stop()
     status, checks = _ready(live)
     assert status == 503 and checks["workers"]["live"] == []
+
+
+def test_a_dead_workers_jobs_and_slots_come_back_without_waiting_for_the_lease(
+    live_factory: Any, sims: tuple[A1111Simulator, A1111Simulator], redis_url: str
+) -> None:
+    from datetime import timedelta
+
+    from redis import Redis
+
+    from charforge.db import repositories as repo
+    from charforge.db.models import utcnow
+    from charforge.jobs.celery_queue import RedisSlots
+    from tests.jobs.conftest import create_character, submit
+
+    live = live_factory(sims[0].url, sims[1].url, broker_url=redis_url, job_lease=600)
+    client = live.user("alice")
+    job_id = submit(client, create_character(client))["id"]
+    alive = Heartbeat(redis_url, "alive:1", worker_queues(live.container.table, None), 1)
+    alive.start()
+    try:
+        # "dead:1" claimed the job (a lease good for ten more minutes) and holds a slot, then
+        # was killed: it never wrote a heartbeat again.
+        with live.container.db.session() as session:
+            now = utcnow()
+            assert repo.claim_job(
+                session, job_id, "dead:1", "anime-cartoon-fantasy", now, now + timedelta(hours=1)
+            )
+        dead_slots = RedisSlots(redis_url, ttl=600, owner="dead:1")
+        mine = RedisSlots(redis_url, ttl=600, owner="alive:1")
+        assert dead_slots.acquire("some-backend", 2) is not None
+        assert mine.acquire("some-backend", 2) is not None
+        assert dead_slots.acquire("some-backend", 2) is None  # both slots taken
+
+        sweeper = live.container.queue._sweeper
+        sweeper._slots = mine  # a worker's sweeper frees dead workers' slots
+        moved, _ = sweeper.sweep()
+        assert moved == 1
+        job = client.get(f"/api/jobs/{job_id}").json()
+        assert job["state"] in ("queued", "running", "succeeded")
+        interrupted = job["attemptHistory"][0]
+        assert interrupted["outcome"] == "interrupted" and interrupted["worker"] == "dead:1"
+        assert "heartbeats" in interrupted["errorMessage"]
+        assert dead_slots.acquire("some-backend", 2) is not None  # the dead one's slot is free
+        keys = Redis.from_url(redis_url).keys("charforge:slot:*")
+        assert len(keys) == 2
+    finally:
+        alive.stop()

@@ -77,7 +77,7 @@ def worker(
     ] = None,
 ) -> None:
     """Run jobs in distributed mode (needs CHARFORGE_BROKER_URL and a shared database)."""
-    from charforge.container import build_runner
+    from charforge.container import build_runner, worker_id
     from charforge.db.migrate import upgrade
     from charforge.jobs.celery_queue import RedisSlots, run_worker
 
@@ -95,13 +95,14 @@ def worker(
     if names:
         _known_checkpoints(settings, names)
     _reach_broker(settings.broker_url, settings.broker_wait_seconds)
-    slots = RedisSlots(settings.broker_url, ttl=settings.job_lease)
+    slots = RedisSlots(settings.broker_url, ttl=settings.job_lease, owner=worker_id())
     ctx = build_runner(settings, slots=slots)
     upgrade(ctx.db.engine)
     run_worker(
         settings,
         ctx,
         checkpoints=names,
+        slots=slots,
         # A thread per backend slot: with pipelining, one generating and one at its door.
         concurrency=concurrency or max(1, sum(s.limit for s in ctx.pool.statuses())),
     )

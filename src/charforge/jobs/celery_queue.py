@@ -26,11 +26,12 @@ from celery import Celery
 from redis import Redis
 
 from charforge.config import Settings
+from charforge.db import recovery
 from charforge.db import repositories as repo
 from charforge.db.models import utcnow
 from charforge.domain.checkpoints import model_name
 from charforge.domain.routes import RouteTable
-from charforge.jobs.heartbeat import Heartbeat, LiveWorker
+from charforge.jobs.heartbeat import Heartbeat, LiveWorker, live_workers
 from charforge.jobs.runner import RunnerContext, run_to_end
 from charforge.jobs.tickets import JobTicket
 
@@ -102,16 +103,19 @@ class RedisSlots:
         "return redis.call('del', KEYS[1]) end return 0"
     )
 
-    def __init__(self, url: str, ttl: float) -> None:
+    def __init__(self, url: str, ttl: float, owner: str) -> None:
         self._redis: Redis = Redis.from_url(url)
         self._ttl_ms = int(ttl * 1000)
+        # Each value names the worker holding it, so a dead worker's slots can be freed as
+        # soon as its heartbeat is gone rather than when their time to live ends.
+        self._owner = owner
 
     @staticmethod
     def _key(backend: str, slot: int) -> str:
         return f"charforge:slot:{backend}:{slot}"
 
     def acquire(self, backend: str, limit: int) -> str | None:
-        token = uuid.uuid4().hex
+        token = f"{self._owner}|{uuid.uuid4().hex}"
         for slot in range(limit):
             if self._redis.set(self._key(backend, slot), token, nx=True, px=self._ttl_ms):
                 return f"{slot}:{token}"
@@ -125,6 +129,18 @@ class RedisSlots:
         slot, value = token.split(":", 1)
         self._redis.eval(self._RELEASE, 1, self._key(backend, int(slot)), value)
 
+    def free_dead(self, live: set[str]) -> int:
+        """Free every slot (and door) held by a worker not in ``live``; returns how many."""
+        freed = 0
+        for key in self._redis.scan_iter(match="charforge:slot:*", count=200):
+            value = self._redis.get(key)
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            if not text or "|" not in text:
+                continue  # gone meanwhile, or a value from before owners were recorded
+            if text.split("|", 1)[0] not in live:
+                freed += int(self._redis.eval(self._RELEASE, 1, key, text) or 0)
+        return freed
+
     def close(self) -> None:
         self._redis.close()
 
@@ -133,10 +149,18 @@ class Sweeper:
     """Re-queues jobs whose lease lapsed and re-sends queued jobs whose message went missing."""
 
     def __init__(
-        self, settings: Settings, ctx: RunnerContext, send: Any, *, interval: float | None = None
+        self,
+        settings: Settings,
+        ctx: RunnerContext,
+        send: Any,
+        *,
+        interval: float | None = None,
+        slots: RedisSlots | None = None,
     ) -> None:
         self._settings, self._ctx, self._send = settings, ctx, send
-        self._interval = interval or max(1.0, min(settings.job_lease / 2, 30.0))
+        self._slots = slots
+        # Often enough that a killed worker's jobs and slots are back within ~15 s.
+        self._interval = interval or max(1.0, min(settings.job_lease / 2, 5.0))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -157,12 +181,43 @@ class Sweeper:
             except Exception:  # the database or broker may be briefly away; try again later
                 log.exception("sweep failed")
 
+    def _dead_workers(self, session: Any) -> set[str]:
+        """Workers holding running jobs whose heartbeat is gone: killed, not just slow."""
+        from redis.exceptions import RedisError
+
+        try:
+            live = {w.worker for w in live_workers(str(self._settings.broker_url))}
+        except RedisError:
+            return set()  # no heartbeats to read: leave it to the leases
+        if self._slots is not None:
+            freed = self._slots.free_dead(live)
+            if freed:
+                log.warning("freed %d backend slot(s) held by workers no longer alive", freed)
+        return set(recovery.running_owners(session)) - live
+
     def sweep(self) -> tuple[int, int]:
         now = utcnow()
         with self._ctx.db.session() as session:
-            requeued, failed = repo.requeue_abandoned(
+            requeued, failed = recovery.requeue_abandoned(
                 session, now, only_expired=True, max_attempts=self._ctx.retry.max_attempts
             )
+            dead = self._dead_workers(session)
+            if dead:
+                more, gave_up = recovery.requeue_abandoned(
+                    session,
+                    now,
+                    only_expired=False,
+                    max_attempts=self._ctx.retry.max_attempts,
+                    owners=dead,
+                    reason="its worker stopped sending heartbeats (killed, or cut off)",
+                )
+                requeued += more
+                failed += gave_up
+                log.warning(
+                    "worker(s) %s stopped sending heartbeats: %d running job(s) taken back",
+                    ", ".join(sorted(dead)),
+                    len(more) + len(gave_up),
+                )
         if requeued or failed:
             log.warning(
                 "%d job(s) lost their worker: %d re-queued, %d given up",
@@ -174,7 +229,7 @@ class Sweeper:
         with self._ctx.db.session() as session:
             # Re-queued jobs need a message again: their old one died with the worker.
             jobs = {j.id: j for j in repo.jobs_by_ids(session, requeued) if j.state == "queued"}
-            stale = repo.stale_queued(session, stale_before, now)
+            stale = recovery.stale_queued(session, stale_before, now)
             for job in stale:
                 if job.id not in jobs:
                     log.info(
@@ -229,7 +284,7 @@ class CeleryJobQueue:
             )
             return
         with self._ctx.db.session() as session:
-            repo.mark_enqueued(session, [ticket.id], utcnow())
+            recovery.mark_enqueued(session, [ticket.id], utcnow())
 
     def forget(self, job_id: str) -> None:
         """Nothing to do: a worker that gets the message finds the job cancelled and skips."""
@@ -262,6 +317,7 @@ def run_worker(
     *,
     checkpoints: list[str] | None,
     concurrency: int,
+    slots: RedisSlots | None = None,
 ) -> None:
     """``charforge worker``: consume the checkpoint queues and run jobs until stopped."""
     app = make_celery(settings)
@@ -269,7 +325,7 @@ def run_worker(
     def resend(ticket: JobTicket) -> None:
         app.send_task(TASK_NAME, args=[ticket.id], queue=route_queue(ctx.table, ticket.checkpoint))
         with ctx.db.session() as session:
-            repo.mark_enqueued(session, [ticket.id], utcnow())
+            recovery.mark_enqueued(session, [ticket.id], utcnow())
 
     @app.task(name=TASK_NAME)  # type: ignore[untyped-decorator]
     def run_job_task(job_id: str) -> str:
@@ -277,7 +333,7 @@ def run_worker(
         # message stays unacknowledged until the job is final, so a crash re-delivers it.
         return run_to_end(ctx, job_id, wait=settings.backend_timeout)
 
-    sweeper = Sweeper(settings, ctx, resend)
+    sweeper = Sweeper(settings, ctx, resend, slots=slots)
     ctx.pool.start_monitor()
     sweeper.start()
     queues = worker_queues(ctx.table, checkpoints)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from charforge.db import recovery
 from charforge.db import repositories as repo
 from charforge.db.models import utcnow
 from charforge.domain.requirements import capable_backends
@@ -64,7 +65,7 @@ class InlineJobQueue:
     def recover(self) -> int:
         """Take up what an earlier process left behind; returns how many jobs are queued."""
         with self._ctx.db.session() as session:
-            requeued, failed = repo.requeue_abandoned(
+            requeued, failed = recovery.requeue_abandoned(
                 session,
                 utcnow(),
                 only_expired=False,
