@@ -179,15 +179,28 @@ def test_simulate_a1111_runs_standalone(process_cleanup: list[subprocess.Popen[s
             str(port),
             "--models",
             "a.safetensors,b.safetensors",
+            "--delay",
+            "0.5",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     process_cleanup.append(proc)
-    _wait_http(f"http://127.0.0.1:{port}/sdapi/v1/sd-models", proc)
-    titles = [m["title"] for m in httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/sd-models").json()]
+    base = f"http://127.0.0.1:{port}"
+    _wait_http(f"{base}/sdapi/v1/sd-models", proc)
+    titles = [m["title"] for m in httpx.get(f"{base}/sdapi/v1/sd-models").json()]
     assert [t.split(" [")[0] for t in titles] == ["a.safetensors", "b.safetensors"]
+    # --delay paces each generation; the faults endpoint changes it at run time.
+    assert httpx.get(f"{base}/_simulator/faults").json()["delay_seconds"] == 0.5
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
+    started = time.monotonic()
+    assert httpx.post(f"{base}/sdapi/v1/txt2img", json=body, timeout=30).status_code == 200
+    assert time.monotonic() - started >= 0.5
+    httpx.post(f"{base}/_simulator/faults", json={"delay_seconds": 0}).raise_for_status()
+    started = time.monotonic()
+    assert httpx.post(f"{base}/sdapi/v1/txt2img", json=body, timeout=30).status_code == 200
+    assert time.monotonic() - started < 0.5
 
 
 def test_serve_demo_is_a_working_sandbox(

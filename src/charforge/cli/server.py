@@ -285,6 +285,15 @@ def simulate_a1111(
             " (repeatable), e.g. 'ip-adapter_sd15 \\[6a3f6166]'.",
         ),
     ] = None,
+    delay: Annotated[
+        float,
+        typer.Option(
+            help="Seconds each generation takes, spread over its sampling steps (a GPU's pace;"
+            ' change it at run time with POST /_simulator/faults {"delay_seconds": S}).',
+            min=0.0,
+            max=3600.0,
+        ),
+    ] = 0.0,
 ) -> None:
     """Run an A1111 WebUI stand-in that draws labelled placeholders (no GPU needed)."""
     from charforge.simulator import SimulatorSettings, run_simulator
@@ -310,4 +319,4 @@ def simulate_a1111(
         controlnet=controlnet,
         controlnet_models=[m.strip() for m in controlnet_model or [] if m.strip()],
     )
-    run_simulator(settings, host, port)
+    run_simulator(settings, host, port, delay_seconds=delay)

@@ -286,10 +286,17 @@ class A1111Simulator:
 
 
 def run_simulator(
-    settings: SimulatorSettings, host: str, port: int, *, log_level: str = "info"
+    settings: SimulatorSettings,
+    host: str,
+    port: int,
+    *,
+    log_level: str = "info",
+    delay_seconds: float = 0.0,
 ) -> None:
-    """Serve a simulator in the foreground until interrupted (for ``charforge simulate-a1111``)."""
+    """Serve a simulator in the foreground until interrupted (for ``charforge simulate-a1111``);
+    ``delay_seconds``: each generation takes this long (the faults endpoint can change it)."""
     sim = A1111Simulator(settings)
+    sim.faults.delay_seconds = delay_seconds
     server = uvicorn.Server(
         _uvicorn_config(create_simulator_app(sim), log_level=log_level, host=host, port=port)
     )
