@@ -57,7 +57,11 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
     for index, port in enumerate(ports):
         server = Process(f"server-{index}", ["serve", "--port", str(port)], env, tmp_path)
         processes.append(server.start())
-    workers = [Process(f"worker-{i}", ["worker"], env, tmp_path).start() for i in range(2)]
+    metrics_port = free_port()  # the surviving worker serves its own metrics
+    workers = [
+        Process("worker-0", ["worker"], env, tmp_path).start(),
+        Process("worker-1", ["worker", "--metrics-port", str(metrics_port)], env, tmp_path).start(),
+    ]
     processes.extend(workers)
     for index, port in enumerate(ports):
         processes[index].wait_http(f"http://127.0.0.1:{port}/healthz")
@@ -125,3 +129,10 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
         ran_on = set(session.scalars(select(JobAttempt.worker)).all())
     runner.db.dispose()
     assert len(ran_on) == 2, ran_on  # both workers took jobs before one was killed
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("charforge_backend_request_seconds_count")
+    ]
+    assert sum(counted) > 0, metrics[:2000]

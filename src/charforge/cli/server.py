@@ -75,6 +75,18 @@ def worker(
         int | None,
         typer.Option(help="Jobs run at once (default: one per backend slot).", min=1, max=256),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve this worker's Prometheus metrics (backend requests, switches, retries,"
+            " in flight) on http://HOST:PORT/metrics.",
+            min=1,
+            max=65535,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address for --metrics-port (keep it on an internal network).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run jobs in distributed mode (needs CHARFORGE_BROKER_URL and a shared database)."""
     from charforge.container import build_runner, worker_id
@@ -98,6 +110,14 @@ def worker(
     slots = RedisSlots(settings.broker_url, ttl=settings.job_lease, owner=worker_id())
     ctx = build_runner(settings, slots=slots)
     upgrade(ctx.db.engine)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port, addr=metrics_host, registry=ctx.metrics.registry)
+        except OSError as exc:
+            raise _fail(f"--metrics-port {metrics_port}: {exc}", code=2) from exc
+        err.print(f"worker metrics on http://{metrics_host}:{metrics_port}/metrics")
     run_worker(
         settings,
         ctx,
