@@ -136,3 +136,12 @@ def test_two_servers_and_two_workers_survive_a_killed_worker(
         if line.startswith("charforge_backend_request_seconds_count")
     ]
     assert sum(counted) > 0, metrics[:2000]
+    # Every server's /metrics has the live worker's figures too, labelled with it.
+    fleet = clients[0].get("/metrics").text
+    labelled = [
+        line
+        for line in fleet.splitlines()
+        if line.startswith("charforge_backend_request_seconds_count") and 'worker="' in line
+    ]
+    assert labelled and sum(float(line.rsplit(" ", 1)[1]) for line in labelled) > 0, fleet[:2000]
+    assert fleet.count("# TYPE charforge_backend_request_seconds histogram") == 1

@@ -339,7 +339,9 @@ def run_worker(
     queues = worker_queues(ctx.table, checkpoints)
     log.info("worker %s consuming %s", ctx.worker, ", ".join(queues))
     # Servers read it: a route whose queue no live worker consumes is not ready (/readyz).
-    heartbeat = Heartbeat(str(settings.broker_url), ctx.worker, queues, concurrency)
+    heartbeat = Heartbeat(
+        str(settings.broker_url), ctx.worker, queues, concurrency, metrics=ctx.metrics.render
+    )
     heartbeat.start()
     try:
         app.worker_main(

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ class Heartbeat:
         *,
         interval: float = INTERVAL,
         ttl: float = TTL,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self._redis: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         self._key = PREFIX + worker
@@ -63,10 +65,16 @@ class Heartbeat:
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._metrics = metrics  # its Prometheus text, for the servers' /metrics
+        self._url, self._worker = url, worker
 
     def beat(self) -> None:
         body = json.dumps({**self._body, "seen": time.time()})
         self._redis.set(self._key, body, px=self._ttl_ms)
+        if self._metrics is not None:
+            from charforge.observability.fleet_metrics import PREFIX as METRICS
+
+            self._redis.set(METRICS + self._worker, self._metrics(), px=self._ttl_ms)
 
     def start(self) -> None:
         self.beat()
@@ -86,6 +94,10 @@ class Heartbeat:
             self._thread.join(timeout=5)
         with contextlib.suppress(RedisError):  # else its time to live ends it anyway
             self._redis.delete(self._key)
+            if self._metrics is not None:
+                from charforge.observability.fleet_metrics import PREFIX as METRICS
+
+                self._redis.delete(METRICS + self._worker)
         self._redis.close()
 
 

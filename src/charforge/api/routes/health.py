@@ -116,5 +116,16 @@ def _broker_check(url: str) -> dict[str, Any]:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(c: ContainerDep) -> Response:
-    body = await run_in_threadpool(c.metrics.render)
+    body = await run_in_threadpool(_metrics_text, c)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _metrics_text(c: Container) -> bytes:
+    """This process's metrics; in distributed mode, every live worker's too, labelled."""
+    own = c.metrics.render()
+    if not c.settings.broker_url:
+        return own
+    from charforge.observability import fleet_metrics
+
+    workers = fleet_metrics.gather(c.settings.broker_url)
+    return fleet_metrics.merge(own, workers) if workers else own
