@@ -515,3 +515,58 @@ def test_backends_check_checks_the_broker_and_the_workers(
     result = run(["backends", "check"], away)
     assert result.returncode == 1 and "the broker does not answer" in result.stderr
     assert "CHARFORGE_BROKER_URL" in result.stderr
+
+
+def test_a_cli_generation_in_distributed_mode_is_not_taken_for_a_dead_worker(
+    cli_env: dict[str, str],
+    redis_url: str,
+    sims: tuple[A1111Simulator, A1111Simulator],
+    tmp_path: Path,
+) -> None:
+    """`charforge generate` runs its job in its own process; with a broker set, a server's
+    sweeper must see it alive (it sends heartbeats) and leave its running job alone."""
+    from charforge.config import Settings
+    from charforge.container import build_container
+
+    env = {**cli_env, "CHARFORGE_BROKER_URL": redis_url}
+    assert (
+        run(
+            ["users", "add", "alice", "--password-stdin"], env, "correct horse battery\n"
+        ).returncode
+        == 0
+    )
+    made = run(["characters", "add", "Sakura", "--user", "alice", "--style", "anime"], env)
+    assert made.returncode == 0, made.stderr
+    sims[1].faults.delay_seconds = 3.0
+    proc = subprocess.Popen(
+        [*CHARFORGE, "generate", "--character", "Sakura", "--prompt", "x", "--user", "alice"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server = build_container(
+        Settings(
+            data_dir=Path(env["CHARFORGE_DATA_DIR"]),
+            database_url=env["CHARFORGE_DATABASE_URL"],
+            broker_url=redis_url,
+            runpod_realistic_url=sims[0].url,
+            runpod_anime_cartoon_fantasy_url=sims[1].url,
+        )
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while sims[1].current_task is None:  # the CLI's job is running on the WebUI
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.05)
+        moved, _ = server.queue._sweeper.sweep()
+        assert moved == 0
+        out, errors = proc.communicate(timeout=60)
+        assert proc.returncode == 0, errors
+        assert out.strip().endswith(".png")
+    finally:
+        sims[1].faults.delay_seconds = 0
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()  # closes its pipes

@@ -22,7 +22,16 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from charforge.cli.common import _fail, _opened, _owner, _settings, app, err, out
+from charforge.cli.common import (
+    _fail,
+    _opened,
+    _owner,
+    _running_jobs_here,
+    _settings,
+    app,
+    err,
+    out,
+)
 
 MANIFEST = "charforge-batch.json"
 # Parallel jobs in this process: jobs for one backend wait at its door, so more buys nothing.
@@ -155,7 +164,8 @@ def batch(
             )
             job_ids = [job.id for job in jobs]
             owner_id = owner.id
-        outcomes = _run(container, owner_id, list(zip(todo, job_ids, strict=True)), out_dir)
+        with _running_jobs_here(container):
+            outcomes = _run(container, owner_id, list(zip(todo, job_ids, strict=True)), out_dir)
     for outcome in outcomes:
         if outcome.state == "succeeded":
             manifest[outcome.item.key] = {

@@ -135,3 +135,21 @@ def _owner(session: Any, name: str | None) -> Any:
     raise CharforgeError(
         "No user exists yet.", hint="Create one with `charforge users add NAME --password-stdin`."
     )
+
+
+@contextmanager
+def _running_jobs_here(container: Any) -> Iterator[None]:
+    """A command that runs jobs in its own process: in distributed mode it sends heartbeats
+    like a worker (consuming no queue), or the servers' sweepers would take it for dead and
+    take its jobs back mid-run."""
+    if not container.settings.broker_url:
+        yield
+        return
+    from charforge.jobs.heartbeat import Heartbeat
+
+    beat = Heartbeat(str(container.settings.broker_url), container.runner.worker, [], 0)
+    beat.start()
+    try:
+        yield
+    finally:
+        beat.stop()

@@ -8,7 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
-from charforge.cli.common import _container, _fail, _opened, _owner, _settings, app, err, out
+from charforge.cli.common import (
+    _container,
+    _fail,
+    _opened,
+    _owner,
+    _running_jobs_here,
+    _settings,
+    app,
+    err,
+    out,
+)
 from charforge.config import Settings
 
 
@@ -254,7 +264,8 @@ def generate(
             first = exc.errors()[0]
             raise _fail(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
         # Run this one job here and nothing else: a server sharing the database keeps its own.
-        run_to_end(container.runner, job_id, wait=settings.backend_timeout)
+        with _running_jobs_here(container):
+            run_to_end(container.runner, job_id, wait=settings.backend_timeout)
         with container.db.session() as session:
             done = repo.job(session, owner_id, job_id)
             if done is None:
