@@ -89,7 +89,10 @@ def test_admin_reviews_withheld_images(browser: Any, web: Any) -> None:
         expect(picture).to_be_hidden()  # not shown until the admin asks
         beach.get_by_text("Show image").click()
         expect(picture).to_be_visible()
-        assert picture.evaluate("img => img.naturalWidth") > 0
+        # Lazy: it loads once shown, which may take a moment; it must then be a real picture.
+        page.wait_for_function(
+            "img => img.complete && img.naturalWidth > 0", arg=picture.element_handle()
+        )
         page.set_viewport_size({"width": 390, "height": 844})
         shot(page, "admin-withheld-phone")
         page.set_viewport_size({"width": 1280, "height": 800})

@@ -32,7 +32,10 @@ def test_a_batch_from_the_page(
     expect(failed).to_contain_text("a cursed mirror")
     expect(failed.locator(".error")).to_contain_text("NaN")
     expect(page.locator("#item-3 img")).to_have_count(2)
-    assert page.locator("#item-1 img").first.evaluate("img => img.naturalWidth") > 0
+    page.wait_for_function(  # lazy thumbnails load in a moment; each must be a real picture
+        "img => img.complete && img.naturalWidth > 0",
+        arg=page.locator("#item-1 img").first.element_handle(),
+    )
     expect(page.get_by_role("button", name="Cancel the rest")).to_have_count(0)
     shot(page, "batch-desktop")
     page.set_viewport_size({"width": 390, "height": 844})
