@@ -333,16 +333,7 @@ class JobOut(Wire):
             count=j.count or 1,
             prompt=j.user_prompt,
             parameters=camel_params(j.params),
-            error=(
-                JobError(
-                    code=j.error_code,
-                    message=j.error_message or "",
-                    hint=j.error_hint,
-                    field=j.error_field,
-                )
-                if j.error_code
-                else None
-            ),
+            error=job_error(j),
             images=[brief(i) for i in images],
             withheld_images=withheld,
             progress=j.progress,
@@ -369,6 +360,15 @@ class JobOut(Wire):
 class JobPage(Wire):
     items: list[JobOut]
     next_cursor: str | None
+
+
+def job_error(j: Job) -> JobError | None:
+    """A failed (or cancelled) job's error, as the API shows it."""
+    if not j.error_code:
+        return None
+    return JobError(
+        code=j.error_code, message=j.error_message or "", hint=j.error_hint, field=j.error_field
+    )
 
 
 def brief(i: Image) -> ImageBrief:

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
 from charforge.backends.base import CheckpointInfo, ProbeResult
+from charforge.backends.fan_out import ask_each
 from charforge.backends.pool import BackendPool
 from charforge.domain.capabilities import Capability
 from charforge.domain.checkpoints import find_checkpoint_named, same_checkpoint, strip_hash
@@ -130,24 +130,9 @@ class BackendCheckpoints:
         return True
 
     def _ask(self, names: list[str], question: Callable[[str], T]) -> dict[str, T]:
-        """``question`` for every name at once; the answers that came within the timeout. A
-        slower one goes on in the background (its probe still lands in the pool's cache)."""
-        if not names:
-            return {}
-        executor = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="ckpt-check")
-        try:
-            futures = {executor.submit(question, name): name for name in names}
-            done, _ = wait(futures, timeout=self.timeout)
-        finally:
-            executor.shutdown(wait=False, cancel_futures=True)
-        answers: dict[str, T] = {}
-        for future in done:
-            try:
-                answers[futures[future]] = future.result()
-            except Exception as exc:  # a backend's failure is not the request's
-                message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-                log.warning("checkpoint check: backend %s: %s", futures[future], message)
-        return answers
+        """The answers that came within the timeout (a slower probe still lands in the pool's
+        cache)."""
+        return ask_each(names, question, timeout=self.timeout, what="checkpoint check")
 
     # -- the answer ----------------------------------------------------------------------------
 

@@ -11,12 +11,11 @@ them), the built-in A1111 1.10 lists are offered, with ``source: "builtin"``.
 
 from __future__ import annotations
 
-import logging
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from charforge.backends.base import ListsNames, NameLists
+from charforge.backends.fan_out import ask_each
 from charforge.backends.pool import BackendPool
 from charforge.config import GenerationDefaults
 from charforge.db.models import Character
@@ -24,8 +23,6 @@ from charforge.domain.capabilities import Capability
 from charforge.domain.consistency import resolve
 from charforge.domain.samplers import BUILT_IN_UPSCALERS, SAMPLERS, SCHEDULERS
 from charforge.services.characters import look_of
-
-log = logging.getLogger(__name__)
 
 BUILT_IN = NameLists(
     samplers=[s.name for s in SAMPLERS],
@@ -88,20 +85,9 @@ def _ask(pool: BackendPool, names: list[str], style: str, timeout: float) -> dic
             asked[name] = backend
     if not asked:
         return {}
-    executor = ThreadPoolExecutor(max_workers=len(asked), thread_name_prefix="gen-options")
-    try:
-        futures = {executor.submit(backend.name_lists, style): n for n, backend in asked.items()}
-        done, _ = wait(futures, timeout=timeout)
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-    answers: dict[str, NameLists] = {}
-    for future in done:
-        try:
-            answers[futures[future]] = future.result()
-        except Exception as exc:  # a backend's failure is not the request's
-            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            log.warning("generation options: backend %s: %s", futures[future], message)
-    return answers
+    return ask_each(
+        asked, lambda name: asked[name].name_lists(style), timeout=timeout, what="gen-options"
+    )
 
 
 def _merged(answers: list[NameLists]) -> NameLists:

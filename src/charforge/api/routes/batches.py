@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.routes.jobs import cancel_job
-from charforge.api.schemas import ImageBrief, JobError, Wire, brief
+from charforge.api.schemas import ImageBrief, JobError, Wire, brief, job_error
 from charforge.container import Container
 from charforge.db.models import User
 from charforge.domain.batches import BatchBody
@@ -66,16 +66,7 @@ class BatchOut(Wire):
                     prompt=j.user_prompt,
                     count=j.count or 1,
                     images=[brief(i) for i in v.images.get(j.id, [])],
-                    error=(
-                        JobError(
-                            code=j.error_code,
-                            message=j.error_message or "",
-                            hint=j.error_hint,
-                            field=j.error_field,
-                        )
-                        if j.error_code
-                        else None
-                    ),
+                    error=job_error(j),
                 )
                 for j in v.jobs
             ],
