@@ -65,7 +65,7 @@ def test_a_dead_workers_jobs_and_slots_come_back_without_waiting_for_the_lease(
 
     from charforge.db import repositories as repo
     from charforge.db.models import utcnow
-    from charforge.jobs.celery_queue import RedisSlots
+    from charforge.jobs.fleet_board import RedisSlots
     from tests.jobs.conftest import create_character, submit
 
     live = live_factory(sims[0].url, sims[1].url, broker_url=redis_url, job_lease=600)

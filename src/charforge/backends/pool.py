@@ -311,7 +311,7 @@ class BackendPool:
                     if give_up is not None and give_up():
                         yield False
                         return
-                    time.sleep(0.025)
+                    time.sleep(0.005)
                 with self._changed:
                     self._door_tokens[name] = token
             yield True

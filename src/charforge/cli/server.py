@@ -101,7 +101,8 @@ def worker(
     """Run jobs in distributed mode (needs CHARFORGE_BROKER_URL and a shared database)."""
     from charforge.container import build_runner, worker_id
     from charforge.db.migrate import upgrade
-    from charforge.jobs.celery_queue import RedisSlots, run_worker
+    from charforge.jobs.celery_queue import run_worker
+    from charforge.jobs.fleet_board import RedisSlots
 
     settings = _settings()
     if not settings.broker_url:

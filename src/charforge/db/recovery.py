@@ -15,9 +15,11 @@ from charforge.db.repositories import finish_attempt
 
 
 def running_owners(session: Session) -> list[str]:
-    """The processes holding running jobs' leases."""
+    """The processes holding running jobs' leases, or queued jobs they took to run."""
     rows = session.scalars(
-        select(Job.lease_owner).where(Job.state == "running", Job.lease_owner.is_not(None))
+        select(Job.lease_owner)
+        .where(Job.state.in_(("running", "queued")), Job.lease_owner.is_not(None))
+        .distinct()
     )
     return sorted({str(owner) for owner in rows})
 

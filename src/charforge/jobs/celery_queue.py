@@ -17,22 +17,22 @@ import asyncio
 import logging
 import re
 import threading
-import uuid
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from redis import Redis
 
 from charforge.config import Settings
-from charforge.db import recovery
+from charforge.db import dispatch, recovery
 from charforge.db import repositories as repo
 from charforge.db.models import utcnow
 from charforge.domain.checkpoints import model_name
 from charforge.domain.routes import RouteTable
+from charforge.jobs.fleet_board import FleetBoard, RedisSlots
+from charforge.jobs.fleet_dispatcher import FleetDispatcher
 from charforge.jobs.heartbeat import Heartbeat, LiveWorker, live_workers
-from charforge.jobs.runner import RunnerContext, run_to_end
+from charforge.jobs.runner import RunnerContext
 from charforge.jobs.tickets import JobTicket
 
 log = logging.getLogger(__name__)
@@ -87,62 +87,6 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_timeout=2,
     )
     return app
-
-
-class RedisSlots:
-    """Per-backend slots shared by every worker: keys with a TTL, renewed while a job runs, so
-    a killed worker's slot frees itself."""
-
-    # Only the holder may extend or free a slot (compare-and-act, atomically in Redis).
-    _RENEW = (
-        "if redis.call('get', KEYS[1]) == ARGV[1] then "
-        "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-    )
-    _RELEASE = (
-        "if redis.call('get', KEYS[1]) == ARGV[1] then "
-        "return redis.call('del', KEYS[1]) end return 0"
-    )
-
-    def __init__(self, url: str, ttl: float, owner: str) -> None:
-        self._redis: Redis = Redis.from_url(url)
-        self._ttl_ms = int(ttl * 1000)
-        # Each value names the worker holding it, so a dead worker's slots can be freed as
-        # soon as its heartbeat is gone rather than when their time to live ends.
-        self._owner = owner
-
-    @staticmethod
-    def _key(backend: str, slot: int) -> str:
-        return f"charforge:slot:{backend}:{slot}"
-
-    def acquire(self, backend: str, limit: int) -> str | None:
-        token = f"{self._owner}|{uuid.uuid4().hex}"
-        for slot in range(limit):
-            if self._redis.set(self._key(backend, slot), token, nx=True, px=self._ttl_ms):
-                return f"{slot}:{token}"
-        return None
-
-    def renew(self, backend: str, token: str) -> None:
-        slot, value = token.split(":", 1)
-        self._redis.eval(self._RENEW, 1, self._key(backend, int(slot)), value, self._ttl_ms)
-
-    def release(self, backend: str, token: str) -> None:
-        slot, value = token.split(":", 1)
-        self._redis.eval(self._RELEASE, 1, self._key(backend, int(slot)), value)
-
-    def free_dead(self, live: set[str]) -> int:
-        """Free every slot (and door) held by a worker not in ``live``; returns how many."""
-        freed = 0
-        for key in self._redis.scan_iter(match="charforge:slot:*", count=200):
-            value = self._redis.get(key)
-            text = value.decode(errors="replace") if isinstance(value, bytes) else value
-            if not text or "|" not in text:
-                continue  # gone meanwhile, or a value from before owners were recorded
-            if text.split("|", 1)[0] not in live:
-                freed += int(self._redis.eval(self._RELEASE, 1, key, text) or 0)
-        return freed
-
-    def close(self) -> None:
-        self._redis.close()
 
 
 class Sweeper:
@@ -213,10 +157,13 @@ class Sweeper:
                 )
                 requeued += more
                 failed += gave_up
+                freed = dispatch.release_reservations_of(session, dead)
                 log.warning(
-                    "worker(s) %s stopped sending heartbeats: %d running job(s) taken back",
+                    "worker(s) %s stopped sending heartbeats: %d running job(s) taken back, "
+                    "%d job(s) it had taken but not started freed",
                     ", ".join(sorted(dead)),
                     len(more) + len(gave_up),
+                    freed,
                 )
         if requeued or failed:
             log.warning(
@@ -317,10 +264,22 @@ def run_worker(
     *,
     checkpoints: list[str] | None,
     concurrency: int,
-    slots: RedisSlots | None = None,
+    slots: RedisSlots,
 ) -> None:
-    """``charforge worker``: consume the checkpoint queues and run jobs until stopped."""
+    """``charforge worker``: schedule and run the jobs of its queues until stopped. The
+    broker's messages only wake its scheduler (jobs/fleet_dispatcher.py): jobs are taken
+    from the database when a backend can run them, never held while one is busy."""
     app = make_celery(settings)
+    queues = worker_queues(ctx.table, checkpoints)
+    board = FleetBoard(str(settings.broker_url))
+    dispatcher = FleetDispatcher(
+        ctx,
+        slots,
+        board,
+        queues=set(queues),
+        route_queue=lambda checkpoint: route_queue(ctx.table, checkpoint),
+        threads=concurrency,
+    )
 
     def resend(ticket: JobTicket) -> None:
         app.send_task(TASK_NAME, args=[ticket.id], queue=route_queue(ctx.table, ticket.checkpoint))
@@ -329,26 +288,26 @@ def run_worker(
 
     @app.task(name=TASK_NAME)  # type: ignore[untyped-decorator]
     def run_job_task(job_id: str) -> str:
-        # Retries (with backoff, on another backend) happen here, in the same task: the
-        # message stays unacknowledged until the job is final, so a crash re-delivers it.
-        return run_to_end(ctx, job_id, wait=settings.backend_timeout)
+        # A wake-up: the job is a row in the database, taken when a backend can run it.
+        dispatcher.wake()
+        return job_id
 
     sweeper = Sweeper(settings, ctx, resend, slots=slots)
     ctx.pool.start_monitor()
     sweeper.start()
-    queues = worker_queues(ctx.table, checkpoints)
     log.info("worker %s consuming %s", ctx.worker, ", ".join(queues))
     # Servers read it: a route whose queue no live worker consumes is not ready (/readyz).
     heartbeat = Heartbeat(
         str(settings.broker_url), ctx.worker, queues, concurrency, metrics=ctx.metrics.render
     )
     heartbeat.start()
+    dispatcher.start()
     try:
         app.worker_main(
             [
                 "worker",
                 "--pool=threads",
-                f"--concurrency={concurrency}",
+                "--concurrency=1",  # wake-ups only: the jobs run on the dispatcher's threads
                 f"--queues={','.join(queues)}",
                 f"--hostname=charforge-{ctx.worker}@%h",
                 f"--loglevel={settings.log_level}",
@@ -357,8 +316,15 @@ def run_worker(
             ]
         )
     finally:
+        if not dispatcher.stop(timeout=30.0):
+            log.warning(
+                "worker %s stopped with %d job(s) still running; the fleet takes them back",
+                ctx.worker,
+                dispatcher.running(),
+            )
         heartbeat.stop()
         sweeper.stop()
+        board.close()
         ctx.pool.close()
         ctx.db.dispose()
 

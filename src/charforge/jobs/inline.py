@@ -19,8 +19,15 @@ from charforge.db import recovery
 from charforge.db import repositories as repo
 from charforge.db.models import utcnow
 from charforge.domain.requirements import capable_backends
-from charforge.jobs.runner import Outcome, RunnerContext, run_attempt
-from charforge.jobs.scheduler import Fairness, FreeBackend, Policy, QueuedJob, plan
+from charforge.jobs.runner import RunnerContext, run_on_slot
+from charforge.jobs.scheduler import (
+    Fairness,
+    FreeBackend,
+    Policy,
+    QueuedJob,
+    plan,
+    split_backends,
+)
 from charforge.jobs.tickets import JobTicket
 
 log = logging.getLogger(__name__)
@@ -183,37 +190,13 @@ class InlineJobQueue:
             healthy=healthy,
         )
 
-    def _usable(
-        self, queued: list[QueuedJob]
-    ) -> tuple[list[FreeBackend], list[tuple[str, str | None]]]:
-        """Healthy backends with a free slot, and what the busy ones have loaded. A job whose
-        capable backends are all down still gets them: it then fails with the backend's own
-        error after its attempts instead of waiting for ever (its pool is the part of its
-        route's that can do what it asks, so a healthy backend without that does not count)."""
-        statuses = {s.name: s for s in self._ctx.pool.statuses()}
-        stranded = {
-            pool
-            for pool in {job.backends for job in queued}
-            if not any(statuses[n].healthy for n in pool)
-        }
-        free: list[FreeBackend] = []
-        busy: list[tuple[str, str | None]] = []
-        for name, status in statuses.items():
-            orphan = any(name in pool for pool in stranded)
-            # What it will have loaded once the jobs it holds are done (pipelining).
-            if status.idle_slots and (status.healthy or orphan):
-                free.append(FreeBackend(name, status.idle_slots, status.planned))
-            else:
-                busy.append((name, status.planned))
-        return free, busy
-
     def _loop(self) -> None:
         while not self._stopping.is_set():
             with self._lock:
                 queued = list(self._queued.values())
             pause = 1.0
             if queued:
-                free, busy = self._usable(queued)
+                free, busy = split_backends(self._ctx.pool.statuses(), queued)
                 now = time.monotonic()
                 for job, backend in self._planner(queued, free, busy, now):
                     self._launch(job, backend)
@@ -237,13 +220,7 @@ class InlineJobQueue:
         self._executor.submit(self._execute, job, backend)
 
     def _execute(self, job: QueuedJob, backend: str) -> None:
-        outcome = Outcome("failed")
-        try:
-            outcome = run_attempt(self._ctx, job.id, backend)
-        except Exception:  # the runner records failures itself; this is a last guard
-            log.exception("worker crashed on job %s", job.id)
-        finally:
-            self._ctx.pool.release(backend)
+        outcome = run_on_slot(self._ctx, job.id, backend)
         again = outcome.state == "retry" and not self._stopping.is_set()
         with self._lock:
             self._running.discard(job.id)

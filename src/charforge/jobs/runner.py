@@ -18,6 +18,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -40,7 +41,14 @@ from charforge.jobs.identity import Scored, generate_scored, load_references, sc
 from charforge.jobs.storing import Stored, store_images
 from charforge.observability import logs
 
-__all__ = ["Outcome", "RetryPolicy", "RunnerContext", "notice_cancel", "run_attempt"]
+__all__ = [
+    "Outcome",
+    "RetryPolicy",
+    "RunnerContext",
+    "notice_cancel",
+    "run_attempt",
+    "run_on_slot",
+]
 
 log = logging.getLogger(__name__)
 # How often an attempt waiting at a backend's door looks at its job in the database (a
@@ -78,6 +86,24 @@ def run_attempt(ctx: RunnerContext, job_id: str, backend: str) -> Outcome:
         return _run_attempt(ctx, job_id, backend)
     finally:
         logs.job_id.reset(token)
+
+
+def run_on_slot(
+    ctx: RunnerContext, job_id: str, backend: str, *, ended: Callable[[], None] | None = None
+) -> Outcome:
+    """``run_attempt`` on a slot of ``backend`` the caller took, which is given back after it
+    (``ended`` is called just before: the freed slot wakes schedulers, who must see the
+    thread free too). Never raises: a crash fails the attempt."""
+    outcome = Outcome("failed")
+    try:
+        outcome = run_attempt(ctx, job_id, backend)
+    except Exception:  # the runner records failures itself; this is a last guard
+        log.exception("worker crashed on job %s", job_id)
+    finally:
+        if ended is not None:
+            ended()
+        ctx.pool.release(backend)
+    return outcome
 
 
 def _run_attempt(ctx: RunnerContext, job_id: str, name: str) -> Outcome:

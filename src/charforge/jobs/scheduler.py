@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from charforge.domain.checkpoints import model_name
 
@@ -60,6 +61,44 @@ class Fairness:
 
     last_served: dict[int, float] = field(default_factory=dict)
     running: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class BackendView(Protocol):
+    """What the planner reads of a backend's status (backends.pool.BackendStatus)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def idle_slots(self) -> int: ...
+    @property
+    def planned(self) -> str | None: ...
+
+
+def split_backends(
+    statuses: Iterable[BackendView], queued: Iterable[QueuedJob]
+) -> tuple[list[FreeBackend], list[tuple[str, str | None]]]:
+    """Healthy backends with a free slot, and what the others have (or will have) loaded.
+    A job whose capable backends are all down still gets them: it then fails with the
+    backend's own error after its attempts instead of waiting for ever (its pool is the
+    part of its route's that can do what it asks, so a healthy backend without that does
+    not count)."""
+    by_name = {s.name: s for s in statuses}
+    stranded = {
+        pool
+        for pool in {job.backends for job in queued}
+        if not any(by_name[n].healthy for n in pool if n in by_name)
+    }
+    free: list[FreeBackend] = []
+    busy: list[tuple[str, str | None]] = []
+    for name, status in by_name.items():
+        orphan = any(name in pool for pool in stranded)
+        if status.idle_slots and (status.healthy or orphan):
+            free.append(FreeBackend(name, status.idle_slots, status.planned))
+        else:
+            busy.append((name, status.planned))
+    return free, busy
 
 
 def plan(

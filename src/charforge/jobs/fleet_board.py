@@ -1,0 +1,191 @@
+"""What the workers of a fleet share in Redis to schedule as one: the backends' slots, what
+each backend has (or is about to have) loaded, when each user was last served, a short lock
+so that one worker plans at a time, and a channel that wakes every worker's scheduler when a
+slot frees up.
+
+Redis is the broker already; nothing here is a queue: the jobs themselves are rows in the
+database (db/dispatch.py), and every key here can vanish without losing work (slots have a
+time to live, the rest only steers the plan).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+_PLANNED = "charforge:fleet:planned"  # hash: backend key -> checkpoint given to it last
+_SERVED = "charforge:fleet:served"  # hash: user id -> when a job of theirs was last taken
+_LOCK = "charforge:fleet:plan-lock"
+CHANNEL = "charforge:fleet:wake"
+
+
+class RedisSlots:
+    """Per-backend slots shared by every worker: keys with a TTL, renewed while a job runs, so
+    a killed worker's slot frees itself."""
+
+    # Only the holder may extend or free a slot (compare-and-act, atomically in Redis).
+    _RENEW = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+    )
+    _RELEASE = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('del', KEYS[1]) end return 0"
+    )
+
+    def __init__(self, url: str, ttl: float, owner: str) -> None:
+        self._redis: Redis = Redis.from_url(url)
+        self._ttl_ms = int(ttl * 1000)
+        # Each value names the worker holding it, so a dead worker's slots can be freed as
+        # soon as its heartbeat is gone rather than when their time to live ends.
+        self._owner = owner
+
+    @staticmethod
+    def _key(backend: str, slot: int) -> str:
+        return f"charforge:slot:{backend}:{slot}"
+
+    def acquire(self, backend: str, limit: int) -> str | None:
+        token = f"{self._owner}|{uuid.uuid4().hex}"
+        for slot in range(limit):
+            if self._redis.set(self._key(backend, slot), token, nx=True, px=self._ttl_ms):
+                return f"{slot}:{token}"
+        return None
+
+    def renew(self, backend: str, token: str) -> None:
+        slot, value = token.split(":", 1)
+        self._redis.eval(self._RENEW, 1, self._key(backend, int(slot)), value, self._ttl_ms)
+
+    def release(self, backend: str, token: str) -> None:
+        slot, value = token.split(":", 1)
+        self._redis.eval(self._RELEASE, 1, self._key(backend, int(slot)), value)
+
+    def free_dead(self, live: set[str]) -> int:
+        """Free every slot (and door) held by a worker not in ``live``; returns how many."""
+        freed = 0
+        for key in self._redis.scan_iter(match="charforge:slot:*", count=200):
+            value = self._redis.get(key)
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            if not text or "|" not in text:
+                continue  # gone meanwhile, or a value from before owners were recorded
+            if text.split("|", 1)[0] not in live:
+                freed += int(self._redis.eval(self._RELEASE, 1, key, text) or 0)
+        return freed
+
+    def held(self, limits: dict[str, int]) -> dict[str, int]:
+        """How many slots of each backend (by key, with its limit) are held now, by anyone:
+        one round trip for the whole fleet."""
+        keys = [
+            (backend, self._key(backend, slot))
+            for backend, n in limits.items()
+            for slot in range(n)
+        ]
+        counts = dict.fromkeys(limits, 0)
+        if keys:
+            for (backend, _), value in zip(
+                keys, self._redis.mget([k for _, k in keys]), strict=True
+            ):
+                counts[backend] += value is not None
+        return counts
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+class FleetBoard:
+    """The shared part of the scheduler's view; see the module's docstring."""
+
+    _UNLOCK = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('del', KEYS[1]) end return 0"
+    )
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._redis: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+
+    def planned(self) -> dict[str, str]:
+        raw = self._redis.hgetall(_PLANNED)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def served(self) -> dict[int, float]:
+        found: dict[int, float] = {}
+        for key, value in self._redis.hgetall(_SERVED).items():
+            with contextlib.suppress(ValueError):
+                found[int(_text(key))] = float(_text(value))
+        return found
+
+    def note(self, planned: dict[str, str], served: dict[int, float]) -> None:
+        """Jobs were taken: what their backends will load, and whose they were."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for backend, checkpoint in planned.items():
+                pipe.hset(_PLANNED, backend, checkpoint)
+            for owner, when in served.items():
+                pipe.hset(_SERVED, str(owner), repr(when))
+            pipe.execute()
+
+    @contextlib.contextmanager
+    def planning(self, wait: float = 2.0, hold: float = 5.0) -> Iterator[bool]:
+        """One worker plans and takes at a time (a few milliseconds), so two never hand the
+        same backend two different jobs. Yields False when the lock stayed busy for ``wait``
+        seconds; ``hold`` bounds how long a worker that died holding it blocks the others."""
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait
+        while not self._redis.set(_LOCK, token, nx=True, px=int(hold * 1000)):
+            if time.monotonic() > deadline:
+                yield False
+                return
+            time.sleep(0.005)
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(RedisError):
+                self._redis.eval(self._UNLOCK, 1, _LOCK, token)
+
+    def wake_all(self, sender: str) -> None:
+        """Tell every other worker's scheduler to look again (a slot freed)."""
+        try:
+            self._redis.publish(CHANNEL, sender)
+        except RedisError as exc:  # they look on their own every second anyway
+            log.debug("could not wake the fleet: %s", exc)
+
+    def listen(
+        self, me: str, on_wake: Callable[[], None], stop: threading.Event
+    ) -> threading.Thread:
+        """A thread that calls ``on_wake`` for every wake-up another worker publishes, until
+        ``stop`` (a worker wakes itself without a round trip)."""
+
+        def loop() -> None:
+            while not stop.is_set():
+                client: Redis = Redis.from_url(self._url, socket_connect_timeout=2)
+                try:
+                    with client.pubsub(ignore_subscribe_messages=True) as channel:  # type: ignore[no-untyped-call]
+                        channel.subscribe(CHANNEL)
+                        while not stop.is_set():
+                            message = channel.get_message(timeout=0.5)
+                            if message is not None and _text(message["data"]) != me:
+                                on_wake()
+                except RedisError as exc:
+                    log.warning("fleet wake-ups unavailable for now (%s); polling", exc)
+                    stop.wait(1.0)
+                finally:
+                    client.close()
+
+        thread = threading.Thread(target=loop, name="fleet-wake", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -1,0 +1,245 @@
+"""Distributed mode's scheduler: each ``charforge worker`` plans like embedded mode's
+dispatcher, over the whole fleet.
+
+A worker takes a job only when it can run it now: a free slot (counted across every worker
+in Redis) on a healthy backend able to run it. Which job goes where is jobs/scheduler.py's
+``plan``, the same model-aware, fair policy as embedded mode, fed with the fleet's view:
+
+- the queued jobs are rows in the database (db/dispatch.py), read oldest first;
+- the slots held, what each backend has (or is about to have) loaded and when each user was
+  last served are shared in Redis (jobs/fleet_board.py); the jobs each user has running now
+  are counted in the database;
+- one worker at a time plans and takes (a lock held for milliseconds), taking the planned
+  jobs with ``FOR UPDATE SKIP LOCKED``; it then runs them on its own threads.
+
+The broker's messages only wake the schedulers (a job was submitted); a freed slot wakes
+them through Redis; and each looks on its own every second. No job is ever held by a worker
+waiting for a busy backend, so another worker's idle backend is never starved.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from redis.exceptions import RedisError
+
+from charforge.db import dispatch
+from charforge.db.models import utcnow
+from charforge.domain.params import GenerationParams
+from charforge.domain.requirements import capable_backends, needs_of
+from charforge.jobs.fleet_board import FleetBoard, RedisSlots
+from charforge.jobs.runner import RunnerContext, run_on_slot
+from charforge.jobs.scheduler import Fairness, Policy, QueuedJob, plan, split_backends
+
+log = logging.getLogger(__name__)
+
+# How many of the oldest queued jobs one plan looks at: enough to group by checkpoint and
+# to be fair, few enough that a plan stays a few milliseconds however long the queue.
+WINDOW = 500
+
+
+def _epoch(moment: datetime) -> float:
+    """Seconds since the epoch of a naive UTC time: one clock for every worker's plan."""
+    return moment.replace(tzinfo=UTC).timestamp()
+
+
+class FleetDispatcher:
+    def __init__(
+        self,
+        ctx: RunnerContext,
+        slots: RedisSlots,
+        board: FleetBoard,
+        *,
+        queues: set[str],
+        route_queue: Callable[[str], str],
+        threads: int,
+        policy: Policy | None = None,
+        look_every: float = 1.0,
+    ) -> None:
+        self._ctx, self._slots, self._board = ctx, slots, board
+        self._queues = queues
+        self._queue_of = route_queue  # checkpoint -> the queue its jobs are sent to
+        self._threads = threads
+        self._policy = policy or Policy()
+        self._look_every = look_every
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="charforge-job")
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # (job id, attempts) -> the job as the planner sees it: its pool and the backends
+        # it failed on change only with a new attempt.
+        self._known: dict[tuple[str, int], QueuedJob] = {}
+        ctx.pool.on_change(self._freed)
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._board.listen(self._ctx.worker, self.wake, self._stop)
+        self._thread = threading.Thread(target=self._loop, name="fleet-dispatcher", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look again now (a job was submitted, a slot freed somewhere in the fleet)."""
+        self._wake.set()
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Take no more jobs and let running ones end; True when all of them did. A job
+        still running after ``timeout`` is taken back by the fleet's sweepers once this
+        worker's heartbeat is gone."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return not self.running()
+
+    def _ended(self, job_id: str) -> None:
+        with self._lock:
+            self._running.discard(job_id)
+
+    def _freed(self) -> None:
+        self._wake.set()
+        self._board.wake_all(self._ctx.worker)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                pause = self.tick()
+            except RedisError as exc:
+                log.warning("scheduling paused: Redis at CHARFORGE_BROKER_URL failed (%s)", exc)
+                pause = self._look_every
+            except Exception:  # the database may be away a moment; look again soon
+                log.exception("scheduling failed; trying again")
+                pause = self._look_every
+            self._wake.wait(pause)
+
+    # -- one look ----------------------------------------------------------------------------
+
+    def tick(self) -> float:
+        """Plan and take what this worker can run now; returns how long to wait at most
+        before looking again."""
+        capacity = self._threads - self.running()
+        if capacity <= 0 or self._stop.is_set():
+            return self._look_every
+        pool, table = self._ctx.pool, self._ctx.table
+        keys = {name: spec.key for name, spec in table.backends.items()}
+        statuses = pool.statuses()
+        with self._board.planning() as planning:
+            if not planning:
+                return 0.05
+            held = self._slots.held({keys[s.name]: s.limit for s in statuses})
+            shared = self._board.planned()
+            view = [
+                replace(
+                    s,
+                    in_flight=held[keys[s.name]],
+                    upcoming=shared.get(keys[s.name]) or s.upcoming,
+                )
+                for s in statuses
+            ]
+            if not any(s.idle_slots for s in view):
+                return self._look_every  # a freed slot wakes us
+            queued, owners = self._waiting()
+            if not queued:
+                return self._look_every
+            now = time.time()
+            free, busy = split_backends(view, queued)
+            fairness = Fairness(last_served=self._board.served(), running=owners)
+            healthy = {s.name for s in view if s.healthy}
+            assignments = plan(
+                queued,
+                free,
+                busy,
+                now=now,
+                fairness=fairness,
+                policy=self._policy,
+                healthy=healthy,
+            )[:capacity]
+            self._take(assignments, keys)
+        due = [j.not_before - now for j in queued if j.not_before > now]
+        return max(0.01, min([self._look_every, *due]))
+
+    def _waiting(self) -> tuple[list[QueuedJob], Counter[int]]:
+        """This worker's queued jobs (its queues only) and each user's jobs running now."""
+        now = utcnow()
+        with self._ctx.db.session() as session:
+            rows = [
+                w
+                for w in dispatch.waiting_jobs(session, now, WINDOW)
+                if self._queue_of(w.checkpoint) in self._queues
+            ]
+            new = [w for w in rows if (w.id, w.attempts) not in self._known]
+            failed = dispatch.failed_backends_of(session, [w.id for w in new if w.attempts])
+            owners = dispatch.busy_owners(session, now)
+        known: dict[tuple[str, int], QueuedJob] = {}
+        for w in rows:
+            job = self._known.get((w.id, w.attempts))
+            if job is None:
+                needs = needs_of(GenerationParams.from_json(w.params))
+                route = self._ctx.table.route(w.style)
+                job = QueuedJob(
+                    w.id,
+                    w.owner_id,
+                    w.checkpoint,
+                    capable_backends(route, self._ctx.table, needs),
+                    queued_at=_epoch(w.created_at),
+                    avoid=failed.get(w.id, frozenset()),
+                )
+            # The backoff of a retry can change without a new attempt (a re-queue).
+            due = _epoch(w.not_before) if w.not_before is not None else 0.0
+            known[(w.id, w.attempts)] = replace(job, not_before=due)
+        self._known = known  # forget the ones gone from the queue
+        return list(known.values()), owners
+
+    def _take(self, assignments: list[tuple[QueuedJob, str]], keys: dict[str, str]) -> None:
+        pool = self._ctx.pool
+        held = [(job, backend) for job, backend in assignments if pool.try_acquire(backend)]
+        if not held:
+            return
+        now = utcnow()
+        with self._ctx.db.session() as session:
+            taken = dispatch.take(
+                session,
+                [job.id for job, _ in held],
+                self._ctx.worker,
+                now,
+                now + timedelta(seconds=self._ctx.lease),
+            )
+        planned: dict[str, str] = {}
+        served: dict[int, float] = {}
+        for job, backend in held:
+            if job.id not in taken:  # another worker took it between our read and now
+                pool.release(backend)
+                continue
+            pool.note_upcoming(backend, job.checkpoint)
+            planned[keys[backend]] = job.checkpoint
+            served[job.owner_id] = time.time()
+            with self._lock:
+                self._running.add(job.id)
+            log.info("job %s taken for backend %s", job.id, backend)
+            self._executor.submit(self._execute, job, backend)
+        self._board.note(planned, served)
+
+    def _execute(self, job: QueuedJob, backend: str) -> None:
+        # The freed slot wakes every scheduler of the fleet, this one included.
+        outcome = run_on_slot(self._ctx, job.id, backend, ended=lambda: self._ended(job.id))
+        if outcome.state == "retry":
+            log.info("job %s back in the queue for %.1fs (backoff)", job.id, outcome.retry_after)

@@ -1,0 +1,178 @@
+"""Two workers' schedulers (jobs/fleet_dispatcher.py) sharing PostgreSQL and Redis plan as one
+fleet: jobs for one checkpoint stay grouped on the backend that has it loaded (few switches,
+however the two workers interleave), and a user who arrives behind another's long queue is
+served next, not last. The workers are two dispatchers in this process, each with its own
+worker id, database engine, backend pool and Redis clients, as two processes would have."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from charforge.config import Settings
+from charforge.container import build_runner
+from charforge.db.migrate import upgrade
+from charforge.db.models import Job, JobAttempt, User
+from charforge.domain.params import GenerateBody
+from charforge.jobs.celery_queue import route_queue, worker_queues
+from charforge.jobs.fleet_board import FleetBoard, RedisSlots
+from charforge.jobs.fleet_dispatcher import FleetDispatcher
+from charforge.jobs.runner import RunnerContext
+from charforge.services import characters, generation, users
+from charforge.simulator import A1111Simulator
+
+
+class Fleet:
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self.settings, self.redis_url = settings, redis_url
+        self.workers: list[tuple[RunnerContext, FleetDispatcher, FleetBoard]] = []
+        self.admin = build_runner(settings)  # the "server": writes jobs, reads outcomes
+        upgrade(self.admin.db.engine)
+
+    def start_worker(self, name: str) -> None:
+        slots = RedisSlots(self.redis_url, ttl=self.settings.job_lease, owner=name)
+        ctx = build_runner(self.settings, slots=slots)
+        ctx.worker = name
+        ctx.pool.probe(list(ctx.table.backends), max_age=0.0)  # what each has loaded
+        board = FleetBoard(self.redis_url)
+        dispatcher = FleetDispatcher(
+            ctx,
+            slots,
+            board,
+            queues=set(worker_queues(ctx.table, None)),
+            route_queue=lambda checkpoint: route_queue(ctx.table, checkpoint),
+            threads=2,
+        )
+        self.workers.append((ctx, dispatcher, board))
+
+    def go(self) -> None:
+        for _, dispatcher, _ in self.workers:
+            dispatcher.start()
+
+    def submit(self, owner: User, character_id: str, n: int, tag: str) -> list[str]:
+        with self.admin.db.session() as session:
+            return [
+                generation.submit(
+                    session,
+                    owner,
+                    GenerateBody(
+                        prompt=f"{tag} {i}",
+                        character_id=character_id,
+                        width=64,
+                        height=64,
+                        hires=False,
+                    ),
+                    self.admin.table,
+                    self.settings.defaults,
+                ).id
+                for i in range(n)
+            ]
+
+    def finished(self, ids: list[str], timeout: float = 90) -> list[Job]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.admin.db.session() as session:
+                jobs = list(session.scalars(select(Job).where(Job.id.in_(ids))).all())
+            if all(j.state in ("succeeded", "failed", "cancelled") for j in jobs):
+                return jobs
+            assert time.monotonic() < deadline, sorted(j.state for j in jobs)
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for ctx, dispatcher, board in self.workers:
+            dispatcher.stop(timeout=10)
+            board.close()
+            ctx.pool.close()
+            ctx.db.dispose()
+        self.admin.pool.close()
+        self.admin.db.dispose()
+
+
+@pytest.fixture
+def fleet_of(tmp_path: Path, postgres_url: str, redis_url: str) -> Iterator[Any]:
+    made: list[Fleet] = []
+
+    def make(realistic: str, anime: str) -> Fleet:
+        settings = Settings(
+            data_dir=tmp_path / "images",
+            database_url=postgres_url,
+            broker_url=redis_url,
+            runpod_realistic_url=realistic,
+            runpod_anime_cartoon_fantasy_url=anime,
+            health_failures=100,
+        )
+        fleet = Fleet(settings, redis_url)
+        made.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in made:
+        fleet.close()
+
+
+def _user(fleet: Fleet, name: str) -> User:
+    with fleet.admin.db.session() as session:
+        return users.create_user(session, name, "password-" + name)
+
+
+def _character(fleet: Fleet, owner: User, name: str, model: str | None = None) -> str:
+    with fleet.admin.db.session() as session:
+        fields = characters.CharacterFields(name=name, art_style="anime", model=model)
+        return characters.create(session, owner, fields, fleet.admin.table).id
+
+
+@pytest.mark.timeout(180)
+def test_two_workers_keep_each_checkpoint_on_one_backend(
+    fleet_of: Any,
+    sims: tuple[A1111Simulator, A1111Simulator],
+    pool: tuple[A1111Simulator, A1111Simulator],
+) -> None:
+    for sim in pool:
+        sim.faults.delay_seconds = 0.05
+    fleet = fleet_of(sims[0].url, f"{pool[0].url},{pool[1].url}")
+    alice = _user(fleet, "alice")
+    diving = _character(fleet, alice, "Sakura")
+    other = _character(fleet, alice, "Mika", model="other.safetensors")
+    ids: list[str] = []
+    for round_ in range(12):  # interleaved: a first-come, first-served fleet switches often
+        ids += fleet.submit(alice, diving, 1, f"diving {round_}")
+        ids += fleet.submit(alice, other, 1, f"other {round_}")
+    fleet.start_worker("worker-a")
+    fleet.start_worker("worker-b")
+    fleet.go()
+    jobs = fleet.finished(ids)
+    assert {j.state for j in jobs} == {"succeeded"}, [(j.state, j.error_message) for j in jobs]
+    assert {j.lease_owner for j in jobs} <= {None}  # finished jobs hold no lease
+    # Both start with diving loaded: one switches to other and keeps it; at most the other
+    # one comes to help at the end (first come, first served would switch ~20 times).
+    loads = [sim.checkpoint_loads for sim in pool]
+    assert sum(loads) <= 2, loads
+    with fleet.admin.db.session() as session:
+        ran_by = set(session.scalars(select(JobAttempt.worker)).all())
+    assert ran_by == {"worker-a", "worker-b"}  # both planned, with one view of the fleet
+
+
+@pytest.mark.timeout(180)
+def test_a_user_behind_another_users_queue_is_served_next(
+    fleet_of: Any, sims: tuple[A1111Simulator, A1111Simulator]
+) -> None:
+    realistic, anime = sims
+    realistic.faults.delay_seconds = 0.1
+    fleet = fleet_of(realistic.url, anime.url)
+    alice, bob = _user(fleet, "alice"), _user(fleet, "bob")
+    fleet.start_worker("worker-a")
+    fleet.start_worker("worker-b")
+    alice_jobs = fleet.submit(alice, _character(fleet, alice, "Sakura"), 12, "alice")
+    bob_jobs = fleet.submit(bob, _character(fleet, bob, "Ken"), 2, "bob")
+    fleet.go()
+    jobs = fleet.finished(alice_jobs + bob_jobs)
+    assert {j.state for j in jobs} == {"succeeded"}
+    order = [j.id for j in sorted(jobs, key=lambda j: j.finished_at or j.created_at)]
+    places = sorted(order.index(job_id) for job_id in bob_jobs)
+    # First come, first served would finish bob's last (places 12 and 13).
+    assert places[-1] <= 5, (places, order)
