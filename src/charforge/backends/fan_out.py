@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
+from charforge.observability import logs
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -22,7 +24,9 @@ def ask_each(
         return {}
     executor = ThreadPoolExecutor(max_workers=len(asked), thread_name_prefix=what)
     try:
-        futures = {executor.submit(question, name): name for name in asked}
+        # The asker's request id goes with each question: its backend's log lines name it.
+        carried = logs.CarriedContext()
+        futures = {executor.submit(carried.run, question, name): name for name in asked}
         done, _ = wait(futures, timeout=timeout)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)

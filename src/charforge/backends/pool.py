@@ -453,7 +453,7 @@ class BackendPool:
                 n for n in names if n not in self._probes or now - self._probes[n][0] > max_age
             ]
         if stale:
-            with ThreadPoolExecutor(max_workers=min(8, len(stale))) as executor:
+            with ThreadPoolExecutor(min(8, len(stale)), thread_name_prefix="probe") as executor:
                 results = list(executor.map(lambda n: self.backends[n].probe(), stale))
             for name, result in zip(stale, results, strict=True):
                 self.apply_probe(name, result)

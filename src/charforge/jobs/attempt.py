@@ -13,6 +13,7 @@ from charforge.db import repositories as repo
 from charforge.db.models import Job, utcnow
 from charforge.domain.params import GenerationParams
 from charforge.jobs.context import RunnerContext
+from charforge.observability import logs
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class LeaseKeeper:
         self.task_id = task_id_of(job.id, job.number)
         self.cancelled = cancelled  # the attempt's stop: the adapter watches it too
         self.lost = False
+        # Made in the attempt's thread; renew runs in the renewer's or a progress watcher's,
+        # whose log lines (and the interrupt's) must still name this job.
+        self._context = logs.CarriedContext()
 
     def start(self) -> None:
         self._ctx.renewer.add(self)
@@ -69,6 +73,9 @@ class LeaseKeeper:
         self._ctx.renewer.remove(self)
 
     def renew(self) -> None:
+        self._context.run(self._renew)
+
+    def _renew(self) -> None:
         until = utcnow() + timedelta(seconds=self._ctx.lease)
         with self._ctx.db.session() as session:
             held = repo.renew_lease(
@@ -84,12 +91,11 @@ class LeaseKeeper:
                 self._backend,
             )
             # Off this thread: the renewer serves every attempt, and a WebUI may be slow.
-            threading.Thread(
-                target=self._ctx.pool.backends[self._backend].interrupt,
-                args=(self.task_id,),
+            logs.start_thread(
+                self._ctx.pool.backends[self._backend].interrupt,
+                self.task_id,
                 name=f"interrupt-{self._job.id[:8]}",
-                daemon=True,
-            ).start()
+            )
 
     def progress(self, update: Progress) -> None:
         with self._ctx.db.session() as session:

@@ -292,6 +292,10 @@ def run_worker(
         dispatcher.wake()
         return job_id
 
+    # A line per message received and per wake-up done says nothing about a job's fate (the
+    # dispatcher logs each job it takes, naming it); failures are still logged.
+    for noisy in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     sweeper = Sweeper(settings, ctx, resend, slots=slots)
     ctx.pool.start_monitor()
     sweeper.start()

@@ -365,8 +365,16 @@ def _finish_failed(
 
 def run_here(ctx: RunnerContext, job_id: str, *, wait: float) -> Outcome:
     """One attempt of a job in this thread, on a backend the pool picks (no dispatcher: the
-    CLI and Celery workers). Returns "skipped" when the job is not queued, or is reserved
+    CLI's generate and batch). Returns "skipped" when the job is not queued, or is reserved
     by another worker; "retry" when it is not due yet or no backend was free in time."""
+    token = logs.job_id.set(job_id)  # the wait for a backend's lines name the job too
+    try:
+        return _run_here(ctx, job_id, wait=wait)
+    finally:
+        logs.job_id.reset(token)
+
+
+def _run_here(ctx: RunnerContext, job_id: str, *, wait: float) -> Outcome:
     with ctx.db.session() as session:
         job = repo.job_any_owner(session, job_id)
         if job is None or job.state != "queued":

@@ -3,15 +3,44 @@ request id and the job id of the work it belongs to."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
 import sys
+import threading
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import ParamSpec, TypeVar
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 job_id: ContextVar[str | None] = ContextVar("job_id", default=None)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class CarriedContext:
+    """The context (request and job ids) of the thread that made it, for code run later in
+    another thread: ContextVars do not flow into a ``threading.Thread``, so that code's log
+    lines would lose the ids of the work they are about."""
+
+    def __init__(self) -> None:
+        self._context = contextvars.copy_context()
+
+    def run(self, target: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        # A copy per call: one Context cannot be entered by two threads at once.
+        return self._context.copy().run(target, *args, **kwargs)
+
+
+def start_thread(target: Callable[..., object], *args: object, name: str) -> threading.Thread:
+    """A daemon thread running ``target(*args)`` with this thread's request and job ids."""
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(target, *args), name=name, daemon=True
+    )
+    thread.start()
+    return thread
 
 
 class ContextFilter(logging.Filter):

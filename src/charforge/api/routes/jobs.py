@@ -20,6 +20,7 @@ from charforge.container import Container
 from charforge.db.models import User
 from charforge.domain.params import JobBody
 from charforge.jobs.runner import notice_cancel
+from charforge.observability import logs
 from charforge.services import jobs
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -71,7 +72,12 @@ def cancel_job(c: Container, user: User, job_id: str) -> JobOut:
     notice_cancel(c.runner, job_id)
     if previous == "running" and backend in c.pool.backends:
         # Stop this job's work now, and only its own: the backend's task for this attempt.
-        c.pool.backends[backend].interrupt(task_id_of(job_id, attempt))
+        # The adapter's log lines about it name the job, not only the backend's task id.
+        token = logs.job_id.set(job_id)
+        try:
+            c.pool.backends[backend].interrupt(task_id_of(job_id, attempt))
+        finally:
+            logs.job_id.reset(token)
     return job_out(c, user, job_id)
 
 

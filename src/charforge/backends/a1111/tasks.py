@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from charforge.backends.base import Progress
+from charforge.observability import logs
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class TaskWatch:
         self._interrupt_sent = False
         self._reap_until = 0.0  # set when the call was given up (see reap)
         self._lock = threading.Lock()
+        # Made in the job's thread: the watcher's looks at this task log with its job id.
+        self.context = logs.CarriedContext()
 
     def interrupted_elsewhere(self) -> None:
         """The WebUI was already told to stop this task (it was active): not again."""
@@ -240,6 +243,13 @@ class Watcher:
         except Exception:  # progress is a nicety: the call itself decides the outcome
             return None
 
+    @staticmethod
+    def _look(watch: TaskWatch, status: TaskStatus | None, state: WebUIState | None) -> None:
+        try:
+            watch.look(status, state)
+        except Exception:  # one task's trouble must not stop the others' watch
+            log.exception("watching A1111 task %s failed", watch.task_id)
+
     def _loop(self) -> None:
         while not self._closed:
             with self._lock:
@@ -255,12 +265,12 @@ class Watcher:
                 continue
             # Which task is active first, then the state: a state read before a task began
             # could still carry the previous task's interrupted flag.
-            statuses = {w.task_id: self._safely(self._read_status, w.task_id) for w in watches}
+            statuses = {
+                w.task_id: w.context.run(self._safely, self._read_status, w.task_id)
+                for w in watches
+            }
             state = self._safely(self._read_state)
             for watch in watches:
-                try:
-                    watch.look(statuses[watch.task_id], state)
-                except Exception:  # one task's trouble must not stop the others' watch
-                    log.exception("watching A1111 task %s failed", watch.task_id)
+                watch.context.run(self._look, watch, statuses[watch.task_id], state)
             self._wake.wait(self._interval)
             self._wake.clear()
