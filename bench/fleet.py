@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,10 @@ import httpx
 from charforge.config import Settings
 from charforge.container import Container, build_runner
 from charforge.db import repositories as repo
-from charforge.db.models import utcnow
+from charforge.db.engine import Database
+from charforge.db.models import JobAttempt, utcnow
 from charforge.domain.params import GenerateBody
+from charforge.domain.routes import RouteTable
 from charforge.jobs.inline import InlineJobQueue, Planner
 from charforge.jobs.scheduler import FreeBackend, Policy, QueuedJob, round_robin
 from charforge.jobs.tickets import JobTicket
@@ -215,7 +218,9 @@ def fleet() -> Iterator[list[RemoteSim]]:
         process.wait(timeout=30)
 
 
-def settings_for(data_dir: Path, sims: list[RemoteSim], scenario: Scenario) -> Settings:
+def settings_values(data_dir: Path, sims: list[RemoteSim], scenario: Scenario) -> dict[str, Any]:
+    """The run's settings as field values: ``Settings(**values)`` here, environment variables
+    for the worker processes of bench/fleet_distributed.py."""
     urls = [sim.url for sim in sims]
     everyone = backend_names(scenario.both_vars)
     routes: dict[str, dict[str, object]] = {
@@ -227,21 +232,25 @@ def settings_for(data_dir: Path, sims: list[RemoteSim], scenario: Scenario) -> S
         realistic_urls = anime_urls = ",".join(urls)
     else:
         realistic_urls, anime_urls = ",".join(urls[:2]), ",".join(urls[2:])
-    return Settings(
-        data_dir=data_dir,  # SQLite in a fresh temporary folder
-        runpod_realistic_url=realistic_urls,
-        runpod_anime_cartoon_fantasy_url=anime_urls,
-        routes=routes,  # validated into RouteConfig
-        pipeline=scenario.pipeline,
+    return {
+        "data_dir": data_dir,  # SQLite in a fresh temporary folder (embedded runs)
+        "runpod_realistic_url": realistic_urls,
+        "runpod_anime_cartoon_fantasy_url": anime_urls,
+        "routes": routes,  # validated into RouteConfig
+        "pipeline": scenario.pipeline,
         # One attempt, no backoff: a failure shows up as a failed job, not as a retry's delay.
-        job_max_attempts=1,
-        retry_backoff=0.0,
-        retry_backoff_max=0.0,
-        backend_timeout=60.0,
-        probe_timeout=5.0,
+        "job_max_attempts": 1,
+        "retry_backoff": 0.0,
+        "retry_backoff_max": 0.0,
+        "backend_timeout": 60.0,
+        "probe_timeout": 5.0,
         # Health is not under test: no backend may be marked down by a slow probe mid-run.
-        health_failures=100,
-    )
+        "health_failures": 100,
+    }
+
+
+def settings_for(data_dir: Path, sims: list[RemoteSim], scenario: Scenario) -> Settings:
+    return Settings(**settings_values(data_dir, sims, scenario))
 
 
 def naive_planner(order: list[str]) -> Planner:
@@ -256,6 +265,71 @@ def naive_planner(order: list[str]) -> Planner:
         return round_robin(queued, free, cursor=cursor, order=order)
 
     return planner
+
+
+def write_jobs(
+    db: Database, table: RouteTable, settings: Settings, n: int, seed: int
+) -> tuple[list[JobTicket], float]:
+    """The run's users, characters and ``n`` job rows, written through the service layer;
+    returns the jobs' tickets and the seconds the job rows took (users and characters not
+    counted)."""
+    rng = random.Random(seed)
+    with db.session() as session:
+        owners = [users.create_user(session, f"user{u}", "bench-password") for u in range(USERS)]
+        cast = {
+            (owner.id, style): characters.create(
+                session,
+                owner,
+                characters.CharacterFields(name=f"{style}-{owner.id}", art_style=style),
+                table,
+            ).id
+            for owner in owners
+            for style in STYLES
+        }
+        picks = [(rng.choice(owners), rng.choice(list(STYLES))) for _ in range(n)]
+
+    began = time.perf_counter()
+    with db.session() as session:
+        jobs = [
+            generation.submit(
+                session,
+                owner,  # detached but loaded: only its id is read
+                GenerateBody(
+                    prompt=f"{style} portrait {i}",
+                    character_id=cast[(owner.id, style)],
+                    **TINY,
+                ),
+                table,
+                settings.defaults,
+            )
+            for i, (owner, style) in enumerate(picks)
+        ]
+        tickets = [JobTicket.of(job) for job in jobs]
+    return tickets, time.perf_counter() - began
+
+
+def lanes(
+    names: list[str], sims: list[RemoteSim], attempts: list[JobAttempt], wall_start: datetime
+) -> dict[str, Lane]:
+    """Each backend's lane: images and switches from its simulator, busy time and last end
+    from the attempt rows (``wall_start``: the first submit, in the rows' clock)."""
+    per_backend = {}
+    for backend, sim in zip(names, sims, strict=True):
+        spans = [
+            (a.started_at, a.finished_at or a.started_at) for a in attempts if a.backend == backend
+        ]
+        per_backend[backend] = Lane(
+            images=sim.generations,
+            switches=sim.checkpoint_loads,
+            busy=sum((end - begin).total_seconds() for begin, end in spans),
+            last=max(((end - wall_start).total_seconds() for _, end in spans), default=0.0),
+        )
+    return per_backend
+
+
+def plans(sims: list[RemoteSim]) -> list[list[str]]:
+    """Per simulator, the checkpoints of the generations it ran, in order (``replay``)."""
+    return [[run["checkpoint"] for run in sim.state()["task_runs"].values()] for sim in sims]
 
 
 def run(
@@ -286,41 +360,7 @@ def run(
             loaded = {s.name: s.loaded for s in container.pool.statuses(names)}
             assert loaded == start_state(scenario.both_vars), loaded  # the setup, not a timing
 
-            rng = random.Random(seed)
-            with container.db.session() as session:
-                owners = [
-                    users.create_user(session, f"user{u}", "bench-password") for u in range(USERS)
-                ]
-                cast = {
-                    (owner.id, style): characters.create(
-                        session,
-                        owner,
-                        characters.CharacterFields(name=f"{style}-{owner.id}", art_style=style),
-                        container.table,
-                    ).id
-                    for owner in owners
-                    for style in STYLES
-                }
-                picks = [(rng.choice(owners), rng.choice(list(STYLES))) for _ in range(n)]
-
-            began = time.perf_counter()
-            with container.db.session() as session:
-                jobs = [
-                    generation.submit(
-                        session,
-                        owner,  # detached but loaded: only its id is read
-                        GenerateBody(
-                            prompt=f"{style} portrait {i}",
-                            character_id=cast[(owner.id, style)],
-                            **TINY,
-                        ),
-                        container.table,
-                        settings.defaults,
-                    )
-                    for i, (owner, style) in enumerate(picks)
-                ]
-                tickets = [JobTicket.of(job) for job in jobs]
-            written = time.perf_counter() - began
+            tickets, written = write_jobs(container.db, container.table, settings, n, seed)
 
             started = time.perf_counter()  # the first job reaches the dispatcher now
             wall_start = utcnow()
@@ -338,22 +378,8 @@ def run(
             )
         finally:
             container.close()
-        per_backend = {}
-        for backend, sim in zip(names, sims, strict=True):
-            spans = [
-                (a.started_at, a.finished_at or a.started_at)
-                for a in attempts
-                if a.backend == backend
-            ]
-            per_backend[backend] = Lane(
-                images=sim.generations,
-                switches=sim.checkpoint_loads,
-                busy=sum((end - begin).total_seconds() for begin, end in spans),
-                last=max(((end - wall_start).total_seconds() for _, end in spans), default=0.0),
-            )
-        sequences = [
-            [run["checkpoint"] for run in sim.state()["task_runs"].values()] for sim in sims
-        ]
+        per_backend = lanes(names, sims, attempts, wall_start)
+        sequences = plans(sims)
         return Result(
             policy=scenario.name,
             sequences=sequences,
@@ -413,6 +439,18 @@ SCENARIOS = [
     Scenario("both vars", pipeline=True, both_vars=True),
     Scenario("round robin", pipeline=False, naive=True),
 ]
+
+
+def print_lanes(r: Result) -> None:
+    print(
+        f"  {'backend':<24} {'images':>6} {'switches':>8} {'busy':>7} {'last end':>8} "
+        f"{'gpu idle':>8} {'own work/img':>12}"
+    )
+    for backend, lane in r.per_backend.items():
+        print(
+            f"  {backend:<24} {lane.images:6d} {lane.switches:8d} {lane.busy:6.2f}s "
+            f"{lane.last:7.2f}s {lane.idle:7.2f}s {lane.overhead_ms():9.1f} ms"
+        )
 
 
 def main() -> None:
@@ -515,15 +553,7 @@ def main() -> None:
             f"{r.switches_seen}; job rows written in {r.submit_seconds:.2f} s before the first "
             "submit (not in the makespan)"
         )
-        print(
-            f"  {'backend':<24} {'images':>6} {'switches':>8} {'busy':>7} {'last end':>8} "
-            f"{'gpu idle':>8} {'own work/img':>12}"
-        )
-        for backend, lane in r.per_backend.items():
-            print(
-                f"  {backend:<24} {lane.images:6d} {lane.switches:8d} {lane.busy:6.2f}s "
-                f"{lane.last:7.2f}s {lane.idle:7.2f}s {lane.overhead_ms():9.1f} ms"
-            )
+        print_lanes(r)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"host: {os.cpu_count()} CPUs, load average {load} (the simulators run in a process "

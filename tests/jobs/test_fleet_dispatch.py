@@ -155,6 +155,14 @@ def test_two_workers_keep_each_checkpoint_on_one_backend(
     with fleet.admin.db.session() as session:
         ran_by = set(session.scalars(select(JobAttempt.worker)).all())
     assert ran_by == {"worker-a", "worker-b"}  # both planned, with one view of the fleet
+    # Each worker counts the switches it caused against the fleet's record of what a backend
+    # has loaded: together they count what the WebUIs did (their own views would not).
+    counted = sum(
+        ctx.metrics.checkpoint_switches.labels(name)._value.get()
+        for ctx, _, _ in fleet.workers
+        for name in ctx.table.backends
+    )
+    assert counted == sum(loads), (counted, loads)
 
 
 @pytest.mark.timeout(180)

@@ -109,6 +109,11 @@ class SlotGuard(Protocol):
 
     def release(self, backend: str, token: str) -> None: ...
 
+    def swap_loaded(self, backend: str, checkpoint: str) -> str | None:
+        """Record, for every process, what the backend now renders with; returns what the
+        record said before (None: nothing yet)."""
+        ...
+
 
 class BackendPool:
     def __init__(
@@ -336,7 +341,7 @@ class BackendPool:
             switched = self._set_loaded(status, checkpoint)
         self.metrics.backend_seconds.labels(name, "succeeded").observe(seconds)
         self.metrics.backend_up.labels(name).set(1)
-        if switched:
+        if switched and self._slots is None:  # shared: counted in note_rendering
             self.metrics.checkpoint_switches.labels(name).inc()
         if recovered:
             log.info("backend %s is healthy again", name)
@@ -381,7 +386,26 @@ class BackendPool:
             if self._status[name].load_failed is not None:
                 return  # not to be believed until a generation succeeds
             switched = self._set_loaded(self._status[name], checkpoint)
-        if switched:
+        if switched and self._slots is None:
+            self.metrics.checkpoint_switches.labels(name).inc()
+
+    def note_rendering(self, name: str, checkpoint: str) -> None:
+        """The backend is about to render with ``checkpoint`` (A1111 switches to it first).
+        With slots shared across processes, the switch is counted against the fleet's record
+        of what the backend has loaded, which another worker may have changed meanwhile;
+        this process's own view would miss or invent switches."""
+        if self._slots is None:
+            self.note_loaded(name, checkpoint)
+            return
+        checkpoint = strip_hash(checkpoint)
+        previous = self._slots.swap_loaded(self._key(name), checkpoint)
+        with self._changed:
+            status = self._status[name]
+            if previous is None:  # the first job anyone runs there: this process's probe
+                previous = status.loaded
+            if status.load_failed is None:
+                status.loaded = checkpoint
+        if previous and not same_checkpoint(previous, checkpoint):
             self.metrics.checkpoint_switches.labels(name).inc()
 
     @staticmethod

@@ -29,7 +29,6 @@ class Waiting:
     owner_id: int
     style: str
     checkpoint: str
-    params: dict[str, Any]
     created_at: datetime
     not_before: datetime | None
     attempts: int
@@ -51,7 +50,6 @@ def waiting_jobs(session: Session, now: datetime, limit: int) -> list[Waiting]:
             Job.owner_id,
             Job.art_style,
             Job.checkpoint,
-            Job.params,
             Job.created_at,
             Job.not_before,
             Job.attempts,
@@ -61,6 +59,14 @@ def waiting_jobs(session: Session, now: datetime, limit: int) -> list[Waiting]:
         .limit(limit)
     ).all()
     return [Waiting(*row) for row in rows]
+
+
+def params_of(session: Session, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The parameters of these jobs (read once per job: the scheduler keeps what it needs)."""
+    if not job_ids:
+        return {}
+    rows = session.execute(select(Job.id, Job.params).where(Job.id.in_(list(job_ids))))
+    return {str(row[0]): row[1] for row in rows}
 
 
 def failed_backends_of(session: Session, job_ids: Sequence[str]) -> dict[str, frozenset[str]]:

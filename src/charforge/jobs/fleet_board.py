@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -50,23 +51,23 @@ class RedisSlots:
         self._owner = owner
 
     @staticmethod
-    def _key(backend: str, slot: int) -> str:
+    def key(backend: str, slot: int) -> str:
         return f"charforge:slot:{backend}:{slot}"
 
     def acquire(self, backend: str, limit: int) -> str | None:
         token = f"{self._owner}|{uuid.uuid4().hex}"
         for slot in range(limit):
-            if self._redis.set(self._key(backend, slot), token, nx=True, px=self._ttl_ms):
+            if self._redis.set(self.key(backend, slot), token, nx=True, px=self._ttl_ms):
                 return f"{slot}:{token}"
         return None
 
     def renew(self, backend: str, token: str) -> None:
         slot, value = token.split(":", 1)
-        self._redis.eval(self._RENEW, 1, self._key(backend, int(slot)), value, self._ttl_ms)
+        self._redis.eval(self._RENEW, 1, self.key(backend, int(slot)), value, self._ttl_ms)
 
     def release(self, backend: str, token: str) -> None:
         slot, value = token.split(":", 1)
-        self._redis.eval(self._RELEASE, 1, self._key(backend, int(slot)), value)
+        self._redis.eval(self._RELEASE, 1, self.key(backend, int(slot)), value)
 
     def free_dead(self, live: set[str]) -> int:
         """Free every slot (and door) held by a worker not in ``live``; returns how many."""
@@ -80,24 +81,19 @@ class RedisSlots:
                 freed += int(self._redis.eval(self._RELEASE, 1, key, text) or 0)
         return freed
 
-    def held(self, limits: dict[str, int]) -> dict[str, int]:
-        """How many slots of each backend (by key, with its limit) are held now, by anyone:
-        one round trip for the whole fleet."""
-        keys = [
-            (backend, self._key(backend, slot))
-            for backend, n in limits.items()
-            for slot in range(n)
-        ]
-        counts = dict.fromkeys(limits, 0)
-        if keys:
-            for (backend, _), value in zip(
-                keys, self._redis.mget([k for _, k in keys]), strict=True
-            ):
-                counts[backend] += value is not None
-        return counts
+    def swap_loaded(self, backend: str, checkpoint: str) -> str | None:
+        previous = self._redis.getset(f"charforge:loaded:{backend}", checkpoint)
+        return None if previous is None else _text(previous)
 
     def close(self) -> None:
         self._redis.close()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    held: dict[str, int]  # backend key -> slots held by anyone
+    planned: dict[str, str]  # backend key -> checkpoint it was last given
+    served: dict[int, float]  # user id -> when a job of theirs was last taken
 
 
 class FleetBoard:
@@ -109,19 +105,30 @@ class FleetBoard:
     )
 
     def __init__(self, url: str) -> None:
-        self._url = url
+        self.url = url
         self._redis: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
-    def planned(self) -> dict[str, str]:
-        raw = self._redis.hgetall(_PLANNED)
-        return {_text(k): _text(v) for k, v in raw.items()}
-
-    def served(self) -> dict[int, float]:
-        found: dict[int, float] = {}
-        for key, value in self._redis.hgetall(_SERVED).items():
+    def look(self, limits: dict[str, int]) -> Snapshot:
+        """The fleet's state for a plan, in one round trip: the slots held on each backend
+        (by key, with its limit), what each is planned to have loaded, when each user was
+        last served."""
+        slots = [(b, RedisSlots.key(b, i)) for b, n in limits.items() for i in range(n)]
+        with self._redis.pipeline(transaction=False) as pipe:
+            if slots:
+                pipe.mget([key for _, key in slots])
+            pipe.hgetall(_PLANNED)
+            pipe.hgetall(_SERVED)
+            answers = pipe.execute()
+        values = answers.pop(0) if slots else []
+        held = dict.fromkeys(limits, 0)
+        for (backend, _), value in zip(slots, values, strict=True):
+            held[backend] += value is not None
+        served: dict[int, float] = {}
+        for key, value in answers[1].items():
             with contextlib.suppress(ValueError):
-                found[int(_text(key))] = float(_text(value))
-        return found
+                served[int(_text(key))] = float(_text(value))
+        planned = {_text(k): _text(v) for k, v in answers[0].items()}
+        return Snapshot(held, planned, served)
 
     def note(self, planned: dict[str, str], served: dict[int, float]) -> None:
         """Jobs were taken: what their backends will load, and whose they were."""
@@ -165,7 +172,7 @@ class FleetBoard:
 
         def loop() -> None:
             while not stop.is_set():
-                client: Redis = Redis.from_url(self._url, socket_connect_timeout=2)
+                client: Redis = Redis.from_url(self.url, socket_connect_timeout=2)
                 try:
                     with client.pubsub(ignore_subscribe_messages=True) as channel:  # type: ignore[no-untyped-call]
                         channel.subscribe(CHANNEL)

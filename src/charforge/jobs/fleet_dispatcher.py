@@ -35,6 +35,7 @@ from charforge.db.models import utcnow
 from charforge.domain.params import GenerationParams
 from charforge.domain.requirements import capable_backends, needs_of
 from charforge.jobs.fleet_board import FleetBoard, RedisSlots
+from charforge.jobs.heartbeat import live_workers
 from charforge.jobs.runner import RunnerContext, run_on_slot
 from charforge.jobs.scheduler import Fairness, Policy, QueuedJob, plan, split_backends
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # How many of the oldest queued jobs one plan looks at: enough to group by checkpoint and
 # to be fair, few enough that a plan stays a few milliseconds however long the queue.
 WINDOW = 500
+_LIVE_EVERY = 2.0  # seconds between reads of which queues live workers consume
 
 
 def _epoch(moment: datetime) -> float:
@@ -65,7 +67,8 @@ class FleetDispatcher:
     ) -> None:
         self._ctx, self._slots, self._board = ctx, slots, board
         self._queues = queues
-        self._queue_of = route_queue  # checkpoint -> the queue its jobs are sent to
+        self._route_queue = route_queue  # checkpoint -> the queue its jobs are sent to
+        self._queues_of: dict[str, str] = {}
         self._threads = threads
         self._policy = policy or Policy()
         self._look_every = look_every
@@ -78,6 +81,9 @@ class FleetDispatcher:
         # (job id, attempts) -> the job as the planner sees it: its pool and the backends
         # it failed on change only with a new attempt.
         self._known: dict[tuple[str, int], QueuedJob] = {}
+        self._live: set[str] = set()
+        self._live_read = float("-inf")
+        self._woken: set[tuple[str, str]] = set()
         ctx.pool.on_change(self._freed)
 
     # -- life --------------------------------------------------------------------------------
@@ -145,25 +151,26 @@ class FleetDispatcher:
         with self._board.planning() as planning:
             if not planning:
                 return 0.05
-            held = self._slots.held({keys[s.name]: s.limit for s in statuses})
-            shared = self._board.planned()
+            fleet = self._board.look({keys[s.name]: s.limit for s in statuses})
             view = [
                 replace(
                     s,
-                    in_flight=held[keys[s.name]],
-                    upcoming=shared.get(keys[s.name]) or s.upcoming,
+                    in_flight=fleet.held[keys[s.name]],
+                    upcoming=fleet.planned.get(keys[s.name]) or s.upcoming,
                 )
                 for s in statuses
             ]
             if not any(s.idle_slots for s in view):
                 return self._look_every  # a freed slot wakes us
-            queued, owners = self._waiting()
-            if not queued:
+            queued, mine, owners = self._waiting()
+            if not mine:
                 return self._look_every
             now = time.time()
             free, busy = split_backends(view, queued)
-            fairness = Fairness(last_served=self._board.served(), running=owners)
+            fairness = Fairness(last_served=fleet.served, running=owners)
             healthy = {s.name for s in view if s.healthy}
+            # The whole fleet's plan: this worker takes its share of it, and leaves the rest
+            # (other queues' jobs) to the workers that consume them, whom it wakes.
             assignments = plan(
                 queued,
                 free,
@@ -172,28 +179,36 @@ class FleetDispatcher:
                 fairness=fairness,
                 policy=self._policy,
                 healthy=healthy,
-            )[:capacity]
-            self._take(assignments, keys)
-        due = [j.not_before - now for j in queued if j.not_before > now]
+            )
+            ours = [(job, backend) for job, backend in assignments if job.id in mine]
+            self._take(ours[:capacity], keys)
+            self._wake_others({(job.id, backend) for job, backend in assignments} - set(ours))
+        due = [j.not_before - now for j in queued if j.id in mine and j.not_before > now]
         return max(0.01, min([self._look_every, *due]))
 
-    def _waiting(self) -> tuple[list[QueuedJob], Counter[int]]:
-        """This worker's queued jobs (its queues only) and each user's jobs running now."""
+    def _waiting(self) -> tuple[list[QueuedJob], set[str], Counter[int]]:
+        """The fleet's queued jobs (those of queues some live worker consumes: a job no one
+        can take must not hold a backend in the plan), which of them are this worker's to
+        take, and each user's jobs running now."""
         now = utcnow()
+        served = self._live_queues() | self._queues
         with self._ctx.db.session() as session:
             rows = [
-                w
+                (w, queue)
                 for w in dispatch.waiting_jobs(session, now, WINDOW)
-                if self._queue_of(w.checkpoint) in self._queues
+                if (queue := self._queue_of(w.checkpoint)) in served
             ]
-            new = [w for w in rows if (w.id, w.attempts) not in self._known]
+            new = [w for w, _ in rows if (w.id, w.attempts) not in self._known]
+            params = dispatch.params_of(session, [w.id for w in new])
             failed = dispatch.failed_backends_of(session, [w.id for w in new if w.attempts])
             owners = dispatch.busy_owners(session, now)
         known: dict[tuple[str, int], QueuedJob] = {}
-        for w in rows:
+        for w, _ in rows:
             job = self._known.get((w.id, w.attempts))
             if job is None:
-                needs = needs_of(GenerationParams.from_json(w.params))
+                if w.id not in params:
+                    continue  # deleted since the first read
+                needs = needs_of(GenerationParams.from_json(params[w.id]))
                 route = self._ctx.table.route(w.style)
                 job = QueuedJob(
                     w.id,
@@ -205,9 +220,33 @@ class FleetDispatcher:
                 )
             # The backoff of a retry can change without a new attempt (a re-queue).
             due = _epoch(w.not_before) if w.not_before is not None else 0.0
-            known[(w.id, w.attempts)] = replace(job, not_before=due)
+            known[(w.id, w.attempts)] = (
+                job if job.not_before == due else replace(job, not_before=due)
+            )
         self._known = known  # forget the ones gone from the queue
-        return list(known.values()), owners
+        mine = {w.id for w, queue in rows if queue in self._queues}
+        return list(known.values()), mine, owners
+
+    def _queue_of(self, checkpoint: str) -> str:
+        queue = self._queues_of.get(checkpoint)
+        if queue is None:
+            queue = self._queues_of[checkpoint] = self._route_queue(checkpoint)
+        return queue
+
+    def _live_queues(self) -> set[str]:
+        """The queues live workers consume (their heartbeats), read every few seconds."""
+        if time.monotonic() - self._live_read > _LIVE_EVERY:
+            self._live = {q for w in live_workers(self._board.url) for q in w.queues}
+            self._live_read = time.monotonic()
+        return self._live
+
+    def _wake_others(self, theirs: set[tuple[str, str]]) -> None:
+        """The plan gave free backends to other workers' jobs: tell them, once per change
+        (two workers that both cannot take what the plan says must not wake each other in
+        a loop)."""
+        if theirs and theirs != self._woken:
+            self._board.wake_all(self._ctx.worker)
+        self._woken = theirs
 
     def _take(self, assignments: list[tuple[QueuedJob, str]], keys: dict[str, str]) -> None:
         pool = self._ctx.pool

@@ -208,7 +208,7 @@ def _on_backend(
                 # Not probed yet: ask, so that the switch this job may cause is counted.
                 with contextlib.suppress(CharforgeError):
                     ctx.pool.note_loaded(name, backend.loaded_checkpoint())
-            ctx.pool.note_loaded(name, listed.name)  # A1111 switches to it before rendering
+            ctx.pool.note_rendering(name, listed.name)  # A1111 switches to it first
             request = BackendRequest(
                 job.style,
                 listed,

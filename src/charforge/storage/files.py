@@ -46,7 +46,10 @@ class ImageStore:
         if not path.is_file():
             raise NotFound(
                 "The image's file is missing from the data dir.",
-                hint="It was removed outside charforge; delete the image or restore the file.",
+                hint="It was removed outside charforge (delete the image or restore the file), "
+                "or, in distributed mode, the worker that made it wrote it to a "
+                "CHARFORGE_DATA_DIR this server does not see: mount one shared folder at that "
+                "path on every server and worker.",
             )
         return path
 
