@@ -114,6 +114,8 @@ class SlotGuard(Protocol):
         record said before (None: nothing yet)."""
         ...
 
+    def forget_loaded(self, backend: str) -> None: ...
+
 
 class BackendPool:
     def __init__(
@@ -379,6 +381,11 @@ class BackendPool:
             cached = self._probes.get(name)
             if cached is not None:
                 self._probes[name] = (cached[0], replace(cached[1], loaded=None))
+        if self._slots is not None:
+            try:
+                self._slots.forget_loaded(self._key(name))
+            except Exception as exc:  # the next render records it again
+                log.warning("backend %s: could not clear its checkpoint record (%s)", name, exc)
         log.warning("backend %s failed to load %s", name, checkpoint)
 
     def note_loaded(self, name: str, checkpoint: str | None) -> None:
@@ -398,7 +405,11 @@ class BackendPool:
             self.note_loaded(name, checkpoint)
             return
         checkpoint = strip_hash(checkpoint)
-        previous = self._slots.swap_loaded(self._key(name), checkpoint)
+        try:
+            previous = self._slots.swap_loaded(self._key(name), checkpoint)
+        except Exception as exc:  # only a metric rides on it: never fail the job for it
+            log.warning("backend %s: could not record its checkpoint for the fleet (%s)", name, exc)
+            previous = None
         with self._changed:
             status = self._status[name]
             if previous is None:  # the first job anyone runs there: this process's probe

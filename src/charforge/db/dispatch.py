@@ -42,9 +42,16 @@ def _takeable(now: datetime) -> Any:
     )
 
 
-def waiting_jobs(session: Session, now: datetime, limit: int) -> list[Waiting]:
-    """The oldest ``limit`` queued jobs no live reservation holds, oldest first."""
-    rows = session.execute(
+def waiting_jobs(session: Session, now: datetime, limit: int, per_group: int) -> list[Waiting]:
+    """Queued jobs no live reservation holds, oldest first: at most ``per_group`` of each
+    (checkpoint, user) and ``limit`` in all, so one user's long batch or one checkpoint's
+    backlog never hides another user's job or another checkpoint's from the plan."""
+    rank = (
+        func.row_number()
+        .over(partition_by=(Job.checkpoint, Job.owner_id), order_by=(Job.created_at, Job.id))
+        .label("rank")
+    )
+    ranked = (
         select(
             Job.id,
             Job.owner_id,
@@ -53,9 +60,23 @@ def waiting_jobs(session: Session, now: datetime, limit: int) -> list[Waiting]:
             Job.created_at,
             Job.not_before,
             Job.attempts,
+            rank,
         )
         .where(_takeable(now))
-        .order_by(Job.created_at, Job.id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(
+            ranked.c.id,
+            ranked.c.owner_id,
+            ranked.c.art_style,
+            ranked.c.checkpoint,
+            ranked.c.created_at,
+            ranked.c.not_before,
+            ranked.c.attempts,
+        )
+        .where(ranked.c.rank <= per_group)
+        .order_by(ranked.c.created_at, ranked.c.id)
         .limit(limit)
     ).all()
     return [Waiting(*row) for row in rows]
@@ -126,6 +147,15 @@ def take(
     session.execute(reserved)
     mine = select(Job.id).where(Job.id.in_(locked), Job.lease_owner == worker)
     return set(session.scalars(mine).all())
+
+
+def release_reservation(session: Session, job_id: str, worker: str) -> None:
+    """The job was not run after all: free it for every worker's next plan."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "queued", Job.lease_owner == worker)
+        .values(lease_owner=None, lease_until=None)
+    )
 
 
 def release_reservations_of(session: Session, workers: set[str]) -> int:

@@ -129,6 +129,9 @@ class Sweeper:
         """Workers holding running jobs whose heartbeat is gone: killed, not just slow."""
         from redis.exceptions import RedisError
 
+        # Who holds work first, then who is alive: a process that starts in between (its
+        # first heartbeat after the read) must not be taken for dead.
+        holding = set(recovery.running_owners(session))
         try:
             live = {w.worker for w in live_workers(str(self._settings.broker_url))}
         except RedisError:
@@ -137,7 +140,7 @@ class Sweeper:
             freed = self._slots.free_dead(live)
             if freed:
                 log.warning("freed %d backend slot(s) held by workers no longer alive", freed)
-        return set(recovery.running_owners(session)) - live
+        return holding - live
 
     def sweep(self) -> tuple[int, int]:
         now = utcnow()

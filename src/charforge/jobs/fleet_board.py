@@ -44,7 +44,8 @@ class RedisSlots:
     )
 
     def __init__(self, url: str, ttl: float, owner: str) -> None:
-        self._redis: Redis = Redis.from_url(url)
+        # Bounded: a hung Redis must fail a call, not block a job's thread for ever.
+        self._redis: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
         self._ttl_ms = int(ttl * 1000)
         # Each value names the worker holding it, so a dead worker's slots can be freed as
         # soon as its heartbeat is gone rather than when their time to live ends.
@@ -81,9 +82,17 @@ class RedisSlots:
                 freed += int(self._redis.eval(self._RELEASE, 1, key, text) or 0)
         return freed
 
+    @staticmethod
+    def loaded_key(backend: str) -> str:
+        return f"charforge:loaded:{backend}"
+
     def swap_loaded(self, backend: str, checkpoint: str) -> str | None:
-        previous = self._redis.getset(f"charforge:loaded:{backend}", checkpoint)
+        previous = self._redis.getset(self.loaded_key(backend), checkpoint)
         return None if previous is None else _text(previous)
+
+    def forget_loaded(self, backend: str) -> None:
+        """Its last load failed: what it has loaded is unknown until it renders again."""
+        self._redis.delete(self.loaded_key(backend))
 
     def close(self) -> None:
         self._redis.close()
@@ -93,6 +102,7 @@ class RedisSlots:
 class Snapshot:
     held: dict[str, int]  # backend key -> slots held by anyone
     planned: dict[str, str]  # backend key -> checkpoint it was last given
+    loaded: dict[str, str]  # backend key -> checkpoint it last rendered with
     served: dict[int, float]  # user id -> when a job of theirs was last taken
 
 
@@ -113,13 +123,18 @@ class FleetBoard:
         (by key, with its limit), what each is planned to have loaded, when each user was
         last served."""
         slots = [(b, RedisSlots.key(b, i)) for b, n in limits.items() for i in range(n)]
+        backends = list(limits)
         with self._redis.pipeline(transaction=False) as pipe:
             if slots:
                 pipe.mget([key for _, key in slots])
+            if backends:
+                pipe.mget([RedisSlots.loaded_key(b) for b in backends])
             pipe.hgetall(_PLANNED)
             pipe.hgetall(_SERVED)
             answers = pipe.execute()
         values = answers.pop(0) if slots else []
+        rendered = answers.pop(0) if backends else []
+        loaded = {b: _text(v) for b, v in zip(backends, rendered, strict=True) if v is not None}
         held = dict.fromkeys(limits, 0)
         for (backend, _), value in zip(slots, values, strict=True):
             held[backend] += value is not None
@@ -128,7 +143,7 @@ class FleetBoard:
             with contextlib.suppress(ValueError):
                 served[int(_text(key))] = float(_text(value))
         planned = {_text(k): _text(v) for k, v in answers[0].items()}
-        return Snapshot(held, planned, served)
+        return Snapshot(held, planned, loaded, served)
 
     def note(self, planned: dict[str, str], served: dict[int, float]) -> None:
         """Jobs were taken: what their backends will load, and whose they were."""

@@ -41,9 +41,11 @@ from charforge.jobs.scheduler import Fairness, Policy, QueuedJob, plan, split_ba
 
 log = logging.getLogger(__name__)
 
-# How many of the oldest queued jobs one plan looks at: enough to group by checkpoint and
-# to be fair, few enough that a plan stays a few milliseconds however long the queue.
-WINDOW = 500
+# How many queued jobs one plan looks at: the oldest of each checkpoint and user (enough to
+# group by checkpoint and to be fair), few enough that a plan stays a few milliseconds
+# however long the queue.
+WINDOW = 1000
+PER_GROUP = 50
 _LIVE_EVERY = 2.0  # seconds between reads of which queues live workers consume
 
 
@@ -84,6 +86,7 @@ class FleetDispatcher:
         self._live: set[str] = set()
         self._live_read = float("-inf")
         self._woken: set[tuple[str, str]] = set()
+        self._unreadable: set[str] = set()  # logged once each, then left to other workers
         ctx.pool.on_change(self._freed)
 
     # -- life --------------------------------------------------------------------------------
@@ -156,7 +159,13 @@ class FleetDispatcher:
                 replace(
                     s,
                     in_flight=fleet.held[keys[s.name]],
-                    upcoming=fleet.planned.get(keys[s.name]) or s.upcoming,
+                    # What it will have loaded: the last job given to it while one is there,
+                    # else the last it rendered (else this worker's own probe).
+                    upcoming=(
+                        fleet.planned.get(keys[s.name])
+                        if fleet.held[keys[s.name]]
+                        else fleet.loaded.get(keys[s.name])
+                    ),
                 )
                 for s in statuses
             ]
@@ -182,7 +191,8 @@ class FleetDispatcher:
             )
             ours = [(job, backend) for job, backend in assignments if job.id in mine]
             self._take(ours[:capacity], keys)
-            self._wake_others({(job.id, backend) for job, backend in assignments} - set(ours))
+            planned_ids = {(job.id, backend) for job, backend in assignments}
+            self._wake_others(planned_ids - {(job.id, backend) for job, backend in ours})
         due = [j.not_before - now for j in queued if j.id in mine and j.not_before > now]
         return max(0.01, min([self._look_every, *due]))
 
@@ -195,7 +205,7 @@ class FleetDispatcher:
         with self._ctx.db.session() as session:
             rows = [
                 (w, queue)
-                for w in dispatch.waiting_jobs(session, now, WINDOW)
+                for w in dispatch.waiting_jobs(session, now, WINDOW, PER_GROUP)
                 if (queue := self._queue_of(w.checkpoint)) in served
             ]
             new = [w for w, _ in rows if (w.id, w.attempts) not in self._known]
@@ -208,7 +218,13 @@ class FleetDispatcher:
             if job is None:
                 if w.id not in params:
                     continue  # deleted since the first read
-                needs = needs_of(GenerationParams.from_json(params[w.id]))
+                try:
+                    needs = needs_of(GenerationParams.from_json(params[w.id]))
+                except (TypeError, ValueError) as exc:  # written by a newer server, say
+                    if w.id not in self._unreadable:
+                        self._unreadable.add(w.id)
+                        log.error("job %s: its parameters cannot be read here (%s)", w.id, exc)
+                    continue
                 route = self._ctx.table.route(w.style)
                 job = QueuedJob(
                     w.id,
@@ -250,35 +266,56 @@ class FleetDispatcher:
 
     def _take(self, assignments: list[tuple[QueuedJob, str]], keys: dict[str, str]) -> None:
         pool = self._ctx.pool
-        held = [(job, backend) for job, backend in assignments if pool.try_acquire(backend)]
-        if not held:
-            return
-        now = utcnow()
-        with self._ctx.db.session() as session:
-            taken = dispatch.take(
-                session,
-                [job.id for job, _ in held],
-                self._ctx.worker,
-                now,
-                now + timedelta(seconds=self._ctx.lease),
-            )
-        planned: dict[str, str] = {}
-        served: dict[int, float] = {}
-        for job, backend in held:
-            if job.id not in taken:  # another worker took it between our read and now
-                pool.release(backend)
-                continue
-            pool.note_upcoming(backend, job.checkpoint)
-            planned[keys[backend]] = job.checkpoint
-            served[job.owner_id] = time.time()
-            with self._lock:
-                self._running.add(job.id)
-            log.info("job %s taken for backend %s", job.id, backend)
-            self._executor.submit(self._execute, job, backend)
-        self._board.note(planned, served)
+        held: list[tuple[QueuedJob, str]] = []
+        started: set[str] = set()
+        try:
+            for job, backend in assignments:
+                if pool.try_acquire(backend):
+                    held.append((job, backend))
+            if not held:
+                return
+            now = utcnow()
+            with self._ctx.db.session() as session:
+                taken = dispatch.take(
+                    session,
+                    [job.id for job, _ in held],
+                    self._ctx.worker,
+                    now,
+                    now + timedelta(seconds=self._ctx.lease),
+                )
+            planned: dict[str, str] = {}
+            served: dict[int, float] = {}
+            for job, backend in held:
+                if job.id not in taken or self._stop.is_set():
+                    continue  # another worker took it meanwhile, or this one is stopping
+                with self._lock:
+                    self._running.add(job.id)
+                self._executor.submit(self._execute, job, backend)
+                started.add(job.id)
+                pool.note_upcoming(backend, job.checkpoint)
+                planned[keys[backend]] = job.checkpoint
+                served[job.owner_id] = time.time()
+                log.info("job %s taken for backend %s", job.id, backend)
+            self._board.note(planned, served)
+        finally:
+            # Whatever failed on the way (the database, Redis, a stopped executor), a slot
+            # taken for a job that does not run here is given back at once.
+            for job, backend in held:
+                if job.id not in started:
+                    with self._lock:
+                        self._running.discard(job.id)
+                    pool.release(backend)
 
     def _execute(self, job: QueuedJob, backend: str) -> None:
         # The freed slot wakes every scheduler of the fleet, this one included.
         outcome = run_on_slot(self._ctx, job.id, backend, ended=lambda: self._ended(job.id))
+        if outcome.state in ("failed", "skipped") and outcome.backend is None:
+            # Not run (a crash before its claim, or not ours after all): a reservation it
+            # still holds would hide it from every plan until its lease lapsed.
+            try:
+                with self._ctx.db.session() as session:
+                    dispatch.release_reservation(session, job.id, self._ctx.worker)
+            except Exception:  # the lease lapses on its own
+                log.exception("could not give back job %s", job.id)
         if outcome.state == "retry":
             log.info("job %s back in the queue for %.1fs (backoff)", job.id, outcome.retry_after)
