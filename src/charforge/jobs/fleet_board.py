@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from redis import Redis
@@ -27,6 +27,7 @@ _PLANNED = "charforge:fleet:planned"  # hash: backend key -> checkpoint given to
 _SERVED = "charforge:fleet:served"  # hash: user id -> when a job of theirs was last taken
 _LOCK = "charforge:fleet:plan-lock"
 CHANNEL = "charforge:fleet:wake"
+FREED, TOOK, CHANGED = "freed", "took", "changed"  # what a wake-up says happened
 
 
 class RedisSlots:
@@ -172,18 +173,20 @@ class FleetBoard:
             with contextlib.suppress(RedisError):
                 self._redis.eval(self._UNLOCK, 1, _LOCK, token)
 
-    def wake_all(self, sender: str) -> None:
-        """Tell every other worker's scheduler to look again (a slot freed)."""
+    def wake_all(self, sender: str, news: str = FREED, job_ids: Iterable[str] = ()) -> None:
+        """Tell every other worker's scheduler to look again, and why: ``FREED`` (a slot
+        freed, or work planned for them: plan again), ``TOOK`` (these jobs left the queue:
+        no need to read it again for that) or ``CHANGED`` (read the queue again)."""
         try:
-            self._redis.publish(CHANNEL, sender)
+            self._redis.publish(CHANNEL, "|".join((sender, news, ",".join(job_ids))))
         except RedisError as exc:  # they look on their own every second anyway
             log.debug("could not wake the fleet: %s", exc)
 
     def listen(
-        self, me: str, on_wake: Callable[[], None], stop: threading.Event
+        self, me: str, on_wake: Callable[[str, list[str]], None], stop: threading.Event
     ) -> threading.Thread:
-        """A thread that calls ``on_wake`` for every wake-up another worker publishes, until
-        ``stop`` (a worker wakes itself without a round trip)."""
+        """A thread that calls ``on_wake(news, job_ids)`` for every wake-up another worker
+        publishes, until ``stop`` (a worker wakes itself without a round trip)."""
 
         def loop() -> None:
             while not stop.is_set():
@@ -193,8 +196,12 @@ class FleetBoard:
                         channel.subscribe(CHANNEL)
                         while not stop.is_set():
                             message = channel.get_message(timeout=0.5)
-                            if message is not None and _text(message["data"]) != me:
-                                on_wake()
+                            if message is None:
+                                continue
+                            sender, _, rest = _text(message["data"]).partition("|")
+                            news, _, ids = rest.partition("|")
+                            if sender != me:
+                                on_wake(news or CHANGED, [i for i in ids.split(",") if i])
                 except RedisError as exc:
                     log.warning("fleet wake-ups unavailable for now (%s); polling", exc)
                     stop.wait(1.0)

@@ -34,7 +34,7 @@ from charforge.db import dispatch
 from charforge.db.models import utcnow
 from charforge.domain.params import GenerationParams
 from charforge.domain.requirements import capable_backends, needs_of
-from charforge.jobs.fleet_board import FleetBoard, RedisSlots
+from charforge.jobs.fleet_board import CHANGED, FREED, TOOK, FleetBoard, RedisSlots
 from charforge.jobs.heartbeat import live_workers
 from charforge.jobs.runner import RunnerContext, run_on_slot
 from charforge.jobs.scheduler import Fairness, Policy, QueuedJob, plan, split_backends
@@ -87,18 +87,37 @@ class FleetDispatcher:
         self._live_read = float("-inf")
         self._woken: set[tuple[str, str]] = set()
         self._unreadable: set[str] = set()  # logged once each, then left to other workers
+        # The queue as last read, kept between looks while nothing but this worker's own
+        # slots changed: a freed slot here needs a new plan, not a new read of the queue.
+        self._cache: tuple[list[QueuedJob], set[str], Counter[int]] | None = None
+        self._read_at = float("-inf")
+        self._stale = True
+        self._gone: set[str] = set()  # taken by other workers since the cache was read
         ctx.pool.on_change(self._freed)
 
     # -- life --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._stop.clear()
-        self._board.listen(self._ctx.worker, self.wake, self._stop)
+        self._board.listen(self._ctx.worker, self._heard, self._stop)
         self._thread = threading.Thread(target=self._loop, name="fleet-dispatcher", daemon=True)
         self._thread.start()
 
     def wake(self) -> None:
-        """Look again now (a job was submitted, a slot freed somewhere in the fleet)."""
+        """Look again now, at the queue too (a job was submitted, or another worker took
+        jobs or freed a slot)."""
+        self._stale = True
+        self._wake.set()
+
+    def _heard(self, news: str, job_ids: list[str]) -> None:
+        """Another worker's news: jobs it took leave the cached queue; a slot it freed (or
+        work it planned for this one) needs a new plan; anything else, a new read too."""
+        if news == TOOK:  # nothing freed: no new plan needed, only a smaller queue
+            with self._lock:
+                self._gone.update(job_ids)
+            return
+        if news != FREED:
+            self._stale = True
         self._wake.set()
 
     def running(self) -> int:
@@ -199,7 +218,44 @@ class FleetDispatcher:
     def _waiting(self) -> tuple[list[QueuedJob], set[str], Counter[int]]:
         """The fleet's queued jobs (those of queues some live worker consumes: a job no one
         can take must not hold a backend in the plan), which of them are this worker's to
-        take, and each user's jobs running now."""
+        take, and each user's jobs running now. Read again when something else changed it,
+        and at least every ``look_every`` seconds (other processes' cancels, say)."""
+        if (
+            self._cache is not None
+            and not self._stale
+            and time.monotonic() - self._read_at < self._look_every
+        ):
+            with self._lock:
+                gone, self._gone = self._gone, set()
+            if gone:
+                self._drop(gone)
+            return self._cache
+        with self._lock:
+            self._gone.clear()
+        self._stale = False
+        self._read_at = time.monotonic()
+        self._cache = self._read_waiting()
+        return self._cache
+
+    def _taken(self, jobs: list[QueuedJob], complete: bool) -> None:
+        """Jobs this worker just took leave the cached queue (and the others are told); a
+        take that got fewer than it asked for (another worker was quicker) makes the next
+        look read the queue."""
+        if jobs:
+            self._board.wake_all(self._ctx.worker, TOOK, [job.id for job in jobs])
+        if self._cache is not None:
+            for job in jobs:
+                self._cache[2][job.owner_id] += 1
+            self._drop({job.id for job in jobs})
+        if not complete:
+            self._stale = True
+
+    def _drop(self, gone: set[str]) -> None:
+        if self._cache is not None:
+            queued, mine, owners = self._cache
+            self._cache = ([j for j in queued if j.id not in gone], mine - gone, owners)
+
+    def _read_waiting(self) -> tuple[list[QueuedJob], set[str], Counter[int]]:
         now = utcnow()
         served = self._live_queues() | self._queues
         with self._ctx.db.session() as session:
@@ -283,6 +339,7 @@ class FleetDispatcher:
                     now,
                     now + timedelta(seconds=self._ctx.lease),
                 )
+            self._taken([job for job, _ in held if job.id in taken], len(taken) == len(held))
             planned: dict[str, str] = {}
             served: dict[int, float] = {}
             for job, backend in held:
@@ -309,6 +366,10 @@ class FleetDispatcher:
     def _execute(self, job: QueuedJob, backend: str) -> None:
         # The freed slot wakes every scheduler of the fleet, this one included.
         outcome = run_on_slot(self._ctx, job.id, backend, ended=lambda: self._ended(job.id))
+        if outcome.state != "succeeded":  # back in the queue, or not run: read it again
+            self._stale = True
+            self._wake.set()
+            self._board.wake_all(self._ctx.worker, CHANGED)
         if outcome.state in ("failed", "skipped") and outcome.backend is None:
             # Not run (a crash before its claim, or not ours after all): a reservation it
             # still holds would hide it from every plan until its lease lapsed.
