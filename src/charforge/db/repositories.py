@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from charforge.db.dispatch import failed_backends_of
 from charforge.db.models import ApiToken, Character, Job, JobAttempt, User, utcnow
 from charforge.errors import CharforgeError
 
@@ -312,9 +313,7 @@ def attempts_of(session: Session, job_id: str) -> Sequence[JobAttempt]:
 
 def failed_backends(session: Session, job_id: str) -> frozenset[str]:
     """Backends an attempt of this job failed on: a retry steers clear of them."""
-    return frozenset(
-        a.backend for a in attempts_of(session, job_id) if a.outcome in ("retried", "failed")
-    )
+    return failed_backends_of(session, [job_id]).get(job_id, frozenset())
 
 
 def cancel_job(session: Session, owner_id: int, job_id: str) -> tuple[str, str | None, int] | None:

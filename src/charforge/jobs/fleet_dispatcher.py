@@ -69,6 +69,8 @@ class FleetDispatcher:
     ) -> None:
         self._ctx, self._slots, self._board = ctx, slots, board
         self._queues = queues
+        # Each backend's identity, the name its slots and records have in Redis.
+        self._keys = {name: spec.key for name, spec in ctx.table.backends.items()}
         self._route_queue = route_queue  # checkpoint -> the queue its jobs are sent to
         self._queues_of: dict[str, str] = {}
         self._threads = threads
@@ -167,9 +169,8 @@ class FleetDispatcher:
         capacity = self._threads - self.running()
         if capacity <= 0 or self._stop.is_set():
             return self._look_every
-        pool, table = self._ctx.pool, self._ctx.table
-        keys = {name: spec.key for name, spec in table.backends.items()}
-        statuses = pool.statuses()
+        keys = self._keys
+        statuses = self._ctx.pool.statuses()
         with self._board.planning() as planning:
             if not planning:
                 return 0.05
