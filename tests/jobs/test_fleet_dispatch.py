@@ -22,6 +22,7 @@ from charforge.domain.params import GenerateBody
 from charforge.jobs.celery_queue import route_queue, worker_queues
 from charforge.jobs.fleet_board import FleetBoard, RedisSlots
 from charforge.jobs.fleet_dispatcher import FleetDispatcher
+from charforge.jobs.heartbeat import Heartbeat
 from charforge.jobs.runner import RunnerContext
 from charforge.services import characters, generation, users
 from charforge.simulator import A1111Simulator
@@ -31,24 +32,37 @@ class Fleet:
     def __init__(self, settings: Settings, redis_url: str) -> None:
         self.settings, self.redis_url = settings, redis_url
         self.workers: list[tuple[RunnerContext, FleetDispatcher, FleetBoard]] = []
+        self.heartbeats: list[Heartbeat] = []
         self.admin = build_runner(settings)  # the "server": writes jobs, reads outcomes
         upgrade(self.admin.db.engine)
 
-    def start_worker(self, name: str) -> None:
+    def start_worker(
+        self, name: str, checkpoints: list[str] | None = None, threads: int = 2
+    ) -> None:
         slots = RedisSlots(self.redis_url, ttl=self.settings.job_lease, owner=name)
         ctx = build_runner(self.settings, slots=slots)
         ctx.worker = name
         ctx.pool.probe(list(ctx.table.backends), max_age=0.0)  # what each has loaded
         board = FleetBoard(self.redis_url)
+        # The queues the jobs of these checkpoints go to (all of them by default).
+        queues = sorted(
+            {route_queue(ctx.table, c) for c in checkpoints}
+            if checkpoints
+            else set(worker_queues(ctx.table, None))
+        )
         dispatcher = FleetDispatcher(
             ctx,
             slots,
             board,
-            queues=set(worker_queues(ctx.table, None)),
+            queues=set(queues),
             route_queue=lambda checkpoint: route_queue(ctx.table, checkpoint),
-            threads=2,
+            threads=threads,
         )
         self.workers.append((ctx, dispatcher, board))
+        # What the other workers read: its queues and how many jobs it runs at once.
+        heartbeat = Heartbeat(self.redis_url, name, queues, threads)
+        heartbeat.start()
+        self.heartbeats.append(heartbeat)
 
     def go(self) -> None:
         for _, dispatcher, _ in self.workers:
@@ -84,6 +98,8 @@ class Fleet:
             time.sleep(0.05)
 
     def close(self) -> None:
+        for heartbeat in self.heartbeats:
+            heartbeat.stop()
         for ctx, dispatcher, board in self.workers:
             dispatcher.stop(timeout=10)
             board.close()
@@ -184,3 +200,34 @@ def test_a_user_behind_another_users_queue_is_served_next(
     places = sorted(order.index(job_id) for job_id in bob_jobs)
     # First come, first served would finish bob's last (places 12 and 13).
     assert places[-1] <= 5, (places, order)
+
+
+@pytest.mark.timeout(180)
+def test_a_backend_is_not_planned_for_a_worker_with_no_free_thread(
+    fleet_of: Any,
+    sims: tuple[A1111Simulator, A1111Simulator],
+    pool: tuple[A1111Simulator, A1111Simulator],
+) -> None:
+    """The README's pair, with the diving worker running one job at a time: while it runs
+    one, the other worker's jobs get the second backend at once. Planned for the diving
+    worker's queued jobs (no switch, older), that backend would wait for the busy worker,
+    job after job."""
+    for sim in pool:
+        sim.faults.delay_seconds = 0.5
+    fleet = fleet_of(sims[0].url, f"{pool[0].url},{pool[1].url}")
+    alice = _user(fleet, "alice")
+    diving_jobs = fleet.submit(alice, _character(fleet, alice, "Sakura"), 6, "diving")
+    other = _character(fleet, alice, "Mika", model="other.safetensors")
+    other_jobs = fleet.submit(alice, other, 3, "other")
+    fleet.start_worker("worker-diving", checkpoints=["diving.safetensors"], threads=1)
+    fleet.start_worker("worker-rest", checkpoints=["other.safetensors"])
+    fleet.go()
+    jobs = {j.id: j for j in fleet.finished(diving_jobs + other_jobs)}
+    assert {j.state for j in jobs.values()} == {"succeeded"}
+    with fleet.admin.db.session() as session:
+        attempts = list(session.scalars(select(JobAttempt)).all())
+    assert {a.worker for a in attempts if a.job_id in other_jobs} == {"worker-rest"}
+    first_other = min(a.started_at for a in attempts if a.job_id in other_jobs)
+    first_diving_end = min(jobs[i].finished_at or first_other for i in diving_jobs)
+    # Before: the other jobs started only once the diving worker's first jobs had ended.
+    assert first_other < first_diving_end, (first_other, first_diving_end)

@@ -15,8 +15,9 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -105,6 +106,8 @@ class Snapshot:
     planned: dict[str, str]  # backend key -> checkpoint it was last given
     loaded: dict[str, str]  # backend key -> checkpoint it last rendered with
     served: dict[int, float]  # user id -> when a job of theirs was last taken
+    # worker id -> slots it holds, whatever the backend (each is a job it runs)
+    held_by: Counter[str] = field(default_factory=Counter)
 
 
 class FleetBoard:
@@ -121,8 +124,8 @@ class FleetBoard:
 
     def look(self, limits: dict[str, int]) -> Snapshot:
         """The fleet's state for a plan, in one round trip: the slots held on each backend
-        (by key, with its limit), what each is planned to have loaded, when each user was
-        last served."""
+        (by key, with its limit) and by each worker, what each backend is planned to have
+        loaded, when each user was last served."""
         slots = [(b, RedisSlots.key(b, i)) for b, n in limits.items() for i in range(n)]
         backends = list(limits)
         with self._redis.pipeline(transaction=False) as pipe:
@@ -137,14 +140,17 @@ class FleetBoard:
         rendered = answers.pop(0) if backends else []
         loaded = {b: _text(v) for b, v in zip(backends, rendered, strict=True) if v is not None}
         held = dict.fromkeys(limits, 0)
+        held_by: Counter[str] = Counter()
         for (backend, _), value in zip(slots, values, strict=True):
-            held[backend] += value is not None
+            if value is not None:
+                held[backend] += 1
+                held_by[_text(value).split("|", 1)[0]] += 1
         served: dict[int, float] = {}
         for key, value in answers[1].items():
             with contextlib.suppress(ValueError):
                 served[int(_text(key))] = float(_text(value))
         planned = {_text(k): _text(v) for k, v in answers[0].items()}
-        return Snapshot(held, planned, loaded, served)
+        return Snapshot(held, planned, loaded, served, held_by)
 
     def note(self, planned: dict[str, str], served: dict[int, float]) -> None:
         """Jobs were taken: what their backends will load, and whose they were."""

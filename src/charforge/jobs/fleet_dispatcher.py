@@ -86,6 +86,8 @@ class FleetDispatcher:
         # it failed on change only with a new attempt.
         self._known: dict[tuple[str, int], QueuedJob] = {}
         self._live: set[str] = set()
+        # The other live workers: how many jobs each can run at once, and its queues.
+        self._others: dict[str, tuple[int, frozenset[str]]] = {}
         self._live_read = float("-inf")
         self._woken: set[tuple[str, str]] = set()
         self._unreadable: set[str] = set()  # logged once each, then left to other workers
@@ -194,6 +196,9 @@ class FleetDispatcher:
             queued, mine, owners = self._waiting()
             if not mine:
                 return self._look_every
+            full = self._queues_without_takers(fleet.held_by)
+            if full:  # planned there, a free backend would wait for a busy worker
+                queued = [j for j in queued if self._queue_of(j.checkpoint) not in full]
             now = time.time()
             free, busy = split_backends(view, queued)
             fairness = Fairness(last_served=fleet.served, running=owners)
@@ -309,9 +314,29 @@ class FleetDispatcher:
     def _live_queues(self) -> set[str]:
         """The queues live workers consume (their heartbeats), read every few seconds."""
         if time.monotonic() - self._live_read > _LIVE_EVERY:
-            self._live = {q for w in live_workers(self._board.url) for q in w.queues}
+            workers = live_workers(self._board.url)
+            self._live = {q for w in workers for q in w.queues}
+            self._others = {
+                w.worker: (w.concurrency, frozenset(w.queues))
+                for w in workers
+                if w.worker != self._ctx.worker
+            }
             self._live_read = time.monotonic()
         return self._live
+
+    def _queues_without_takers(self, held_by: Counter[str]) -> set[str]:
+        """Other workers' queues whose every worker is running all the jobs it can (its
+        slots held): a backend the plan gave to their jobs would stay idle until one of
+        them ends, while this worker's jobs could use it now."""
+        self._live_queues()
+        able: set[str] = set(self._queues)
+        waiting: set[str] = set()
+        for worker, (threads, queues) in self._others.items():
+            if threads <= 0 or held_by[worker] < threads:  # 0: not said
+                able |= queues
+            else:
+                waiting |= queues
+        return waiting - able
 
     def _wake_others(self, theirs: set[tuple[str, str]]) -> None:
         """The plan gave free backends to other workers' jobs: tell them, once per change
