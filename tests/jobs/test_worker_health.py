@@ -70,17 +70,27 @@ def test_a_dead_workers_jobs_and_slots_come_back_without_waiting_for_the_lease(
 
     live = live_factory(sims[0].url, sims[1].url, broker_url=redis_url, job_lease=600)
     client = live.user("alice")
-    job_id = submit(client, create_character(client))["id"]
-    alive = Heartbeat(redis_url, "alive:1", worker_queues(live.container.table, None), 1)
+    character = create_character(client)
+    job_id = submit(client, character)["id"]
+    cli_job = submit(client, character)["id"]
+    queues = worker_queues(live.container.table, None)
+    alive = Heartbeat(redis_url, "alive:1", queues, 1)
     alive.start()
     try:
         # "dead:1" claimed the job (a lease good for ten more minutes) and holds a slot, then
-        # was killed: it never wrote a heartbeat again.
+        # was killed: its last heartbeat expired. "cli:1" (a command run without the broker's
+        # URL: it never sends heartbeats) runs the other job and renews its lease.
+        Heartbeat(redis_url, "dead:1", queues, 1, ttl=0.5, interval=0.2).beat()
         with live.container.db.session() as session:
             now = utcnow()
-            assert repo.claim_job(
-                session, job_id, "dead:1", "anime-cartoon-fantasy", now, now + timedelta(hours=1)
-            )
+            for job, holder in ((job_id, "dead:1"), (cli_job, "cli:1")):
+                assert repo.claim_job(
+                    session, job, holder, "anime-cartoon-fantasy", now, now + timedelta(hours=1)
+                )
+        deadline = time.monotonic() + 5
+        while Redis.from_url(redis_url).exists("charforge:worker:dead:1"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         dead_slots = RedisSlots(redis_url, ttl=600, owner="dead:1")
         mine = RedisSlots(redis_url, ttl=600, owner="alive:1")
         assert dead_slots.acquire("some-backend", 2) is not None
@@ -91,6 +101,9 @@ def test_a_dead_workers_jobs_and_slots_come_back_without_waiting_for_the_lease(
         sweeper._slots = mine  # a worker's sweeper frees dead workers' slots
         moved, _ = sweeper.sweep()
         assert moved == 1
+        # The command's job is left to its lease: taken back, it would run twice.
+        kept = client.get(f"/api/jobs/{cli_job}").json()
+        assert kept["state"] == "running" and len(kept["attemptHistory"]) == 1, kept
         job = client.get(f"/api/jobs/{job_id}").json()
         assert job["state"] in ("queued", "running", "succeeded")
         interrupted = job["attemptHistory"][0]

@@ -31,7 +31,7 @@ from charforge.domain.checkpoints import model_name
 from charforge.domain.routes import RouteTable
 from charforge.jobs.fleet_board import FleetBoard, RedisSlots
 from charforge.jobs.fleet_dispatcher import FleetDispatcher
-from charforge.jobs.heartbeat import Heartbeat, LiveWorker, live_workers
+from charforge.jobs.heartbeat import Heartbeat, LiveWorker, known_workers, live_workers
 from charforge.jobs.runner import RunnerContext
 from charforge.jobs.tickets import JobTicket
 
@@ -107,6 +107,7 @@ class Sweeper:
         self._interval = interval or max(1.0, min(settings.job_lease / 2, 5.0))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._silent: set[str] = set()  # holders without heartbeats, logged once each
 
     def start(self) -> None:
         self._stop.clear()
@@ -126,21 +127,32 @@ class Sweeper:
                 log.exception("sweep failed")
 
     def _dead_workers(self, session: Any) -> set[str]:
-        """Workers holding running jobs whose heartbeat is gone: killed, not just slow."""
+        """Workers holding jobs whose heartbeat is gone: killed, not just slow. A holder that
+        never sent heartbeats (a CLI run without CHARFORGE_BROKER_URL) is left to its
+        leases, which it renews while it runs."""
         from redis.exceptions import RedisError
 
         # Who holds work first, then who is alive: a process that starts in between (its
         # first heartbeat after the read) must not be taken for dead.
         holding = set(recovery.running_owners(session))
+        url = str(self._settings.broker_url)
         try:
-            live = {w.worker for w in live_workers(str(self._settings.broker_url))}
+            live = {w.worker for w in live_workers(url)}
+            known = known_workers(url, holding - live)
         except RedisError:
             return set()  # no heartbeats to read: leave it to the leases
         if self._slots is not None:
             freed = self._slots.free_dead(live)
             if freed:
                 log.warning("freed %d backend slot(s) held by workers no longer alive", freed)
-        return holding - live
+        for holder in holding - live - known - self._silent:
+            log.info(
+                "%s holds jobs and sends no heartbeats (a command run without "
+                "CHARFORGE_BROKER_URL?): its jobs are taken back only when their lease lapses",
+                holder,
+            )
+        self._silent = holding - live - known
+        return known
 
     def sweep(self) -> tuple[int, int]:
         now = utcnow()

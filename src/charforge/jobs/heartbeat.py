@@ -25,6 +25,11 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 PREFIX = "charforge:worker:"
+# A worker that has sent heartbeats: when they stop, it died and the jobs it holds are taken
+# back at once. A process that never sent any (a CLI run without CHARFORGE_BROKER_URL) keeps
+# its jobs while it renews their leases. Kept well past any job lease.
+KNOWN_PREFIX = "charforge:worker-known:"
+KNOWN_TTL = 24 * 3600.0
 INTERVAL = 5.0
 TTL = 15.0
 
@@ -70,7 +75,10 @@ class Heartbeat:
 
     def beat(self) -> None:
         body = json.dumps({**self._body, "seen": time.time()})
-        self._redis.set(self._key, body, px=self._ttl_ms)
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._key, body, px=self._ttl_ms)
+            pipe.set(KNOWN_PREFIX + self._worker, "1", px=int(KNOWN_TTL * 1000))
+            pipe.execute()
         if self._metrics is not None:
             from charforge.observability.fleet_metrics import PREFIX as METRICS
 
@@ -99,6 +107,20 @@ class Heartbeat:
 
                 self._redis.delete(METRICS + self._worker)
         self._redis.close()
+
+
+def known_workers(url: str, workers: set[str]) -> set[str]:
+    """Those of ``workers`` that have sent heartbeats (in the last day): a worker among them
+    whose heartbeat is gone died. Raises RedisError when Redis is away."""
+    if not workers:
+        return set()
+    names = sorted(workers)
+    client: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        found = client.mget([KNOWN_PREFIX + name for name in names])
+    finally:
+        client.close()
+    return {name for name, value in zip(names, found, strict=True) if value is not None}
 
 
 def live_workers(url: str) -> list[LiveWorker]:
