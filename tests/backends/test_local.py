@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import charforge.backends
+import charforge.backends.local
 from charforge.backends.base import BackendRequest, CheckpointInfo, Progress
 from charforge.backends.local import (
     ENGINE_PACKAGES,
@@ -38,7 +38,6 @@ from charforge.backends.local import (
     LocalBackend,
     LocalCheckpointUnusable,
     LocalEngineUnavailable,
-    _Stopped,
     hires_size,
     match_checkpoint,
     missing_engine_packages,
@@ -47,7 +46,7 @@ from charforge.backends.local import (
     plan_upscaler,
     scan_models,
 )
-from charforge.backends.local_configs import (
+from charforge.backends.local.configs import (
     SD1,
     SDXL,
     UNKNOWN,
@@ -57,12 +56,13 @@ from charforge.backends.local_configs import (
     find_clip_bpe,
     safetensors_shapes,
 )
-from charforge.backends.local_keys import (
+from charforge.backends.local.keys import (
     canonical_key,
     layout_problem,
     renamed_keys,
     unwrap_state_dict,
 )
+from charforge.backends.local.models_folder import _Stopped
 from charforge.config import BackendConfig, RouteConfig
 from charforge.domain.params import GenerationParams
 from charforge.domain.routes import BackendSpec
@@ -462,9 +462,9 @@ def test_sd15_single_files_get_a_config_folder_written_once(tmp_path: Path) -> N
 def test_without_the_extra_generation_says_how_to_install_it(
     fake_models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # What `import charforge.backends.local_engine` does where torch is not installed.
-    monkeypatch.setitem(sys.modules, "charforge.backends.local_engine", None)
-    monkeypatch.delattr(charforge.backends, "local_engine", raising=False)
+    # What `import charforge.backends.local.engine` does where torch is not installed.
+    monkeypatch.setitem(sys.modules, "charforge.backends.local.engine", None)
+    monkeypatch.delattr(charforge.backends.local, "engine", raising=False)
     backend = LocalBackend(spec_for(fake_models))
     with pytest.raises(LocalEngineUnavailable) as caught:
         backend.generate(request("tiny-a"))
@@ -896,13 +896,13 @@ def test_weights_replaced_under_the_same_name_are_loaded_again(
 def test_weights_that_change_while_loading_are_read_again(
     tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from charforge.backends import local_engine
+    from charforge.backends.local import engine as engine_module
 
     models = tmp_path / "models"
     shutil.copytree(tiny["models"] / "tiny-a", models / "tiny-a")
     unet = models / "tiny-a" / "unet" / "diffusion_pytorch_model.safetensors"
     old_hash = hashlib.sha256(unet.read_bytes()).hexdigest()
-    real_load = local_engine.DiffusersEngine.load
+    real_load = engine_module.DiffusersEngine.load
     asked: list[str] = []
 
     def load(self: Any, name: str, path: Path, **kwargs: Any) -> bool:
@@ -912,7 +912,7 @@ def test_weights_that_change_while_loading_are_read_again(
         asked.append(kwargs["sha256"])
         return real_load(self, name, path, **kwargs)
 
-    monkeypatch.setattr(local_engine.DiffusersEngine, "load", load)
+    monkeypatch.setattr(engine_module.DiffusersEngine, "load", load)
     backend = LocalBackend(spec_for(models))
     try:
         result = backend.generate(request("tiny-a", seed=5, hires=False))
@@ -1000,12 +1000,12 @@ def test_text_encoder_keys_without_text_model_load_as_a1111_loads_them(
     assert {p for p in after if p not in before} <= {Path(".charforge/hashes.json")}
 
     # The layout diffusers reads is left to diffusers: no tensor of it is read beforehand.
-    from charforge.backends import local_engine
+    from charforge.backends.local import engine as engine_module
 
     read: list[Path] = []
-    real = local_engine.renamed_tensors
+    real = engine_module.renamed_tensors
     monkeypatch.setattr(
-        local_engine, "renamed_tensors", lambda path, *a: read.append(path) or real(path, *a)
+        engine_module, "renamed_tensors", lambda path, *a: read.append(path) or real(path, *a)
     )
     same = backend.generate(request("text-model.safetensors", seed=99, hires=False))
     assert pixels(same.images[0].data) == pixels(reference.images[0].data) and read == []
@@ -1021,7 +1021,7 @@ def test_pickled_checkpoints_with_training_state_load_as_a1111_loads_them(
     (A1111's lets it through); in the text_model. layout and in the older one."""
     import torch
 
-    from charforge.backends import local_engine
+    from charforge.backends.local import engine as engine_module
 
     backend, models = layouts
     reference = engine.generate(request("tiny-single.safetensors", seed=99, hires=False))
@@ -1032,7 +1032,7 @@ def test_pickled_checkpoints_with_training_state_load_as_a1111_loads_them(
         result = backend.generate(request(name, seed=99, hires=False))
         assert pixels(result.images[0].data) == pixels(reference.images[0].data), name
         assert result.info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        shapes = local_engine.checkpoint_shapes(path)  # what the SD 1.x check reads
+        shapes = engine_module.checkpoint_shapes(path)  # what the SD 1.x check reads
         assert "model.diffusion_model.input_blocks.0.0.weight" in shapes
         assert not any(k in shapes for k in ("global_step", "epoch", "callbacks", "state_dict"))
     # The unpickler's allowance for that bookkeeping ended with the loads.

@@ -31,7 +31,7 @@ from diffusers import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from charforge.backends.local_configs import SD15_SCHEDULER, find_clip_bpe, write_clip_tokenizer
+from charforge.backends.local.configs import SD15_SCHEDULER, find_clip_bpe, write_clip_tokenizer
 
 
 def tokenizer_folder(cache: Path) -> Path:

@@ -11,7 +11,7 @@ pipeline takes latents (4 channels) as its image, which is A1111's "Latent" upsc
 0.42 takes ``dtype=`` (``torch_dtype=`` is deprecated); its pipeline ``from_single_file`` reads
 only a path (no state dict), but takes components built beforehand, and builds one from a state
 dict with ``load_single_file_sub_model``: that is how a file in a key layout diffusers does not
-read (``local_keys``) gets its text encoder, while the UNet and VAE come from the file as usual.
+read (``keys``) gets its text encoder, while the UNet and VAE come from the file as usual.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from diffusers.loaders.single_file import load_single_file_sub_model
 from PIL import Image
 from safetensors import safe_open
 
-from charforge.backends.local_configs import safetensors_shapes
-from charforge.backends.local_keys import (
+from charforge.backends.local.configs import safetensors_shapes
+from charforge.backends.local.keys import (
     TEXT_ENCODER,
     CheckpointLayoutError,
     layout_error,
@@ -300,7 +300,7 @@ class DiffusersEngine:
 
     def _load_single_file(self, path: Path, config: Path) -> Any:
         """A pipeline from one file with the configs in ``config``. A file whose text-encoder
-        keys lack ``text_model.`` (``local_keys``) gets its text encoder built from its tensors
+        keys lack ``text_model.`` (``keys``) gets its text encoder built from its tensors
         renamed; everything else diffusers reads from the file itself, as for any file."""
         index = json.loads((config / "model_index.json").read_text("utf-8"))
         pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)

@@ -11,7 +11,7 @@ diffusers converts from (``cond_stage_model.transformer.text_model.*`` for SD 1.
 - a pickled ``.ckpt`` whose tensors sit under ``"state_dict"`` (nested ones too), beside
   training bookkeeping: ``global_step``, ``epoch``, PyTorch Lightning's version and callback
   state, numpy scalars. diffusers unwraps ``state_dict`` itself; the bookkeeping is read as
-  inert placeholders (``local_engine``) and dropped, as A1111 drops it.
+  inert placeholders (``engine``) and dropped, as A1111 drops it.
 """
 
 from __future__ import annotations

@@ -1,48 +1,15 @@
-"""The local engine: diffusers in this process, checkpoints from a models folder.
-
-A checkpoint is a single ``.safetensors`` (or ``.ckpt``) file or a diffusers folder (one with
-a ``model_index.json``) anywhere under the models folder (CHARFORGE_MODELS_DIR, or
-``models_dir`` of the backend); its name is its path relative to that folder, as A1111 lists
-``anime/diving.safetensors``.
-
-Listing, finding and probing read the folder only: this module imports neither torch nor
-diffusers, so a web process (which lists checkpoints and probes in distributed mode) never
-loads them. ``generate`` imports ``charforge.backends.local_engine`` on first use; without the
-``local`` extra that is a clear error naming ``pip install 'charforge[local]'``.
-
-Behaviour worth knowing:
-- one pipeline stays loaded between jobs and is replaced only when another checkpoint is
-  asked for, or the same one's weights changed on disk (it is keyed by path and hash, and the
-  hash reported is the one of the weights that ran); one generation runs at a time (a lock);
-- hashes are A1111's: sha256 of the file (the first 10 hex digits are the short form); for a
-  folder the sha256 of its UNet (or transformer) weights. Hashing gigabytes is slow, so hashes
-  are kept per (path, size, mtime, ctime) in ``.charforge/hashes.json`` in the models folder
-  (or in the user's cache folder when the models folder is read-only);
-- ``interrupt`` stops every generate call active when it is called, also one still hashing
-  or waiting for the lock, and says False when none was;
-- a probe reports the backend down when torch, diffusers or transformers are not installed
-  (found without importing them);
-- sampler and scheduler names are A1111's and are checked before anything is loaded;
-- the high-resolution pass is an img2img pass over the first image upscaled by
-  ``hires_scale`` (latents for A1111's "Latent" upscalers, the decoded image otherwise), with
-  the components of the loaded pipeline;
-- single files need a config folder: ``single_file_config`` of the backend when set, else a
-  Stable Diffusion 1.x config written once by charforge (``local_configs``); for any other
-  architecture the error says to set ``single_file_config``.
-"""
+"""The local backend (``LocalBackend``): checkpoints of a models folder found, hashed and
+run with the engine module, one generation at a time, its failures told in charforge's terms.
+How it behaves is told in the package's docstring (``charforge.backends.local``)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -54,10 +21,15 @@ from charforge.backends.base import (
     GeneratedImage,
     IdentityUse,
     ProbeResult,
-    Progress,
 )
 from charforge.backends.identity_rule import asked, without
-from charforge.backends.local_configs import (
+from charforge.backends.local.availability import (
+    INSTALL_HINT,
+    LocalEngineUnavailable,
+    _load_engine_module,
+    missing_engine_packages,
+)
+from charforge.backends.local.configs import (
     ARCHITECTURE_LABELS,
     SD1,
     detect_architecture,
@@ -65,21 +37,31 @@ from charforge.backends.local_configs import (
     find_clip_bpe,
     safetensors_shapes,
 )
-from charforge.backends.local_keys import CheckpointLayoutError
+from charforge.backends.local.keys import CheckpointLayoutError
+from charforge.backends.local.models_folder import (
+    CACHE_FOLDER,
+    HashCache,
+    LocalCheckpoint,
+    _Stopped,
+    match_checkpoint,
+    scan_models,
+    short_hash,
+)
+from charforge.backends.local.progress import _StepReport
+from charforge.backends.local.settings_plan import (
+    hires_size,
+    plan_sampler,
+    plan_seeds,
+    plan_upscaler,
+)
 from charforge.backends.transport import out_of_memory
-from charforge.domain.checkpoints import file_stem, find_checkpoint_named
-from charforge.domain.params import seeds_for
+from charforge.domain.checkpoints import file_stem
 from charforge.domain.requirements import require_capabilities
 from charforge.domain.routes import BackendSpec
-from charforge.errors import (
-    BackendRejected,
-    BackendUnavailable,
-    CheckpointMissing,
-    InvalidInput,
-)
+from charforge.errors import BackendRejected, BackendUnavailable, CheckpointMissing
 
 if TYPE_CHECKING:
-    from charforge.backends.local_engine import (
+    from charforge.backends.local.engine import (
         DiffusersEngine,
         RenderParams,
         SchedulerChoice,
@@ -88,22 +70,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'charforge[local]'"
-ENGINE_PACKAGES = ("torch", "diffusers", "transformers")  # what the local extra installs
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-CACHE_FOLDER = ".charforge"  # in the models folder: hashes, generated configs
-_SCAN_DEPTH = 4
-_PROGRESS_INTERVAL = 0.2  # seconds between progress reports (each one is a database write)
 _LOAD_ATTEMPTS = 3  # reads of a checkpoint that keeps changing on disk while it is loaded
 _CLOSE_WAIT = 5.0  # seconds close() waits for an interrupted generation to let go
-
-
-class LocalEngineUnavailable(BackendUnavailable):
-    """torch/diffusers are not installed here, or the device asked for is missing: waiting
-    does not help, another backend of the pool may."""
-
-    transient = False
-    backend_specific = True
 
 
 class LocalCheckpointUnusable(BackendRejected):
@@ -111,337 +79,6 @@ class LocalCheckpointUnusable(BackendRejected):
     folder, a file diffusers cannot read); another backend of the pool may run it."""
 
     backend_specific = True
-
-
-class _Stopped(Exception):
-    """The generate call was interrupted before it rendered (while hashing, waiting, loading)."""
-
-
-# -- A1111 names -> diffusers --------------------------------------------------------------------
-
-# A1111 sampler title -> (diffusers scheduler class, from_config overrides).
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "DPM2": ("KDPM2DiscreteScheduler", {}),
-    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "DPM++ 2M": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2},
-    ),
-    "DPM++ 2M SDE": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
-    ),
-    "DPM++ 3M SDE": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
-    ),
-    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
-    "DPM++ 2S a": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "DDIM": ("DDIMScheduler", {}),
-    "DDPM": ("DDPMScheduler", {}),
-    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-    "DEIS": ("DEISMultistepScheduler", {}),
-    "LCM": ("LCMScheduler", {}),
-}
-
-# A1111 scheduler (sigma schedule) -> (sigma kind asked of the scheduler, overrides).
-SCHEDULES: dict[str, tuple[str | None, dict[str, Any]]] = {
-    "Automatic": (None, {}),
-    "Uniform": (None, {}),
-    "Normal": (None, {}),
-    "Simple": (None, {}),
-    "DDIM": (None, {}),
-    "Karras": ("karras", {}),
-    "Exponential": ("exponential", {}),
-    "Beta": ("beta", {}),
-    "SGM Uniform": (None, {"timestep_spacing": "trailing"}),
-}
-
-# A1111 hires upscaler -> (on latents?, interpolation, antialias).
-UPSCALERS: dict[str, tuple[bool, str, bool]] = {
-    "Latent": (True, "bilinear", False),
-    "Latent (antialiased)": (True, "bilinear", True),
-    "Latent (bicubic)": (True, "bicubic", False),
-    "Latent (bicubic antialiased)": (True, "bicubic", True),
-    "Latent (nearest)": (True, "nearest", False),
-    "Latent (nearest-exact)": (True, "nearest-exact", False),
-    "Lanczos": (False, "lanczos", False),
-    "Nearest": (False, "nearest", False),
-    "None": (False, "lanczos", False),
-}
-_FALLBACK_UPSCALER = "Lanczos"
-
-_SAMPLER_KEYS = {name.lower(): name for name in SAMPLERS}
-_SCHEDULE_KEYS = {name.lower(): name for name in SCHEDULES}
-_UPSCALER_KEYS = {name.lower(): name for name in UPSCALERS}
-
-
-@dataclass(frozen=True)
-class SamplerPlan:
-    sampler: str  # A1111 title as known here
-    schedule: str
-    class_name: str
-    options: dict[str, Any]
-    sigmas: str | None
-
-
-def plan_sampler(sampler: str, scheduler: str) -> SamplerPlan:
-    """A1111's sampler + scheduler names as a diffusers scheduler, or a 422 naming the field.
-
-    Old A1111 titles that carry the schedule ("DPM++ 2M Karras") are understood too."""
-    name = sampler.strip()
-    schedule = (scheduler or "").strip() or "Automatic"
-    for suffix in ("Karras", "Exponential"):
-        if name.lower().endswith(" " + suffix.lower()) and name.lower() not in _SAMPLER_KEYS:
-            name = name[: -len(suffix) - 1].strip()
-            if schedule.lower() in ("automatic", ""):
-                schedule = suffix
-    known_sampler = _SAMPLER_KEYS.get(name.lower())
-    if known_sampler is None:
-        names = ", ".join(SAMPLERS)
-        raise InvalidInput(
-            f"Unknown sampler '{sampler}' for the local engine. Known samplers: {names}.",
-            field="sampler",
-            hint=f"Use one of: {names}.",
-        )
-    known_schedule = _SCHEDULE_KEYS.get(schedule.lower())
-    if known_schedule is None:
-        names = ", ".join(SCHEDULES)
-        raise InvalidInput(
-            f"Unknown scheduler '{scheduler}' for the local engine. Known schedulers: {names}.",
-            field="scheduler",
-            hint=f"Use one of: {names}.",
-        )
-    class_name, options = SAMPLERS[known_sampler]
-    sigmas, schedule_options = SCHEDULES[known_schedule]
-    return SamplerPlan(
-        known_sampler, known_schedule, class_name, {**options, **schedule_options}, sigmas
-    )
-
-
-def plan_upscaler(name: str) -> tuple[str, tuple[bool, str, bool]]:
-    """The upscaler as known here; others (ESRGAN and friends need their own weights) fall
-    back to Lanczos on the decoded image, which the result's info says."""
-    known = _UPSCALER_KEYS.get((name or "Latent").strip().lower())
-    if known is None:
-        return _FALLBACK_UPSCALER, UPSCALERS[_FALLBACK_UPSCALER]
-    return known, UPSCALERS[known]
-
-
-def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """The second pass's size: the first's times ``scale``, rounded to a multiple of 8."""
-    return (max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8))
-
-
-# -- the models folder ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LocalCheckpoint:
-    name: str  # path relative to the models folder, with "/" separators
-    path: Path
-
-    @property
-    def is_folder(self) -> bool:
-        return self.path.is_dir()
-
-
-def scan_models(models_dir: Path) -> list[LocalCheckpoint]:
-    """Single files and diffusers folders under ``models_dir`` (hidden folders skipped)."""
-    found: list[LocalCheckpoint] = []
-    base_depth = len(models_dir.parts)
-    for root, dirs, files in os.walk(models_dir, followlinks=True):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if here != models_dir and "model_index.json" in files:
-            found.append(LocalCheckpoint(here.relative_to(models_dir).as_posix(), here))
-            dirs[:] = []  # its weights are parts of it, not checkpoints
-            continue
-        if len(here.parts) - base_depth >= _SCAN_DEPTH:
-            dirs[:] = []
-        for file in sorted(files):
-            if file.lower().endswith(CHECKPOINT_SUFFIXES) and not file.startswith("."):
-                path = here / file
-                found.append(LocalCheckpoint(path.relative_to(models_dir).as_posix(), path))
-    return sorted(found, key=lambda c: c.name.lower())
-
-
-def match_checkpoint(name: str, available: list[LocalCheckpoint]) -> LocalCheckpoint | None:
-    return find_checkpoint_named(name, available, lambda c: c.name)
-
-
-def weight_files(checkpoint: LocalCheckpoint) -> list[Path]:
-    """What the hash covers: the file itself, or a folder's UNet (transformer) weights."""
-    if not checkpoint.is_folder:
-        return [checkpoint.path]
-    for component in ("unet", "transformer"):
-        folder = checkpoint.path / component
-        if folder.is_dir():
-            files = sorted(
-                p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()
-            )
-            if files:
-                return files
-    return [checkpoint.path / "model_index.json"]
-
-
-class HashCache:
-    """sha256 of checkpoints, kept per (path, size, mtime, ctime) in memory and in a JSON file.
-
-    The ctime (which no copy tool can set back) catches weights replaced by ones of the same
-    size with the old mtime restored (``cp -p``, ``rsync -a``)."""
-
-    def __init__(self, file: Callable[[], Path | None]) -> None:
-        self._file = file
-        self._lock = threading.Lock()
-        self._entries: dict[str, dict[str, str]] | None = None
-
-    @staticmethod
-    def _stamp(files: list[Path]) -> str:
-        parts = []
-        for path in files:
-            stat = path.stat()
-            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}")
-        return "|".join(parts)
-
-    def _load(self) -> dict[str, dict[str, str]]:
-        if self._entries is None:
-            self._entries = {}
-            file = self._file()
-            if file is not None and file.is_file():
-                try:
-                    data = json.loads(file.read_text("utf-8"))
-                    if isinstance(data, dict):
-                        self._entries = {
-                            k: v for k, v in data.items() if isinstance(v, dict) and "sha256" in v
-                        }
-                except (OSError, ValueError):
-                    log.warning("ignoring unreadable hash cache %s", file)
-        return self._entries
-
-    def cached(self, checkpoint: LocalCheckpoint) -> str | None:
-        """The sha256 if known for the checkpoint as it is now; never reads the weights."""
-        try:
-            stamp = self._stamp(weight_files(checkpoint))
-        except OSError:
-            return None
-        with self._lock:
-            entry = self._load().get(str(checkpoint.path))
-        return entry["sha256"] if entry and entry.get("stamp") == stamp else None
-
-    def sha256(
-        self, checkpoint: LocalCheckpoint, *, stopped: Callable[[], bool] | None = None
-    ) -> str:
-        """The sha256, from the cache while the files are unchanged; reading them otherwise,
-        which raises _Stopped as soon as ``stopped()`` says so."""
-        known = self.cached(checkpoint)
-        if known is not None:
-            return known
-        files = weight_files(checkpoint)
-        stamp = self._stamp(files)
-        digest = hashlib.sha256()
-        for path in files:
-            with path.open("rb") as handle:
-                while chunk := handle.read(8 * 1024 * 1024):
-                    if stopped is not None and stopped():
-                        raise _Stopped()
-                    digest.update(chunk)
-        value = digest.hexdigest()
-        with self._lock:
-            entries = self._load()
-            entries[str(checkpoint.path)] = {"stamp": stamp, "sha256": value}
-            self._save(entries)
-        return value
-
-    def _save(self, entries: dict[str, dict[str, str]]) -> None:
-        file = self._file()
-        if file is None:
-            return
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            temp = file.with_name(f".{file.name}.{os.getpid()}.{threading.get_ident()}")
-            temp.write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
-            temp.replace(file)
-        except OSError as exc:
-            log.warning("could not write the hash cache %s: %s", file, exc)
-
-
-def short_hash(sha256: str | None) -> str | None:
-    return sha256[:10] if sha256 else None
-
-
-def _load_engine_module() -> ModuleType:
-    try:
-        from charforge.backends import local_engine
-    except ImportError as exc:
-        missing = getattr(exc, "name", None) or str(exc)
-        raise LocalEngineUnavailable(
-            f"The local engine needs torch, diffusers and transformers, which are not "
-            f"installed in this Python ({missing} is missing).",
-            hint=f"Install them with: {INSTALL_HINT}",
-        ) from exc
-    return local_engine
-
-
-def missing_engine_packages() -> list[str]:
-    """Which of torch, diffusers and transformers this Python lacks; found without importing
-    them (a web process that probes must stay free of torch)."""
-    missing = []
-    for name in ENGINE_PACKAGES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # a broken install, or a stub in sys.modules
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
-
-
-def plan_seeds(seed: int, count: int) -> list[int]:
-    """The seeds of ``count`` images: ``seed``, ``seed + 1``, ... within 0..2**32-1 (as
-    A1111's batches), from a random start when ``seed`` is -1."""
-    return seeds_for(seed, max(1, count), pick=secrets.randbelow)
-
-
-class _StepReport:
-    """Turns the engine's steps into progress over all images of a call, at most every
-    ``_PROGRESS_INTERVAL`` seconds (and always at the end of an image)."""
-
-    def __init__(
-        self,
-        on_progress: Callable[[Progress], None] | None,
-        steps: int,
-        second_steps: int,
-        images: int,
-    ) -> None:
-        self.on_progress = on_progress
-        self.steps, self.second_steps, self.images = steps, second_steps, images
-        self.per_image = steps + second_steps
-        self.last = 0.0
-
-    def __call__(self, index: int, pass_index: int, step: int, steps: int) -> None:
-        if self.on_progress is None:
-            return
-        # Each pass counts for its planned steps; within a pass, the share of its own
-        # timesteps done (Heun and DPM2 take two per step).
-        planned = self.second_steps if pass_index else self.steps
-        share = min(1.0, step / (steps or planned))
-        in_image = (self.steps + share * self.second_steps) if pass_index else share * self.steps
-        final = share >= 1.0 and pass_index == (1 if self.second_steps else 0)
-        now = time.monotonic()
-        if now - self.last < _PROGRESS_INTERVAL and not final:
-            return
-        self.last = now
-        done = min(1.0, (index * self.per_image + in_image) / (self.images * self.per_image))
-        try:
-            self.on_progress(Progress(done, round(in_image), self.per_image))
-        except Exception:  # progress is informational; never fail the image
-            log.exception("progress report failed")
 
 
 class LocalBackend:

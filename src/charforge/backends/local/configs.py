@@ -8,7 +8,7 @@ ships inside the ``openai-clip`` (or ``open-clip-torch``) wheel. Other architect
 SD 2.x, ...) need a folder given by the user as ``single_file_config``.
 
 Also here: reading a ``.safetensors`` header (the tensor names and shapes, no weights) and
-telling the architecture from it, in any key layout ``local_keys`` knows (SD 1.x text-encoder
+telling the architecture from it, in any key layout ``keys`` knows (SD 1.x text-encoder
 keys with or without ``text_model.``). Nothing in this module imports torch.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from charforge.backends.local_keys import canonical_shapes
+from charforge.backends.local.keys import canonical_shapes
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # Packages whose wheel carries CLIP's BPE vocabulary, by import name (found without importing).
