@@ -189,20 +189,29 @@ class FleetBoard:
             log.debug("could not wake the fleet: %s", exc)
 
     def listen(
-        self, me: str, on_wake: Callable[[str, list[str]], None], stop: threading.Event
+        self,
+        me: str,
+        on_wake: Callable[[str, list[str]], None],
+        stop: threading.Event,
+        subscribed: threading.Event | None = None,
     ) -> threading.Thread:
         """A thread that calls ``on_wake(news, job_ids)`` for every wake-up another worker
-        publishes, until ``stop`` (a worker wakes itself without a round trip)."""
+        publishes, until ``stop`` (a worker wakes itself without a round trip). It sets
+        ``subscribed`` once Redis confirmed the subscription: wake-ups sent before are lost."""
 
         def loop() -> None:
             while not stop.is_set():
                 client: Redis = Redis.from_url(self.url, socket_connect_timeout=2)
                 try:
-                    with client.pubsub(ignore_subscribe_messages=True) as channel:  # type: ignore[no-untyped-call]
+                    with client.pubsub() as channel:  # type: ignore[no-untyped-call]
                         channel.subscribe(CHANNEL)
                         while not stop.is_set():
                             message = channel.get_message(timeout=0.5)
                             if message is None:
+                                continue
+                            if message["type"] != "message":  # the confirmation
+                                if subscribed is not None:
+                                    subscribed.set()
                                 continue
                             sender, _, rest = _text(message["data"]).partition("|")
                             news, _, ids = rest.partition("|")

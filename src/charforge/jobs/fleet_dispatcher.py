@@ -103,7 +103,12 @@ class FleetDispatcher:
 
     def start(self) -> None:
         self._stop.clear()
-        self._board.listen(self._ctx.worker, self._heard, self._stop)
+        subscribed = threading.Event()
+        self._board.listen(self._ctx.worker, self._heard, self._stop, subscribed)
+        # The first look comes after the subscription, so a wake-up another worker sends in
+        # between is not lost (it would cost up to a second of an idle backend); a Redis that
+        # is slow to answer delays the start by two seconds at most.
+        subscribed.wait(2.0)
         self._thread = threading.Thread(target=self._loop, name="fleet-dispatcher", daemon=True)
         self._thread.start()
 
