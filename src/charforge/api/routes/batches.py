@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.routes.jobs import cancel_job
 from charforge.api.schemas import ImageBrief, JobError, Wire, brief, job_error
+from charforge.api.sse import polled_stream
 from charforge.container import Container
 from charforge.db.models import User
 from charforge.domain.batches import BatchBody
@@ -157,48 +155,40 @@ async def batch_events(batch_id: str, request: Request, user: CurrentUser, c: Co
     item whose state changes, then ``done`` with the whole batch."""
     first = await run_in_threadpool(batch_out, c, user, batch_id)  # 404 before the stream
 
-    async def events() -> AsyncIterator[str]:
-        current, last, idle = first, None, 0.0
-        seen: dict[str, str] = {}
-        while True:
-            summary = {
-                "state": current.state,
-                "total": current.total,
-                "succeeded": current.succeeded,
-                "failed": current.failed,
-                "cancelled": current.cancelled,
-                "images": current.images,
-            }
-            for job in current.jobs:
-                if seen.get(job.id) != job.state:
-                    seen[job.id] = job.state
-                    yield _sse("job", job.model_dump(mode="json", by_alias=True))
-                    idle = 0.0
-            if summary != last:
-                last = summary
-                yield _sse("batch", summary)
-                idle = 0.0
-            if current.state not in ("queued", "running"):
-                yield _sse("done", current.model_dump(mode="json", by_alias=True))
-                return
-            if idle >= 15:
-                yield ": keep-alive\n\n"
-                idle = 0.0
-            await asyncio.sleep(_POLL_SECONDS)
-            idle += _POLL_SECONDS
-            if await request.is_disconnected():
-                return
-            current = await run_in_threadpool(batch_out, c, user, batch_id)
+    seen: dict[str, str] = {}
+    last: dict[str, Any] = {}
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    def changes(current: BatchOut) -> list[tuple[str, Any]]:
+        sent: list[tuple[str, Any]] = []
+        for job in current.jobs:
+            if seen.get(job.id) != job.state:
+                seen[job.id] = job.state
+                sent.append(("job", job.model_dump(mode="json", by_alias=True)))
+        summary = {
+            "state": current.state,
+            "total": current.total,
+            "succeeded": current.succeeded,
+            "failed": current.failed,
+            "cancelled": current.cancelled,
+            "images": current.images,
+        }
+        if summary != last:
+            last.update(summary)
+            sent.append(("batch", summary))
+        return sent
+
+    def done(current: BatchOut) -> Any | None:
+        final = current.state not in ("queued", "running")
+        return current.model_dump(mode="json", by_alias=True) if final else None
+
+    return polled_stream(
+        first,
+        lambda: batch_out(c, user, batch_id),
+        changes,
+        done,
+        request,
+        poll_seconds=_POLL_SECONDS,
     )
-
-
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 _POLL_SECONDS = 0.5

@@ -3,9 +3,6 @@ list and cancel them. The synchronous generate endpoint is a wait on the same jo
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -15,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from charforge.api.deps import ContainerDep, CurrentUser
 from charforge.api.routes.generate import submit_generation
 from charforge.api.schemas import JobOut, JobPage
+from charforge.api.sse import polled_stream
 from charforge.backends.base import task_id_of
 from charforge.container import Container
 from charforge.db.models import User
@@ -100,51 +98,42 @@ def event_stream(c: Container, user: User, first: JobOut, request: Request) -> S
     """Server-Sent Events for one job: ``state``, ``queue`` (position), ``progress`` (fraction
     and sampling step, where the backend reports them), and a last ``done`` carrying the whole
     job. Read from the database, so any server can stream a job any worker runs."""
+    last: dict[str, Any] = {}
 
-    async def events() -> AsyncIterator[str]:
-        last: dict[str, Any] = {}
-        current = first
-        idle = 0.0
-        while True:
-            now: dict[str, dict[str, Any]] = {
-                "state": {
-                    "state": current.state,
-                    "attempt": current.attempts,
-                    "backend": current.backend,
-                },
-                "queue": {"position": current.queue_position},
-                "progress": {
-                    "progress": current.progress,
-                    "step": current.step,
-                    "steps": current.steps,
-                },
-            }
-            for name, data in now.items():
-                if last.get(name) != data and not (name == "queue" and data["position"] is None):
-                    yield _sse(name, data)
-                    idle = 0.0
-            last = now
-            if current.state in jobs.FINAL:
-                yield _sse("done", current.model_dump(mode="json", by_alias=True))
-                return
-            if idle >= 15:
-                yield ": keep-alive\n\n"  # proxies close silent connections
-                idle = 0.0
-            await asyncio.sleep(_POLL_SECONDS)
-            idle += _POLL_SECONDS
-            if await request.is_disconnected():
-                return
-            current = await run_in_threadpool(job_out, c, user, current.id)
+    def changes(current: JobOut) -> list[tuple[str, Any]]:
+        now: dict[str, dict[str, Any]] = {
+            "state": {
+                "state": current.state,
+                "attempt": current.attempts,
+                "backend": current.backend,
+            },
+            "queue": {"position": current.queue_position},
+            "progress": {
+                "progress": current.progress,
+                "step": current.step,
+                "steps": current.steps,
+            },
+        }
+        sent = [
+            (name, data)
+            for name, data in now.items()
+            if last.get(name) != data and not (name == "queue" and data["position"] is None)
+        ]
+        last.update(now)
+        return sent
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    def done(current: JobOut) -> Any | None:
+        final = current.state in jobs.FINAL
+        return current.model_dump(mode="json", by_alias=True) if final else None
+
+    return polled_stream(
+        first,
+        lambda: job_out(c, user, first.id),
+        changes,
+        done,
+        request,
+        poll_seconds=_POLL_SECONDS,
     )
 
 
 _POLL_SECONDS = 0.25
-
-
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
