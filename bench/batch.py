@@ -4,6 +4,9 @@ seconds an image (run in a process of their own, as real WebUIs are).
 
 Prints the batch's wall time, images a second, the ideal (N x delay / 2 backends) and the
 efficiency against it, and charforge's own time per image (wall minus the ideal, over N).
+Then the same generations (the very txt2img bodies each simulator received) are sent back to
+back by a plain HTTP loop, one per simulator: ``direct`` is what the stand-ins themselves cost
+(rendering and encoding their PNGs, over HTTP), and efficiency against it is charforge's own.
 
 Run: ``.venv/bin/python -m bench.batch [--items 100] [--delay 0.2]``. Prints figures; asserts
 nothing about time.
@@ -16,8 +19,10 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from tests.helpers import LiveServer
@@ -42,14 +47,18 @@ def main(items: int, delay: float) -> None:
         urls: dict[str, str] = json.loads(sims.stdout.readline())
         for url in urls.values():
             httpx.post(f"{url}/_simulator/faults", json={"delay_seconds": delay}).raise_for_status()
-        run(urls, items, delay)
+        wall = run(urls, items, delay)
+        direct = replay(urls)
+        print(f"  direct client (the same generations back to back): {direct:.2f} s")
+        print(f"  efficiency against it {direct / wall:.3f}")
+        print(f"  charforge's own time per image beyond it {(wall - direct) / items * 1000:.1f} ms")
     finally:
         if sims.stdin is not None:
             sims.stdin.close()
         sims.wait(timeout=10)
 
 
-def run(urls: dict[str, str], items: int, delay: float) -> None:
+def run(urls: dict[str, str], items: int, delay: float) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
             data_dir=Path(tmp) / "data",
@@ -89,6 +98,33 @@ def run(urls: dict[str, str], items: int, delay: float) -> None:
     print(f"  wall {wall:.2f} s, {done['images'] / wall:.2f} images/s")
     print(f"  ideal {ideal:.2f} s: efficiency {ideal / wall:.3f}")
     print(f"  charforge's own time per image {(wall - ideal) / items * 1000:.1f} ms")
+    return wall
+
+
+def replay(urls: dict[str, str]) -> float:
+    """Wall time of a direct client: each simulator gets the txt2img bodies it received
+    during the batch again, back to back, all simulators at once."""
+    bodies: dict[str, list[Any]] = {}
+    for url in set(urls.values()):
+        recorded = httpx.get(f"{url}/_simulator/requests").json()
+        bodies[url] = [
+            r["body"]
+            for r in recorded
+            if r["method"] == "POST" and r["path"] == "/sdapi/v1/txt2img"
+        ]
+
+    def send_all(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for body in bodies[url]:
+                client.post("/sdapi/v1/txt2img", json=body).raise_for_status()
+
+    threads = [threading.Thread(target=send_all, args=(url,)) for url in bodies]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":
