@@ -95,3 +95,37 @@ def test_a_job_committed_while_the_broker_is_away_is_202_and_sent_when_it_return
     assert sent >= 1
     assert redis.llen("charforge.ckpt.diving") == 1
     assert job_of(client, job["id"])["state"] == "queued"  # waiting for a worker, not lost
+
+
+def test_a_broker_that_never_answers_does_not_hold_a_request(
+    live_factory: Any,
+    sims: tuple[A1111Simulator, A1111Simulator],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that takes the connection and then says nothing (hung, or a half-open
+    connection): a job and a batch of 20 are still answered 202 in seconds, all queued.
+    Before, the first publish waited for ever."""
+    hole = socket.create_server(("127.0.0.1", free_port()))  # listens, never answers
+    try:
+        port = hole.getsockname()[1]
+        live = live_factory(sims[0].url, sims[1].url, broker_url=f"redis://127.0.0.1:{port}/1")
+        client = live.user("alice")
+        character = create_character(client)
+        started = time.monotonic()
+        response = client.post("/api/jobs", json={"prompt": "at sea", "characterId": character})
+        assert response.status_code == 202, response.text
+        assert time.monotonic() - started < 10
+        started = time.monotonic()
+        items = [{"prompt": f"scene {n}"} for n in range(20)]
+        batch = client.post("/api/batches", json={"characterId": character, "items": items})
+        assert batch.status_code == 202, batch.text
+        # One publish waits for the broker (about two seconds); the others are left to the
+        # sweeper at once instead of each waiting as long.
+        assert time.monotonic() - started < 10
+        assert {job["state"] for job in batch.json()["jobs"]} == {"queued"}
+        warnings = [
+            r.getMessage() for r in caplog.records if "CHARFORGE_BROKER_URL" in r.getMessage()
+        ]
+        assert any("and 19 more" in message for message in warnings), warnings
+    finally:
+        hole.close()

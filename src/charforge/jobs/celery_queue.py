@@ -17,7 +17,7 @@ import asyncio
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -83,6 +83,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={
             "visibility_timeout": max(3600, settings.backend_timeout * 4),
             "socket_connect_timeout": 2,
+            # A broker that accepts the connection and never answers (hung, or a half-open
+            # connection) would hold a publish for ever: a request must get its 202.
+            "socket_timeout": 2,
         },
         broker_connection_timeout=2,
     )
@@ -96,7 +99,7 @@ class Sweeper:
         self,
         settings: Settings,
         ctx: RunnerContext,
-        send: Any,
+        send: Callable[[list[JobTicket]], object],
         *,
         interval: float | None = None,
         slots: RedisSlots | None = None,
@@ -203,9 +206,41 @@ class Sweeper:
                     )
             jobs.update((j.id, j) for j in stale)
             tickets = [JobTicket.of(j) for j in jobs.values()]
-        for ticket in tickets:
-            self._send(ticket)
+        self._send(tickets)
         return len(requeued), len(tickets)
+
+
+def publish(app: Celery, ctx: RunnerContext, tickets: list[JobTicket]) -> int:
+    """Send the jobs' wake-up messages, then record them sent in one commit; returns how
+    many were sent. The first one the broker does not take ends the attempt: the others
+    would wait as long (two seconds each on a broker that does not answer), and the sweeper
+    sends every unsent job once the broker is back."""
+    sent: list[str] = []
+    for index, ticket in enumerate(tickets):
+        try:
+            app.send_task(
+                TASK_NAME,
+                args=[ticket.id],
+                queue=route_queue(ctx.table, ticket.checkpoint),
+                countdown=ticket.wait_seconds() or None,
+                retry_policy=_PUBLISH_RETRY,
+            )
+        except Exception as exc:  # kombu's OperationalError, a refused or timed-out socket
+            others = len(tickets) - index - 1
+            log.warning(
+                "job %s%s: the broker did not take its message (%s: %s); it stays queued and "
+                "is sent when the broker at CHARFORGE_BROKER_URL answers again",
+                ticket.id,
+                f" and {others} more" if others else "",
+                type(exc).__name__,
+                exc,
+            )
+            break
+        sent.append(ticket.id)
+    if sent:
+        with ctx.db.session() as session:
+            recovery.mark_enqueued(session, sent, utcnow())
+    return len(sent)
 
 
 class CeleryJobQueue:
@@ -214,7 +249,7 @@ class CeleryJobQueue:
     def __init__(self, settings: Settings, ctx: RunnerContext) -> None:
         self._settings, self._ctx = settings, ctx
         self._app = make_celery(settings)
-        self._sweeper = Sweeper(settings, ctx, self.submit)
+        self._sweeper = Sweeper(settings, ctx, self.submit_many)
 
     def start(self) -> None:
         self._sweeper.start()
@@ -225,28 +260,13 @@ class CeleryJobQueue:
         return moved + resent
 
     def submit(self, ticket: JobTicket) -> None:
-        """The job row is committed already (the outbox): when the broker cannot take the
-        message now, the job stays queued and unsent, and the sweeper sends it once the
-        broker answers; the client has its id either way."""
-        try:
-            self._app.send_task(
-                TASK_NAME,
-                args=[ticket.id],
-                queue=route_queue(self._ctx.table, ticket.checkpoint),
-                countdown=ticket.wait_seconds() or None,
-                retry_policy=_PUBLISH_RETRY,
-            )
-        except Exception as exc:  # kombu's OperationalError, a refused or timed-out socket
-            log.warning(
-                "job %s: the broker did not take its message (%s: %s); it stays queued and is "
-                "sent when the broker at CHARFORGE_BROKER_URL answers again",
-                ticket.id,
-                type(exc).__name__,
-                exc,
-            )
-            return
-        with self._ctx.db.session() as session:
-            recovery.mark_enqueued(session, [ticket.id], utcnow())
+        self.submit_many([ticket])
+
+    def submit_many(self, tickets: list[JobTicket]) -> None:
+        """The job rows are committed already (the outbox): when the broker cannot take
+        the messages now, the jobs stay queued and unsent, and the sweeper sends them once
+        the broker answers; the client has their ids either way."""
+        publish(self._app, self._ctx, tickets)
 
     def forget(self, job_id: str) -> None:
         """Nothing to do: a worker that gets the message finds the job cancelled and skips."""
@@ -296,10 +316,8 @@ def run_worker(
         threads=concurrency,
     )
 
-    def resend(ticket: JobTicket) -> None:
-        app.send_task(TASK_NAME, args=[ticket.id], queue=route_queue(ctx.table, ticket.checkpoint))
-        with ctx.db.session() as session:
-            recovery.mark_enqueued(session, [ticket.id], utcnow())
+    def resend(tickets: list[JobTicket]) -> None:
+        publish(app, ctx, tickets)
 
     @app.task(name=TASK_NAME)  # type: ignore[untyped-decorator]
     def run_job_task(job_id: str) -> str:

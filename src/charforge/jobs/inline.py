@@ -111,6 +111,10 @@ class InlineJobQueue:
             self._queued[ticket.id] = job
             self._lock.notify_all()
 
+    def submit_many(self, tickets: list[JobTicket]) -> None:
+        for ticket in tickets:
+            self.submit(ticket)
+
     def forget(self, job_id: str) -> None:
         """A cancelled job: drop it if it has not started (the row already says cancelled)."""
         with self._lock:

@@ -19,6 +19,10 @@ class JobQueue(Protocol):
         """Deliver a job whose row is committed (never before: a runner must find it)."""
         ...
 
+    def submit_many(self, tickets: list[JobTicket]) -> None:
+        """Deliver jobs committed together (a batch): in one go where the queue can."""
+        ...
+
     def forget(self, job_id: str) -> None:
         """The job was cancelled while queued."""
         ...

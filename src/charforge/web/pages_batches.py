@@ -113,8 +113,7 @@ def start_batch(
             batch_id = batch.id
     except InvalidInput as exc:
         return _form_page(request, user, exc.status, error=_readable(exc), **values)
-    for ticket in tickets:
-        c.queue.submit(ticket)
+    c.queue.submit_many(tickets)
     return RedirectResponse(f"/batches/{batch_id}", status_code=303)
 
 

@@ -91,8 +91,7 @@ def submit_batch(c: Container, user: User, body: BatchBody) -> BatchOut:
         )
         tickets = [JobTicket.of(job) for job in jobs]
         batch_id = batch.id
-    for ticket in tickets:  # committed: only now may a worker see them
-        c.queue.submit(ticket)
+    c.queue.submit_many(tickets)  # committed: only now may a worker see them
     return batch_out(c, user, batch_id)
 
 
