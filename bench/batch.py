@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import httpx
 from tests.helpers import LiveServer
 
+from bench.fleet import send_back_to_back
 from charforge.api.app import create_app
 from charforge.config import Settings
 from charforge.container import build_container
@@ -113,18 +113,7 @@ def replay(urls: dict[str, str]) -> float:
             if r["method"] == "POST" and r["path"] == "/sdapi/v1/txt2img"
         ]
 
-    def send_all(url: str) -> None:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            for body in bodies[url]:
-                client.post("/sdapi/v1/txt2img", json=body).raise_for_status()
-
-    threads = [threading.Thread(target=send_all, args=(url,)) for url in bodies]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started
+    return send_back_to_back(bodies)
 
 
 if __name__ == "__main__":

@@ -397,11 +397,10 @@ def replay(sequences: list[list[str]]) -> float:
     to back from one plain HTTP loop (no database, no store, no checks). Fresh simulators in
     the same start state; the same body size and steps as charforge's jobs."""
     with fleet() as sims:
-
-        def send_all(url: str, checkpoints: list[str]) -> None:
-            with httpx.Client(base_url=url, timeout=60) as client:
-                for index, checkpoint in enumerate(checkpoints):
-                    body = {
+        return send_back_to_back(
+            {
+                sim.url: [
+                    {
                         "prompt": f"portrait {index}",
                         **{k: v for k, v in TINY.items() if k != "hires"},
                         "sampler_name": "DPM++ 2M",
@@ -409,18 +408,29 @@ def replay(sequences: list[list[str]]) -> float:
                         "override_settings": {"sd_model_checkpoint": checkpoint},
                         "override_settings_restore_afterwards": False,
                     }
-                    client.post("/sdapi/v1/txt2img", json=body).raise_for_status()
+                    for index, checkpoint in enumerate(sequence)
+                ]
+                for sim, sequence in zip(sims, sequences, strict=True)
+            }
+        )
 
-        threads = [
-            threading.Thread(target=send_all, args=(sim.url, sequence))
-            for sim, sequence in zip(sims, sequences, strict=True)
-        ]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return time.perf_counter() - started
+
+def send_back_to_back(bodies: dict[str, list[dict[str, Any]]]) -> float:
+    """Seconds a plain HTTP client takes to send each simulator (by URL) its txt2img bodies
+    one after the other, all simulators at once: what the stand-ins themselves cost."""
+
+    def send_all(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for body in bodies[url]:
+                client.post("/sdapi/v1/txt2img", json=body).raise_for_status()
+
+    threads = [threading.Thread(target=send_all, args=(url,)) for url in bodies]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
 
 
 def checkpoint_counts(n: int, seed: int) -> dict[str, int]:
