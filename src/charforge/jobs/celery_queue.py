@@ -148,13 +148,14 @@ class Sweeper:
             freed = self._slots.free_dead(live)
             if freed:
                 log.warning("freed %d backend slot(s) held by workers no longer alive", freed)
-        for holder in holding - live - known - self._silent:
+        silent = holding - live - known
+        for holder in silent - self._silent:
             log.info(
                 "%s holds jobs and sends no heartbeats (a command run without "
                 "CHARFORGE_BROKER_URL?): its jobs are taken back only when their lease lapses",
                 holder,
             )
-        self._silent = holding - live - known
+        self._silent = silent
         return known
 
     def sweep(self) -> tuple[int, int]:

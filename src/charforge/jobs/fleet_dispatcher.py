@@ -220,7 +220,7 @@ class FleetDispatcher:
                 healthy=healthy,
             )
             ours = [(job, backend) for job, backend in assignments if job.id in mine]
-            self._take(ours[:capacity], keys)
+            self._take(ours[:capacity])
             planned_ids = {(job.id, backend) for job, backend in assignments}
             self._wake_others(planned_ids - {(job.id, backend) for job, backend in ours})
         due = [j.not_before - now for j in queued if j.id in mine and j.not_before > now]
@@ -351,7 +351,7 @@ class FleetDispatcher:
             self._board.wake_all(self._ctx.worker)
         self._woken = theirs
 
-    def _take(self, assignments: list[tuple[QueuedJob, str]], keys: dict[str, str]) -> None:
+    def _take(self, assignments: list[tuple[QueuedJob, str]]) -> None:
         pool = self._ctx.pool
         held: list[tuple[QueuedJob, str]] = []
         started: set[str] = set()
@@ -381,7 +381,7 @@ class FleetDispatcher:
                 self._executor.submit(self._execute, job, backend)
                 started.add(job.id)
                 pool.note_upcoming(backend, job.checkpoint)
-                planned[keys[backend]] = job.checkpoint
+                planned[self._keys[backend]] = job.checkpoint
                 served[job.owner_id] = time.time()
                 log.info("job %s taken for backend %s", job.id, backend)
             self._board.note(planned, served)
